@@ -1,0 +1,475 @@
+"""The VDM score network: a full-resolution ResNet/U-Net that predicts the noise.
+
+This is the noise-prediction network of Variational Diffusion Models (Kingma, Salimans,
+Poole, Ho 2021, arXiv 2107.00630), as a Flax Linen module. It works at the resolution of its
+input throughout (no down- or up-sampling):
+
+    z [B, H, W, C] --(concat base-2 Fourier features)--> 3x3 conv to n_embd channels
+      -> n_layer ResNet blocks                      (each output kept as a skip)
+      -> ResNet block, self-attention, ResNet block (the middle)
+      -> n_layer + 1 ResNet blocks, each fed [h, skip] concatenated on channels
+      -> GroupNorm, swish, 3x3 conv to C channels (zero-initialised)  = f(z)
+    eps_hat = z + f(z)
+
+Every ResNet block receives the conditioning vector: a sinusoidal embedding of the normalised
+log-SNR ``(gamma - gamma_min) / (gamma_max - gamma_min) * 1000`` (plus, optionally, a learned
+class embedding) sent through a two-layer swish MLP of width ``4 * n_embd``.
+
+With 32x32x3 inputs, ``n_layer=32``, ``n_embd=128``, Fourier features on and no per-block
+attention, :class:`ScoreUNet` has 30,577,667 parameters: the authors' release has 512 more
+because its conditioning MLP takes one extra scalar input, which we do not feed.
+
+Mixed precision: ``dtype`` is the computation dtype of convolutions, dense layers, norms and
+the residual stream; parameters are always float32. The sinusoidal embedding, the Fourier
+features, the attention softmax and the returned ``eps_hat`` are float32 whatever ``dtype``.
+
+Public names: :class:`ScoreUNet`, :class:`ResNetBlock`, :class:`AttentionBlock`,
+:func:`timestep_embedding`, :func:`base2_fourier_features`, :func:`largest_group_count`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "AttentionBlock",
+    "ResNetBlock",
+    "ScoreUNet",
+    "base2_fourier_features",
+    "largest_group_count",
+    "timestep_embedding",
+]
+
+Dtype = Any
+
+# Parameters are stored in float32 whatever the computation dtype.
+_PARAM_DTYPE = jnp.float32
+# Flax's default kernel initialiser for Conv and Dense.
+_DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()
+
+
+def largest_group_count(channels: int, max_groups: int, min_group_size: int = 4) -> int:
+    """Number of GroupNorm groups for ``channels`` channels.
+
+    The largest divisor of ``channels`` that is at most ``max_groups`` and leaves at least
+    ``min_group_size`` channels in every group (when ``channels`` allows it). The paper's
+    network (128 and 256 channels, 32 groups) gets 32 groups everywhere. Small test models get
+    fewer, bigger groups rather than one channel per group: with a single channel per group,
+    GroupNorm is instance norm and erases the per-channel shift by which every ResNet block
+    receives its conditioning, so the network would ignore gamma_t and the labels.
+
+    Args:
+      channels: int >= 1, the channel count being normalised.
+      max_groups: int >= 1, the preferred (maximum) number of groups, e.g. 32.
+      min_group_size: int >= 1, the fewest channels per group wanted (4, as in the paper).
+
+    Returns:
+      int g with ``1 <= g <= max_groups`` and ``channels % g == 0``; e.g. 32 for (128, 32),
+      4 for (16, 32), 8 for (32, 32), 2 for (8, 32), 1 for (3, 32).
+    """
+    if channels < 1 or max_groups < 1 or min_group_size < 1:
+        raise ValueError(
+            f"channels, max_groups and min_group_size must be >= 1, got channels={channels}, "
+            f"max_groups={max_groups}, min_group_size={min_group_size}"
+        )
+    limit = max(1, min(max_groups, channels // min_group_size))
+    for groups in range(limit, 0, -1):
+        if channels % groups == 0:
+            return groups
+    return 1  # unreachable: 1 divides everything
+
+
+def _group_norm(channels: int, max_groups: int, dtype: Dtype, name: str | None = None):
+    """A GroupNorm layer whose group count suits ``channels`` (see largest_group_count)."""
+    return nn.GroupNorm(
+        num_groups=largest_group_count(channels, max_groups),
+        dtype=dtype,
+        param_dtype=_PARAM_DTYPE,
+        name=name,
+    )
+
+
+def timestep_embedding(t: jax.Array, dim: int, scale: float = 1000.0) -> jax.Array:
+    """Sinusoidal embedding of a batch of scalars (the Transformer/fairseq recipe).
+
+    The embedding of ``s = scale * t`` is ``[sin(s * w_0..w_{h-1}), cos(s * w_0..w_{h-1})]``
+    with ``h = dim // 2`` and geometrically spaced ``w_i = 10000 ** (-i / (h - 1))``; an odd
+    ``dim`` gets one trailing zero.
+
+    Args:
+      t: float array [B], typically a normalised time or log-SNR in [0, 1].
+      dim: int >= 1, embedding width.
+      scale: float multiplier applied to ``t`` first (1000, as in the reference).
+
+    Returns:
+      float32 array [B, dim].
+    """
+    t = jnp.asarray(t, jnp.float32)
+    if t.ndim != 1:
+        raise ValueError(f"t must have shape [B], got shape {t.shape}")
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    half = dim // 2
+    log_step = math.log(10000.0) / max(half - 1, 1)
+    freqs = jnp.exp(-log_step * jnp.arange(half, dtype=jnp.float32))  # [half]
+    angles = (scale * t)[:, None] * freqs[None, :]  # [B, half]
+    emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [B, 2*half]
+    if dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def base2_fourier_features(z: jax.Array, exponents: Sequence[int]) -> jax.Array:
+    """Base-2 Fourier features ``sin(2**n * 2*pi * z)`` and ``cos(...)`` of every channel.
+
+    The channel layout matches the reference release: all sines, then all cosines; within
+    each, channel-major and exponent-minor (``c0 n0, c0 n1, ..., c1 n0, ...``). Computed in
+    float32 whatever the input dtype (``2**7 * 2*pi * z`` would lose its phase in bfloat16).
+
+    Args:
+      z: float array [..., C].
+      exponents: the integer exponents n (the paper uses 6 and 7).
+
+    Returns:
+      float32 array [..., 2 * C * len(exponents)].
+    """
+    z = jnp.asarray(z, jnp.float32)
+    freqs = 2.0 * jnp.pi * 2.0 ** jnp.asarray(exponents, jnp.float32)  # [F]
+    phases = z[..., :, None] * freqs  # [..., C, F]
+    phases = phases.reshape((*z.shape[:-1], z.shape[-1] * len(exponents)))
+    return jnp.concatenate([jnp.sin(phases), jnp.cos(phases)], axis=-1)
+
+
+class ResNetBlock(nn.Module):
+    """Pre-activation residual block with two 3x3 convolutions and additive conditioning.
+
+    ``GroupNorm -> swish -> conv -> (+ Dense(cond)) -> GroupNorm -> swish -> dropout -> conv``,
+    added to the input (through a 1x1 Dense projection when the channel count changes). The
+    second convolution and the conditioning projection are zero-initialised, so a fresh block
+    is the identity (or the 1x1 projection).
+
+    Attributes:
+      out_channels: output channels; None keeps the input channel count.
+      dropout_rate: dropout probability before the second convolution.
+      norm_groups: preferred GroupNorm group count (see largest_group_count).
+      dtype: computation dtype (parameters are float32).
+    """
+
+    out_channels: int | None = None
+    dropout_rate: float = 0.0
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array, *, train: bool) -> jax.Array:
+        """Apply the block.
+
+        Args:
+          x: float array [B, H, W, C_in].
+          cond: float array [B, D], the conditioning vector.
+          train: if True, apply dropout with the 'dropout' rng.
+
+        Returns:
+          array [B, H, W, out_channels] in ``dtype``.
+        """
+        in_channels = x.shape[-1]
+        out_channels = in_channels if self.out_channels is None else self.out_channels
+        if cond.ndim != 2 or cond.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"cond must have shape [B, D] with B={x.shape[0]}, got shape {cond.shape}"
+            )
+
+        def conv(name, kernel_init=_DEFAULT_KERNEL_INIT):
+            return nn.Conv(
+                out_channels,
+                kernel_size=(3, 3),
+                kernel_init=kernel_init,
+                dtype=self.dtype,
+                param_dtype=_PARAM_DTYPE,
+                name=name,
+            )
+
+        h = nn.swish(_group_norm(in_channels, self.norm_groups, self.dtype, "norm1")(x))
+        h = conv("conv1")(h)
+        cond_shift = nn.Dense(
+            out_channels,
+            use_bias=False,
+            kernel_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            param_dtype=_PARAM_DTYPE,
+            name="cond_proj",
+        )(cond)  # [B, out_channels]
+        h = h + cond_shift[:, None, None, :]
+        h = nn.swish(_group_norm(out_channels, self.norm_groups, self.dtype, "norm2")(h))
+        h = nn.Dropout(rate=self.dropout_rate)(h, deterministic=not train)
+        h = conv("conv2", kernel_init=nn.initializers.zeros)(h)
+
+        if in_channels != out_channels:
+            x = nn.Dense(
+                out_channels, dtype=self.dtype, param_dtype=_PARAM_DTYPE, name="skip_proj"
+            )(x)
+        return x.astype(h.dtype) + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, as a residual block.
+
+    ``x + proj_out(softmax(q k^T / sqrt(C)) v)`` with q, k, v 1x1 projections of
+    ``GroupNorm(x)``; ``proj_out`` is zero-initialised so a fresh block is the identity. The
+    logits and softmax are computed in float32.
+
+    Attributes:
+      norm_groups: preferred GroupNorm group count (see largest_group_count).
+      dtype: computation dtype (parameters are float32).
+    """
+
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the block.
+
+        Args:
+          x: float array [B, H, W, C].
+
+        Returns:
+          array [B, H, W, C] in ``dtype``.
+        """
+        batch, height, width, channels = x.shape
+
+        def dense(name, kernel_init=_DEFAULT_KERNEL_INIT):
+            return nn.Dense(
+                channels,
+                kernel_init=kernel_init,
+                dtype=self.dtype,
+                param_dtype=_PARAM_DTYPE,
+                name=name,
+            )
+
+        h = _group_norm(channels, self.norm_groups, self.dtype, "norm")(x)
+        seq_shape = (batch, height * width, channels)
+        query = dense("query")(h).reshape(seq_shape)
+        key = dense("key")(h).reshape(seq_shape)
+        value = dense("value")(h).reshape(seq_shape)
+        logits = jnp.einsum("bqc,bkc->bqk", query, key, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits / math.sqrt(channels), axis=-1)  # float32 [B, L, L]
+        attended = jnp.einsum("bqk,bkc->bqc", weights.astype(value.dtype), value)
+        attended = attended.reshape((batch, height, width, channels))
+        h = dense("proj_out", kernel_init=nn.initializers.zeros)(attended)
+        return x.astype(h.dtype) + h
+
+
+class ScoreUNet(nn.Module):
+    """The VDM noise-prediction network ``eps_hat(z_t; gamma_t[, label])``.
+
+    See the module docstring for the architecture. All blocks keep ``n_embd`` channels and the
+    input resolution, so any H, W and C work (8x8x1 digits, 32x32x3, 64x64x3, ...).
+
+    Conditioning: ``gamma_t`` is normalised to ``(gamma_t - gamma_min) / (gamma_max -
+    gamma_min)``, embedded with :func:`timestep_embedding` (scale 1000) into ``n_embd``
+    features, and, when ``num_classes > 0``, the learned class embedding (an ``nn.Embed`` with
+    ``num_classes + 1`` rows of ``n_embd`` features) is ADDED to it; the sum goes through two
+    swish Dense layers of width ``4 * n_embd``. Label ``num_classes`` means "unconditional",
+    so one model can be trained with label dropout and sampled with classifier-free guidance.
+    Adding (rather than concatenating) keeps the MLP's shapes independent of ``num_classes``.
+
+    Attributes:
+      n_layer: ResNet blocks before the middle (``n_layer + 1`` after it); paper: 32.
+      n_embd: channels of every block; the conditioning MLP has ``4 * n_embd``; paper: 128.
+      gamma_min: gamma (= -log SNR) mapped to 0 before the sinusoidal embedding.
+      gamma_max: gamma mapped to 1 (then scaled by 1000); must exceed ``gamma_min``.
+      dropout_rate: dropout probability inside every ResNet block; paper: 0.1.
+      attention_everywhere: add a self-attention block after every ResNet block outside the
+        middle (the middle always has one).
+      with_fourier_features: concatenate :func:`base2_fourier_features` of z to the input.
+      fourier_exponents: the base-2 exponents of those features; paper: (6, 7).
+      num_classes: number of classes for class conditioning; 0 disables it.
+      norm_groups: preferred GroupNorm group count; every norm uses the largest divisor of its
+        channel count not above it that leaves >= 4 channels per group (so n_embd=8 or 16
+        work and keep their conditioning; see :func:`largest_group_count`).
+      dtype: computation dtype (e.g. jnp.bfloat16 for mixed precision); parameters are float32
+        and the returned eps_hat is float32.
+    """
+
+    n_layer: int = 32
+    n_embd: int = 128
+    gamma_min: float = -13.3
+    gamma_max: float = 5.0
+    dropout_rate: float = 0.1
+    attention_everywhere: bool = False
+    with_fourier_features: bool = True
+    fourier_exponents: tuple[int, ...] = (6, 7)
+    num_classes: int = 0
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        """Validate the hyper-parameters (ValueError naming the offending value)."""
+        if self.n_layer < 0:
+            raise ValueError(f"n_layer must be >= 0, got {self.n_layer}")
+        if self.n_embd < 1:
+            raise ValueError(f"n_embd must be >= 1, got {self.n_embd}")
+        if not self.gamma_max > self.gamma_min:
+            raise ValueError(
+                f"gamma_max must exceed gamma_min, got gamma_min={self.gamma_min}, "
+                f"gamma_max={self.gamma_max}"
+            )
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.norm_groups < 1:
+            raise ValueError(f"norm_groups must be >= 1, got {self.norm_groups}")
+        if not all(isinstance(n, int) for n in self.fourier_exponents):
+            raise ValueError(f"fourier_exponents must be integers, got {self.fourier_exponents!r}")
+        super().__post_init__()
+
+    def _conditioning(self, gamma_t: jax.Array, labels: jax.Array | None) -> jax.Array:
+        """Conditioning vector [B, 4 * n_embd] (``dtype``) from gamma_t [B] and labels [B]."""
+        t = (gamma_t - self.gamma_min) / (self.gamma_max - self.gamma_min)
+        emb = timestep_embedding(t, self.n_embd, scale=1000.0)  # float32 [B, n_embd]
+        if self.num_classes > 0:
+            label_emb = nn.Embed(
+                self.num_classes + 1,
+                self.n_embd,
+                dtype=jnp.float32,
+                param_dtype=_PARAM_DTYPE,
+                name="label_embed",
+            )(labels)
+            emb = emb + label_emb
+        for i in range(2):
+            emb = nn.swish(
+                nn.Dense(
+                    4 * self.n_embd,
+                    dtype=self.dtype,
+                    param_dtype=_PARAM_DTYPE,
+                    name=f"cond_dense_{i}",
+                )(emb)
+            )
+        return emb
+
+    def _check_inputs(self, z, gamma_t, labels):
+        """Validate and broadcast the inputs; returns (z, gamma_t [B] float32, labels [B])."""
+        z = jnp.asarray(z)
+        if z.ndim != 4:
+            raise ValueError(f"z must have shape [B, H, W, C], got shape {z.shape}")
+        if not jnp.issubdtype(z.dtype, jnp.floating):
+            raise ValueError(f"z must be a floating array, got dtype {z.dtype}")
+        batch = z.shape[0]
+
+        gamma_t = jnp.asarray(gamma_t, jnp.float32)
+        if gamma_t.ndim == 0:
+            gamma_t = jnp.broadcast_to(gamma_t, (batch,))
+        elif gamma_t.shape != (batch,):
+            raise ValueError(
+                f"gamma_t must be a scalar or have shape [B]=({batch},), got shape {gamma_t.shape}"
+            )
+
+        if self.num_classes == 0:
+            if labels is not None:
+                raise ValueError(
+                    "labels must be None when num_classes=0, got labels of shape "
+                    f"{jnp.shape(labels)}: {labels!r}"
+                )
+            return z, gamma_t, None
+        if labels is None:
+            # All unconditional: the extra row num_classes.
+            return z, gamma_t, jnp.full((batch,), self.num_classes, jnp.int32)
+        labels = jnp.asarray(labels)
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        if labels.ndim == 0:
+            labels = jnp.broadcast_to(labels, (batch,))
+        elif labels.shape != (batch,):
+            raise ValueError(
+                f"labels must be a scalar or have shape [B]=({batch},), got shape {labels.shape}"
+            )
+        return z, gamma_t, labels
+
+    @nn.compact
+    def __call__(
+        self,
+        z: jax.Array,
+        gamma_t: jax.Array | float,
+        labels: jax.Array | None = None,
+        *,
+        train: bool,
+    ) -> jax.Array:
+        """Predict the noise in ``z``.
+
+        Args:
+          z: float array [B, H, W, C], the noisy latent z_t.
+          gamma_t: float scalar or array [B], gamma(t) = -log SNR(t) for each example; a
+            scalar is broadcast to [B].
+          labels: None, or int array [B] (or scalar) of class labels in ``[0, num_classes]``
+            where ``num_classes`` means "unconditional". Must be None when ``num_classes`` is
+            0; None with ``num_classes > 0`` means all-unconditional. Out-of-range labels are
+            not checked (they may be traced): labels above ``num_classes`` give NaN outputs
+            and negative ones index from the end (-1 is the unconditional row).
+          train: if True, apply dropout using the 'dropout' rng; if False, deterministic.
+
+        Returns:
+          eps_hat: float32 array [B, H, W, C], equal to ``z + f(z)``; exactly ``z`` at
+          initialisation since the output convolution is zero-initialised.
+        """
+        z, gamma_t, labels = self._check_inputs(z, gamma_t, labels)
+        cond = self._conditioning(gamma_t, labels)
+
+        def resnet_block(name):
+            return ResNetBlock(
+                out_channels=self.n_embd,
+                dropout_rate=self.dropout_rate,
+                norm_groups=self.norm_groups,
+                dtype=self.dtype,
+                name=name,
+            )
+
+        def attention_block(name):
+            return AttentionBlock(norm_groups=self.norm_groups, dtype=self.dtype, name=name)
+
+        h = z.astype(jnp.float32)
+        if self.with_fourier_features and len(self.fourier_exponents) > 0:
+            h = jnp.concatenate([h, base2_fourier_features(h, self.fourier_exponents)], axis=-1)
+        h = nn.Conv(
+            self.n_embd,
+            kernel_size=(3, 3),
+            dtype=self.dtype,
+            param_dtype=_PARAM_DTYPE,
+            name="conv_in",
+        )(h)
+
+        skips = [h]
+        for i in range(self.n_layer):
+            h = resnet_block(f"down_block_{i}")(h, cond, train=train)
+            if self.attention_everywhere:
+                h = attention_block(f"down_attn_{i}")(h)
+            skips.append(h)
+
+        h = resnet_block("mid_block_1")(h, cond, train=train)
+        h = attention_block("mid_attn")(h)
+        h = resnet_block("mid_block_2")(h, cond, train=train)
+
+        for i in range(self.n_layer + 1):
+            h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)  # [.., 2*n_embd]
+            h = resnet_block(f"up_block_{i}")(h, cond, train=train)
+            if self.attention_everywhere:
+                h = attention_block(f"up_attn_{i}")(h)
+        assert not skips
+
+        h = nn.swish(_group_norm(self.n_embd, self.norm_groups, self.dtype, "norm_out")(h))
+        f = nn.Conv(
+            z.shape[-1],
+            kernel_size=(3, 3),
+            kernel_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            param_dtype=_PARAM_DTYPE,
+            name="conv_out",
+        )(h)
+        return z.astype(jnp.float32) + f.astype(jnp.float32)
