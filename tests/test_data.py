@@ -1,0 +1,477 @@
+"""Tests for vdm_jax.data: sources (digits, arrays, folders, tfds mock data) and iterators."""
+
+import io
+import json
+import os
+from collections import Counter
+
+import grain
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from vdm_jax import data
+
+# ---------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def _id_source(n, shape=(2, 2, 1)):
+    """n records whose label is their index and whose image is filled with index % 256."""
+    images = np.broadcast_to(
+        (np.arange(n) % 256).astype(np.uint8)[:, None, None, None], (n, *shape)
+    )
+    return data.array_source(images, np.arange(n))
+
+
+def _take(it, k, key="label"):
+    return [np.asarray(next(it)[key]).copy() for _ in range(k)]
+
+
+def _write_png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _grey(value, h=4, w=3):
+    return np.full((h, w), value, np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Digits.
+
+
+def test_digits_sizes_values_and_info():
+    train, test = data.digits_source("train"), data.digits_source("test")
+    assert len(train) == data.DIGITS_NUM_TRAIN == 1500
+    assert len(test) == data.DIGITS_NUM_TEST == 297
+    for src in (train, test):
+        assert src.images.dtype == np.uint8 and src.images.shape[1:] == (8, 8, 1)
+        assert src.images.min() == 0 and src.images.max() == 16
+        assert src.labels.dtype == np.int32 and set(src.labels.tolist()) == set(range(10))
+        assert src.info == data.DatasetInfo("digits", (8, 8, 1), 17, 10)
+    rec = train[5]
+    assert rec["image"].shape == (8, 8, 1) and rec["image"].dtype == np.uint8
+    assert rec["label"].dtype == np.int32 and np.ndim(rec["label"]) == 0
+    assert data.dataset_info("digits") == train.info
+    assert data.DIGITS_VOCAB_SIZE == train.info.vocab_size == 17
+
+
+def test_digits_split_is_deterministic_partition():
+    from sklearn.datasets import load_digits
+
+    a, b = data.digits_source("train"), data.digits_source("test")
+    again = data.digits_source("train")
+    np.testing.assert_array_equal(a.images, again.images)
+    np.testing.assert_array_equal(a.labels, again.labels)
+    # Train + test is the whole bundled set (as a multiset of image+label rows).
+    ours = np.concatenate(
+        [np.concatenate([s.images.reshape(len(s), -1), s.labels[:, None]], 1) for s in (a, b)]
+    )
+    digits = load_digits()
+    theirs = np.concatenate([digits.images.reshape(-1, 64), digits.target[:, None]], 1)
+    key = lambda x: sorted(map(tuple, x.astype(int).tolist()))  # noqa: E731
+    assert key(ours) == key(theirs)
+    # The split is a permutation, not the file order.
+    assert not np.array_equal(a.labels[:20], digits.target[:20])
+
+
+def test_digits_bad_split():
+    with pytest.raises(ValueError, match="'validation'"):
+        data.digits_source("validation")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrays.
+
+
+def test_array_source_nhw_and_nhwc():
+    rng = np.random.default_rng(0)
+    nhw = rng.integers(0, 256, (5, 3, 4), dtype=np.uint8)
+    src = data.array_source(nhw, np.arange(5) % 2)
+    assert len(src) == 5 and src.info.image_shape == (3, 4, 1) and src.info.num_classes == 2
+    np.testing.assert_array_equal(src[2]["image"][..., 0], nhw[2])
+    assert src[-1]["label"] == 0 and src[-1]["label"].dtype == np.int32
+    nhwc = rng.integers(0, 256, (4, 3, 3, 3), dtype=np.uint8)
+    src = data.array_source(nhwc)
+    assert src.info == data.DatasetInfo("arrays", (3, 3, 3), 256, 1)
+    assert all(src[i]["label"] == 0 for i in range(4))
+    with pytest.raises(IndexError):
+        src[4]
+    assert "num_records=4" in repr(src)
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "kwargs", "match"),
+    [
+        (np.zeros((3, 2, 2), np.float32), None, {}, "float32"),
+        (np.zeros((3, 2), np.uint8), None, {}, r"\(3, 2\)"),
+        (np.zeros((0, 2, 2), np.uint8), None, {}, "no images"),
+        (np.zeros((3, 2, 2), np.uint8), np.zeros(4, int), {}, "3 images but 4 labels"),
+        (np.zeros((3, 2, 2), np.uint8), np.zeros(3, float), {}, "float64"),
+        (np.zeros((3, 2, 2), np.uint8), np.zeros((3, 1), int), {}, r"\(3, 1\)"),
+        (np.zeros((3, 2, 2), np.uint8), np.array([0, -1, 0]), {}, "-1"),
+        (np.full((3, 2, 2), 17, np.uint8), None, {"vocab_size": 17}, "17"),
+        (np.zeros((3, 2, 2), np.uint8), None, {"vocab_size": 300}, "300"),
+        (np.zeros((3, 2, 2), np.uint8), np.array([0, 5, 0]), {"num_classes": 3}, "5"),
+    ],
+)
+def test_array_source_errors(images, labels, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        data.array_source(images, labels, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders.
+
+
+def test_folder_source_grey(tmp_path):
+    _write_png(tmp_path / "train" / "dog" / "b.png", _grey(10))
+    _write_png(tmp_path / "train" / "dog" / "a.PNG", _grey(20))
+    _write_png(tmp_path / "train" / "cat" / "z.png", _grey(30))
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    _write_png(tmp_path / "test" / "dog" / "c.png", _grey(40))
+    _write_png(tmp_path / "test" / "emu" / "d.png", _grey(50))
+
+    train = data.folder_source(tmp_path, "train")
+    # Classes are the union over splits, sorted: labels mean the same in both splits.
+    assert train.classes == ("cat", "dog", "emu")
+    assert [os.path.basename(f) for f in train.files] == ["z.png", "a.PNG", "b.png"]
+    assert train.info == data.DatasetInfo("folder", (4, 3, 1), 256, 3)
+    recs = [train[i] for i in range(len(train))]
+    assert [int(r["label"]) for r in recs] == [0, 1, 1]
+    assert [int(r["image"][0, 0, 0]) for r in recs] == [30, 20, 10]
+    assert all(r["image"].shape == (4, 3, 1) and r["image"].dtype == np.uint8 for r in recs)
+    test = data.folder_source(str(tmp_path), "test")
+    assert [int(test[i]["label"]) for i in range(2)] == [1, 2]
+    assert data.make_source("folder", "test", data_dir=tmp_path).classes == test.classes
+    assert data.dataset_info("folder", data_dir=tmp_path) == train.info
+    assert str(tmp_path) not in repr(train)  # stable across machines for grain's check
+
+
+def test_folder_source_colour_and_jpeg(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    _write_png(tmp_path / "train" / "a" / "rgb.png", rgb)
+    _write_png(tmp_path / "train" / "a" / "grey.png", _grey(7, 5, 6))
+    Image.fromarray(np.concatenate([rgb, np.full((5, 6, 1), 9, np.uint8)], -1)).save(
+        tmp_path / "train" / "a" / "rgba.png"
+    )
+    Image.fromarray(rgb).save(tmp_path / "train" / "a" / "photo.jpeg", quality=95)
+    src = data.folder_source(tmp_path, "train")
+    assert src.info.image_shape == (5, 6, 3)
+    by_name = {os.path.basename(f): src[i]["image"] for i, f in enumerate(src.files)}
+    np.testing.assert_array_equal(by_name["rgb.png"], rgb)
+    np.testing.assert_array_equal(by_name["rgba.png"], rgb)  # alpha dropped
+    np.testing.assert_array_equal(by_name["grey.png"], np.full((5, 6, 3), 7, np.uint8))
+    assert by_name["photo.jpeg"].shape == (5, 6, 3)
+
+
+def test_folder_source_missing_root_and_split(tmp_path):
+    with pytest.raises(ValueError, match="nowhere"):
+        data.folder_source(tmp_path / "nowhere", "train")
+    _write_png(tmp_path / "train" / "a" / "x.png", _grey(1))
+    with pytest.raises(ValueError, match=r"test"):
+        data.folder_source(tmp_path, "test")
+    with pytest.raises(ValueError, match="'val'"):
+        data.folder_source(tmp_path, "val")
+    with pytest.raises(ValueError, match="data_dir"):
+        data.make_source("folder", "train")
+
+
+def test_folder_source_empty(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        data.folder_source(tmp_path, "train")
+    (tmp_path / "train" / "a").mkdir()
+    (tmp_path / "train" / "a" / "readme.txt").write_text("x")
+    _write_png(tmp_path / "train" / "loose.png", _grey(1))  # not in a class folder
+    with pytest.raises(ValueError, match=r"no image files.*train"):
+        data.folder_source(tmp_path, "train")
+
+
+def test_folder_source_mixed_sizes(tmp_path):
+    _write_png(tmp_path / "train" / "a" / "small.png", _grey(1, 4, 3))
+    _write_png(tmp_path / "train" / "b" / "big.png", _grey(1, 5, 3))
+    with pytest.raises(ValueError, match=r"small\.png.*3x4.*big\.png.*3x5") as e:
+        data.folder_source(tmp_path, "train")
+    assert str(tmp_path) in str(e.value)
+
+
+def test_folder_source_corrupt_header(tmp_path):
+    _write_png(tmp_path / "train" / "a" / "good.png", _grey(1))
+    (tmp_path / "train" / "a" / "junk.png").write_bytes(b"this is not a png at all")
+    with pytest.raises(ValueError, match=r"junk\.png"):
+        data.folder_source(tmp_path, "train")
+
+
+def test_folder_source_truncated_pixels_fail_on_read(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)).save(buf, "PNG")
+    _write_png(tmp_path / "train" / "a" / "good.png", _grey(1, 64, 64))
+    (tmp_path / "train" / "a" / "trunc.png").write_bytes(buf.getvalue()[:200])
+    src = data.folder_source(tmp_path, "train")  # headers are fine
+    assert src[0]["image"].shape == (64, 64, 1)
+    with pytest.raises(ValueError, match=r"trunc\.png"):
+        src[1]
+
+
+def test_folder_source_rejects_16_bit(tmp_path):
+    _write_png(tmp_path / "train" / "a" / "deep.png", np.zeros((4, 4), np.uint16))
+    with pytest.raises(ValueError, match=r"deep\.png.*mode"):
+        data.folder_source(tmp_path, "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorFlow Datasets (mock data; no TensorFlow, no download).
+
+
+@pytest.mark.parametrize(("name", "shape"), [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
+@pytest.mark.parametrize("policy", ["AUTO", "USE_CODE"])
+def test_tfds_mock(name, shape, policy):
+    with tfds.testing.mock_data(num_examples=9, policy=getattr(tfds.testing.MockPolicy, policy)):
+        src = data.make_source(name, "train")
+        assert isinstance(src, data.TfdsSource) and len(src) == 9
+        assert src.info == data.dataset_info(name) == data.DatasetInfo(name, shape, 256, 10)
+        rec = src[3]
+        assert rec["image"].shape == shape and rec["image"].dtype == np.uint8
+        assert rec["label"].dtype == np.int32 and np.ndim(rec["label"]) == 0
+        assert 0 <= int(rec["label"]) < 10
+        np.testing.assert_array_equal(src[3]["image"], rec["image"])  # deterministic
+        it = data.make_train_iterator(src, global_batch_size=4, seed=0, worker_count=0)
+        batch = next(it)
+        assert batch["image"].shape == (4, *shape) and batch["label"].shape == (4,)
+        batches = list(
+            data.make_eval_iterator(src, global_batch_size=4, process_count=1, process_index=0)
+        )
+        assert len(batches) == 3 and int(sum(b["mask"].sum() for b in batches)) == 9
+
+
+def _imagenet_mock(shape, seen_splits):
+    def as_data_source(self, split, **kwargs):
+        seen_splits.append(split)
+        rng = np.random.default_rng(0)
+        return [{"image": rng.integers(0, 256, shape, dtype=np.uint8)} for _ in range(5)]
+
+    return as_data_source
+
+
+@pytest.mark.parametrize(("name", "side"), [("imagenet32", 32), ("imagenet64", 64)])
+def test_tfds_imagenet_no_label_and_validation_split(name, side):
+    seen = []
+    mock = _imagenet_mock((side, side, 3), seen)
+    with tfds.testing.mock_data(as_data_source_fn=mock):
+        src = data.tfds_source(name, "test")
+        assert len(src) == 5 and src.tfds_split == "validation"
+        rec = src[0]
+        assert rec["image"].shape == (side, side, 3) and int(rec["label"]) == 0
+        assert src.info == data.DatasetInfo(name, (side, side, 3), 256, 1)
+        data.tfds_source(name, "train")
+    assert seen == ["validation", "train"]
+
+
+def test_tfds_wrong_image_shape_is_reported():
+    # tfds' own mock draws random sizes for the ImageNet builders (declared (None, None, 3)).
+    with tfds.testing.mock_data(as_data_source_fn=_imagenet_mock((41, 8, 3), [])):
+        src = data.tfds_source("imagenet32", "train")
+        with pytest.raises(ValueError, match=r"\(41, 8, 3\)"):
+            src[0]
+
+
+def test_tfds_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"'svhn'.*digits.*cifar10.*imagenet64.*folder"):
+        data.make_source("svhn", "train")
+    with pytest.raises(ValueError, match=r"'svhn'.*cifar10"):
+        data.tfds_source("svhn", "train")
+    with pytest.raises(ValueError, match="'svhn'"):
+        data.dataset_info("svhn")
+    with pytest.raises(ValueError, match="missing"):
+        data.tfds_source("cifar10", "train", data_dir=tmp_path / "missing")
+    # An existing but unprepared data_dir: tfds' own message is misleading; ours names the fix.
+    with pytest.raises(ValueError, match=r"(?s)'cifar10'.*array_record"):
+        data.tfds_source("cifar10", "train", data_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training iterator.
+
+
+def test_train_batches_shapes_and_epochs():
+    src = _id_source(12, shape=(3, 2, 1))
+    it = data.make_train_iterator(src, global_batch_size=4, seed=1)  # jax's 1 process
+    assert isinstance(it, grain.DataLoaderIterator)
+    batch = next(it)
+    assert set(batch) == {"image", "label"}
+    assert batch["image"].shape == (4, 3, 2, 1) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
+    np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], batch["label"])
+    epoch1 = np.concatenate([batch["label"], *_take(it, 2)])
+    epoch2 = np.concatenate(_take(it, 3))
+    assert sorted(epoch1) == sorted(epoch2) == list(range(12))
+    assert not np.array_equal(epoch1, epoch2)  # reshuffled each epoch
+    assert not np.array_equal(epoch1, np.arange(12))
+
+
+def test_train_seed_determinism():
+    src = _id_source(30)
+    a = _take(data.make_train_iterator(src, global_batch_size=8, seed=5), 6)
+    b = _take(data.make_train_iterator(src, global_batch_size=8, seed=5), 6)
+    c = _take(data.make_train_iterator(src, global_batch_size=8, seed=6), 6)
+    np.testing.assert_array_equal(np.stack(a), np.stack(b))
+    assert not np.array_equal(np.stack(a), np.stack(c))
+
+
+def test_train_process_shards_are_disjoint():
+    n, count = 13, 3
+    src = _id_source(n)
+    seen = []
+    for index in range(count):
+        it = data.make_train_iterator(
+            src, global_batch_size=6, seed=0, process_index=index, process_count=count
+        )
+        labels = np.concatenate(_take(it, 10))  # 20 examples: 5 epochs of the 4-record shard
+        assert _take(it, 1)[0].shape == (2,)
+        counts = Counter(labels.tolist())
+        assert len(counts) == n // count and set(counts.values()) == {5}
+        seen.append(set(counts))
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+
+
+@pytest.mark.parametrize(("process_index", "process_count", "consumed"), [(0, 1, 3), (1, 2, 7)])
+def test_train_resume_from_state(process_index, process_count, consumed):
+    src = _id_source(11)
+
+    def make(seed=3):
+        return data.make_train_iterator(
+            src,
+            global_batch_size=4,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    it = make()
+    _take(it, consumed)  # crosses epoch boundaries
+    state = it.get_state()
+    assert isinstance(state, bytes) and json.loads(state)  # JSON, checkpointable as bytes
+    expected = [next(it) for _ in range(6)]
+    resumed = make()
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        np.testing.assert_array_equal(got["label"], want["label"])
+        np.testing.assert_array_equal(got["image"], want["image"])
+    # grain refuses a state saved with another sampler (here: another seed).
+    with pytest.raises(ValueError, match="Sampler"):
+        make(seed=4).set_state(state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"global_batch_size": 6, "process_count": 4, "process_index": 0}, r"6.*4"),
+        ({"global_batch_size": 0}, "0"),
+        ({"global_batch_size": -2}, "-2"),
+        ({"global_batch_size": 4, "process_index": 2, "process_count": 2}, "2"),
+        ({"global_batch_size": 4, "seed": -1}, "-1"),
+        ({"global_batch_size": 4, "seed": 2**32}, "4294967296"),
+        ({"global_batch_size": 4, "num_epochs": 0}, "num_epochs"),
+        ({"global_batch_size": 8, "process_index": 0, "process_count": 8}, "fewer"),
+    ],
+)
+def test_train_errors(kwargs, match):
+    kwargs = {"seed": 0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        data.make_train_iterator(_id_source(5), **kwargs)
+
+
+def test_train_on_digits():
+    it = data.make_train_iterator(
+        data.digits_source("train"),
+        global_batch_size=64,
+        seed=0,
+        process_index=1,
+        process_count=4,
+    )
+    batch = next(it)
+    assert batch["image"].shape == (16, 8, 8, 1) and batch["image"].max() <= 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation iterator.
+
+
+def _eval_union(n, global_batch_size, count):
+    src = _id_source(n)
+    labels, lengths = [], []
+    for index in range(count):
+        batches = list(
+            data.make_eval_iterator(
+                src,
+                global_batch_size=global_batch_size,
+                process_index=index,
+                process_count=count,
+            )
+        )
+        lengths.append(len(batches))
+        for b in batches:
+            assert b["image"].shape == (global_batch_size // count, 2, 2, 1)
+            assert b["mask"].dtype == np.bool_ and b["label"].dtype == np.int32
+            assert not b["image"][~b["mask"]].any() and not b["label"][~b["mask"]].any()
+            np.testing.assert_array_equal(
+                b["image"][b["mask"], 0, 0, 0], b["label"][b["mask"]] % 256
+            )
+            labels.extend(b["label"][b["mask"]].tolist())
+    expected = data.num_eval_batches(n, global_batch_size=global_batch_size, process_count=count)
+    assert lengths == [expected] * count  # lockstep across processes
+    return labels
+
+
+def test_eval_single_process_exact_pass_with_padding():
+    src = _id_source(10)
+    batches = list(
+        data.make_eval_iterator(src, global_batch_size=4, process_index=0, process_count=1)
+    )
+    assert len(batches) == 3
+    assert [b["mask"].tolist() for b in batches][-1] == [True, True, False, False]
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches])[:10], range(10))
+    assert all(b["mask"].all() for b in batches[:2])
+    # A second call gives a second, identical pass.
+    again = list(
+        data.make_eval_iterator(src, global_batch_size=4, process_index=0, process_count=1)
+    )
+    for a, b in zip(batches, again, strict=True):
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+
+@pytest.mark.parametrize(
+    ("n", "global_batch_size", "count"),
+    [(10, 4, 1), (12, 4, 1), (10, 6, 3), (11, 3, 3), (2, 6, 3), (1, 3, 3), (37, 9, 3), (7, 2, 1)],
+)
+def test_eval_union_over_processes_is_the_split_once(n, global_batch_size, count):
+    labels = _eval_union(n, global_batch_size, count)
+    assert sorted(labels) == list(range(n))
+
+
+def test_eval_defaults_and_errors():
+    src = _id_source(5)
+    assert sum(int(b["mask"].sum()) for b in data.make_eval_iterator(src, global_batch_size=2)) == 5
+    with pytest.raises(ValueError, match=r"global_batch_size=4.*process_count=3"):
+        data.make_eval_iterator(src, global_batch_size=4, process_index=0, process_count=3)
+    with pytest.raises(ValueError, match="-1"):
+        data.make_eval_iterator(src, global_batch_size=-1, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="no records"):
+        data.make_eval_iterator([], global_batch_size=2, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="process_index"):
+        data.make_eval_iterator(src, global_batch_size=2, process_index=1, process_count=1)
+
+
+def test_eval_on_folder(tmp_path):
+    for i in range(5):
+        _write_png(tmp_path / "test" / f"c{i % 2}" / f"{i}.png", _grey(i))
+    src = data.folder_source(tmp_path, "test")
+    batches = list(
+        data.make_eval_iterator(src, global_batch_size=4, process_index=0, process_count=2)
+    )
+    assert len(batches) == 2
+    assert [b["mask"].tolist() for b in batches] == [[True, True], [True, False]]
