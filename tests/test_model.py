@@ -1,0 +1,155 @@
+"""The VDM module's bound and the exact-pass evaluation."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import vdm_jax as vdm
+from vdm_jax.evaluation import BpdAccumulator, evaluate_bpd
+from vdm_jax.model import VDM, make_schedule
+
+VOCAB = 17
+
+
+def _tiny(**kwargs):
+    net = vdm.ScoreUNet(
+        n_layer=1, n_embd=16, dropout_rate=0.0, num_classes=kwargs.pop("num_classes", 0)
+    )
+    return VDM(score_net=net, vocab_size=VOCAB, **kwargs)
+
+
+def _images(n, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (n, 8, 8, 1)), jnp.uint8)
+
+
+def _rngs(seed):
+    return {"diffusion": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
+
+
+def test_terms_add_up_and_match_the_core_functions():
+    model = _tiny()
+    x_int = _images(4)
+    params = model.init({"params": jax.random.key(0), **_rngs(1)}, x_int, train=False)
+    terms = model.apply(params, x_int, train=False, rngs=_rngs(2))
+    assert all(v.shape == (4,) and v.dtype == jnp.float32 for v in terms)
+    total = terms.prior + terms.reconstruction + terms.diffusion
+    np.testing.assert_allclose(terms.bpd, total / (64 * math.log(2)), rtol=1e-6)
+    gamma_0, gamma_1 = model.apply(params, method=model.endpoints)
+    np.testing.assert_allclose([gamma_0, gamma_1], [-13.3, 5.0], atol=2e-6)
+    np.testing.assert_allclose(terms.prior, vdm.prior_kl(vdm.encode(x_int, VOCAB), gamma_1))
+    # At initialisation eps_hat = z_t, so the diffusion term is a closed form of (t, eps).
+    assert np.all(np.asarray(terms.diffusion) > 0)
+
+
+def test_discrete_time_and_continuous_time_and_bad_arguments():
+    model = _tiny()
+    x_int = _images(8)
+    params = model.init({"params": jax.random.key(0), **_rngs(1)}, x_int, train=False)
+    cont = model.apply(params, x_int, train=False, rngs=_rngs(3))
+    disc = model.apply(params, x_int, train=False, num_steps=1000, rngs=_rngs(3))
+    # Same times up to the 1/1000 grid, same noise: the two estimates are close.
+    np.testing.assert_allclose(disc.diffusion, cont.diffusion, rtol=0.05)
+    with pytest.raises(ValueError, match="num_steps=10"):
+        _tiny(variance_gradient=True, num_steps=10)
+    with pytest.raises(ValueError, match="vocab_size must be at least 2, got 1"):
+        VDM(vocab_size=1)
+    with pytest.raises(ValueError, match=r"images must be integers \[B, H, W, C\].*float32"):
+        model.apply(params, jnp.zeros((2, 8, 8, 1)), train=False, rngs=_rngs(0))
+    with pytest.raises(ValueError, match="unknown noise schedule 'cosine'"):
+        make_schedule("cosine")
+
+
+def test_class_labels_reach_the_network():
+    model = _tiny(num_classes=3)
+    x_int = _images(4)
+    labels = jnp.array([0, 1, 2, 3])
+    params = model.init({"params": jax.random.key(0), **_rngs(1)}, x_int, labels, train=False)
+    # Make the zero-initialised output layer non-zero so labels can change eps_hat.
+    params = jax.tree.map(
+        lambda p: p + 0.05 * jnp.sign(jnp.sin(jnp.arange(p.size))).reshape(p.shape), params
+    )
+    a = model.apply(params, x_int, labels, train=False, rngs=_rngs(2))
+    b = model.apply(params, x_int, jnp.full((4,), 3), train=False, rngs=_rngs(2))
+    assert not np.allclose(a.diffusion[:3], b.diffusion[:3])
+    np.testing.assert_allclose(a.diffusion[3], b.diffusion[3], rtol=1e-6)
+
+
+def test_a_few_hundred_steps_of_training_lower_the_bound():
+    model = _tiny(schedule=make_schedule("learned_linear"))
+    x_int = _images(16)
+    params = model.init({"params": jax.random.key(0), **_rngs(1)}, x_int, train=False)
+    optimizer = optax.adam(3e-3)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state, i):
+        def loss(p):
+            return jnp.mean(
+                model.apply(
+                    p,
+                    x_int,
+                    train=True,
+                    rngs=_rngs(0) | {"diffusion": jax.random.fold_in(jax.random.key(5), i)},
+                ).bpd
+            )
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    def eval_bpd(p):
+        batches = [{"image": x_int}] * 8
+        return evaluate_bpd(model, p, batches, jax.random.key(7)).bpd
+
+    before = eval_bpd(params)
+    for i in range(300):
+        params, opt_state, _ = step(params, opt_state, i)
+    after = eval_bpd(params)
+    print(f"tiny VDM on a fixed batch of 16 digits-like images: {before:.3f} -> {after:.3f} bpd")
+    assert after < before - 1.0
+
+
+def test_evaluate_bpd_counts_an_uneven_number_of_examples_once():
+    model = _tiny()
+    x_int = _images(11, seed=3)
+    params = model.init({"params": jax.random.key(0), **_rngs(1)}, x_int[:4], train=False)
+    batches = [{"image": x_int[i : i + 4]} for i in range(0, 11, 4)]  # 4, 4, 3
+    result = evaluate_bpd(model, params, batches, jax.random.key(2))
+    assert result.num_examples == 11
+    # The same numbers from the per-example terms directly.
+    per_example = np.concatenate(
+        [
+            np.asarray(
+                model.apply(
+                    params,
+                    jnp.asarray(
+                        np.concatenate(
+                            [b["image"], np.zeros((4 - len(b["image"]), 8, 8, 1), np.uint8)]
+                        )
+                    ),
+                    train=False,
+                    rngs={"diffusion": jax.random.fold_in(jax.random.key(2), i)},
+                ).bpd
+            )[: len(b["image"])]
+            for i, b in enumerate(batches)
+        ]
+    )
+    np.testing.assert_allclose(result.bpd, per_example.mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        result.bpd_stderr, per_example.std(ddof=1) / math.sqrt(11), rtol=1e-4
+    )
+    total = result.prior_bpd + result.reconstruction_bpd + result.diffusion_bpd
+    np.testing.assert_allclose(total, result.bpd, rtol=1e-5)
+
+
+def test_accumulator_rejects_empty_and_mismatched_masks():
+    acc = BpdAccumulator()
+    with pytest.raises(ValueError, match="no examples were evaluated"):
+        acc.result(64)
+    terms = vdm.model.VLBTerms(*(np.ones(3),) * 4)
+    with pytest.raises(ValueError, match=r"mask has shape \(2,\), the batch \(3,\)"):
+        acc.add(terms, np.ones(2, bool))
