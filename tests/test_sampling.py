@@ -1,0 +1,305 @@
+"""Tests of vdm_jax.sampling.
+
+Most tests drive the samplers with ``GaussianModel``: data x ~ N(mu, s^2) independently in
+every dimension and the exact optimal denoiser E[eps | z_t], so every marginal q(z_t) is known in
+closed form: N(m_t, v_t) with m_t = alpha_t mu, v_t = alpha_t^2 s^2 + sigma_t^2. The
+probability-flow ODE of that model is the affine map z_t = m_t + sqrt(v_t / v_0) (z_0 - m_0),
+so the density it gives z_0 (starting from the N(0, I) prior, not from q(z_1)) is known too.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdm_jax import losses, sampling
+from vdm_jax.diffusion import _expand
+from vdm_jax.model import VDM
+from vdm_jax.nets import ScoreUNet
+from vdm_jax.schedules import GAMMA_MAX, GAMMA_MIN, FixedLinearSchedule
+
+MU, S = 0.3, 0.5
+
+
+class GaussianModel(nn.Module):
+    """A VDM-like module whose data are N(mu, s^2) per dimension, with the optimal denoiser."""
+
+    mu: float = MU
+    s: float = S
+    vocab_size: int = 256
+    schedule: nn.Module = FixedLinearSchedule()
+
+    def gamma(self, t):
+        return self.schedule(t)
+
+    def endpoints(self):
+        return self.schedule.endpoints()
+
+    def predict_noise(self, z, gamma_t, labels=None, *, train=False):
+        del train
+        if labels is not None:  # the samplers must hand over one label per example
+            assert labels.shape == (z.shape[0],), (labels.shape, z.shape)
+        g = _expand(gamma_t, z.ndim)
+        alpha2, sigma2 = jax.nn.sigmoid(-g), jax.nn.sigmoid(g)
+        return jnp.sqrt(sigma2) * (z - jnp.sqrt(alpha2) * self.mu) / (alpha2 * self.s**2 + sigma2)
+
+    def decode_log_probs(self, z_0):
+        gamma_0, _ = self.endpoints()
+        return losses.decoder_log_probs(z_0, gamma_0, self.vocab_size)
+
+
+GAUSS = GaussianModel()
+NO_PARAMS: dict = {}
+
+
+def _moments(gamma: float, mu: float = MU, s: float = S) -> tuple[float, float]:
+    """Mean and variance of q(z_t) for the Gaussian data at gamma_t."""
+    alpha2, sigma2 = 1.0 / (1.0 + math.exp(gamma)), 1.0 / (1.0 + math.exp(-gamma))
+    return math.sqrt(alpha2) * mu, alpha2 * s * s + sigma2
+
+
+M0, V0 = _moments(GAMMA_MIN)
+M1, V1 = _moments(GAMMA_MAX)
+# z_0 when z_1 ~ N(0, 1) is pushed through the exact flow map: N(M0 - sqrt(V0/V1) M1, V0/V1).
+FLOW_MEAN, FLOW_VAR = M0 - math.sqrt(V0 / V1) * M1, V0 / V1
+
+
+def _log_normal(z, mean, var):
+    return -0.5 * np.square(z - mean) / var - 0.5 * np.log(2 * np.pi * var)
+
+
+# ------------------------------------------------------------------------------------------------
+# The Gaussian model
+
+
+def test_same_key_same_samples_and_labels_per_example():
+    shape = (4, 2, 2, 1)
+    labels = jnp.arange(4)
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    runs = {
+        "ancestral": lambda k, d: sampling.ancestral_sample(
+            GAUSS, NO_PARAMS, k, shape=shape, num_steps=10, labels=labels, decode=d,
+            return_latent=True,
+        ),
+        "ddim": lambda k, d: sampling.ddim_sample(
+            GAUSS, NO_PARAMS, k, shape=shape, num_steps=10, labels=labels, decode=d,
+            return_latent=True,
+        ),
+        "ode": lambda k, d: sampling.ode_sample(
+            GAUSS, NO_PARAMS, k, shape=shape, labels=labels, rtol=1e-3, atol=1e-3, decode=d,
+            return_latent=True,
+        ),
+    }  # fmt: skip
+    for name, run in runs.items():
+        images_a, z_a = run(k1, "sample")
+        images_b, z_b = run(k1, "sample")
+        _, z_c = run(k2, "sample")
+        images_argmax, z_argmax = run(k1, "argmax")
+        assert images_a.dtype == jnp.int32 and images_a.shape == shape, name
+        np.testing.assert_array_equal(z_a, z_b, err_msg=name)
+        np.testing.assert_array_equal(images_a, images_b, err_msg=name)
+        np.testing.assert_array_equal(z_a, z_argmax, err_msg=name)  # decoding uses its own key
+        assert not np.allclose(z_a, z_c), name
+        # The decoder is sharp (sigma_0 ~ 1e-3 << bin width 2/256): argmax and sample agree but
+        # for a neighbouring value now and then.
+        assert np.max(np.abs(np.asarray(images_a) - np.asarray(images_argmax))) <= 1, name
+
+
+def test_jitted_and_unjitted_samplers_agree():
+    kwargs = dict(shape=(3, 2, 2, 1), num_steps=4, return_latent=True)
+    for sampler in (sampling.ancestral_sample, sampling.ddim_sample):
+        images, z_0 = sampler(GAUSS, NO_PARAMS, jax.random.key(5), **kwargs)
+        with jax.disable_jit():
+            images_ref, z_0_ref = sampler(GAUSS, NO_PARAMS, jax.random.key(5), **kwargs)
+        np.testing.assert_allclose(z_0, z_0_ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(images, images_ref)
+
+
+def test_ancestral_sampler_reproduces_the_data_distribution():
+    # 64,000 independent values; T = 1000 as in the paper.
+    _, z_0 = sampling.ancestral_sample(
+        GAUSS, NO_PARAMS, jax.random.key(0), shape=(4000, 4, 4, 1), num_steps=1000,
+        return_latent=True,
+    )  # fmt: skip
+    z_0 = np.asarray(z_0, np.float64)
+    # Target q(z_0) = N(alpha_0 mu, alpha_0^2 s^2 + sigma_0^2). Standard errors: mean 0.002,
+    # variance 0.0014 (0.6%).
+    assert abs(z_0.mean() - M0) < 0.01
+    assert abs(z_0.var() / V0 - 1.0) < 0.03
+
+
+def test_deterministic_samplers_follow_the_flow_map():
+    shape = (4000, 4, 4, 1)
+    _, z_ode = sampling.ode_sample(
+        GAUSS, NO_PARAMS, jax.random.key(0), shape=shape, return_latent=True
+    )
+    _, z_ddim = sampling.ddim_sample(
+        GAUSS, NO_PARAMS, jax.random.key(0), shape=shape, num_steps=100, return_latent=True
+    )
+    z_ode, z_ddim = np.asarray(z_ode, np.float64), np.asarray(z_ddim, np.float64)
+    # The ODE is exact: z_0 = FLOW_MEAN + sqrt(FLOW_VAR) z_1 in distribution.
+    assert abs(z_ode.mean() - FLOW_MEAN) < 0.01
+    assert abs(z_ode.var() / FLOW_VAR - 1.0) < 0.03
+    # DDIM is its first-order discretisation: 100 steps lose about 4% of the variance.
+    assert abs(z_ddim.mean() - FLOW_MEAN) < 0.015
+    assert abs(z_ddim.var() / FLOW_VAR - 1.0) < 0.07
+    # Same z_1 (same key), so the two samplers' outputs nearly coincide pointwise.
+    assert np.sqrt(np.mean(np.square(z_ode - z_ddim))) < 0.05
+
+
+def test_probability_flow_drift_is_f_z_minus_half_g2_score():
+    """The drift against the textbook form with f and g^2 from autodiff of alpha_t, sigma_t."""
+    z = jax.random.normal(jax.random.key(0), (3, 2, 2, 1))
+    gamma_fn = GAUSS.bind(NO_PARAMS).gamma
+    log_alpha = lambda t: 0.5 * jnp.log(jax.nn.sigmoid(-gamma_fn(t)))  # noqa: E731
+    sigma2 = lambda t: jax.nn.sigmoid(gamma_fn(t))  # noqa: E731
+    for t in (0.0, 0.01, 0.3, 0.7, 0.99, 1.0):
+        t = jnp.float32(t)
+        f = jax.grad(log_alpha)(t)
+        g2 = jax.grad(sigma2)(t) - 2.0 * f * sigma2(t)
+        eps_hat = GAUSS.apply(NO_PARAMS, z, gamma_fn(t), method="predict_noise")
+        score = -eps_hat / jnp.sqrt(sigma2(t))
+        expected = f * z - 0.5 * g2 * score
+        got = jax.jit(sampling.probability_flow_drift, static_argnums=0)(GAUSS, NO_PARAMS, z, t)
+        np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6)
+
+
+def test_ode_log_prob_latent_matches_the_closed_form_density():
+    batch, dims = 16, 4
+    z_0 = M0 + math.sqrt(V0) * jax.random.normal(jax.random.key(0), (batch, 2, 2, 1))
+    log_p, nfe = sampling.ode_log_prob_latent(GAUSS, NO_PARAMS, z_0, jax.random.key(1))
+    log_p, z = np.asarray(log_p, np.float64), np.asarray(z_0, np.float64).reshape(batch, dims)
+    assert nfe.shape == (batch,) and nfe.dtype == jnp.int32 and np.all(nfe > 1)
+
+    # Exactly the model's density: the N(0, I) prior at the flow image z_1, times the Jacobian.
+    z_1 = M1 + math.sqrt(V1 / V0) * (z - M0)
+    model_density = _log_normal(z_1, 0.0, 1.0).sum(1) + 0.5 * dims * math.log(V1 / V0)
+    np.testing.assert_allclose(log_p, model_density, atol=1e-3)  # measured 2.5e-5 nats
+    # And within a few percent of the data's marginal q(z_0) (the prior differs slightly
+    # from q(z_1) = N(alpha_1 mu, v_1)).
+    data_density = _log_normal(z, M0, V0).sum(1)
+    assert np.mean(np.abs(log_p - data_density)) / np.mean(np.abs(data_density)) < 0.05
+
+    # Gaussian probes are unbiased but noisy (sd about 2.5 nats here with one probe).
+    z_0 = M0 + math.sqrt(V0) * jax.random.normal(jax.random.key(2), (64, 2, 2, 1))
+    log_p, _ = sampling.ode_log_prob_latent(
+        GAUSS, NO_PARAMS, z_0, jax.random.key(3), hutchinson="gaussian", num_probes=8,
+        rtol=1e-4, atol=1e-4,
+    )  # fmt: skip
+    z = np.asarray(z_0, np.float64).reshape(64, dims)
+    z_1 = M1 + math.sqrt(V1 / V0) * (z - M0)
+    model_density = _log_normal(z_1, 0.0, 1.0).sum(1) + 0.5 * dims * math.log(V1 / V0)
+    assert abs(np.mean(np.asarray(log_p) - model_density)) < 0.5
+
+
+def test_ode_log_likelihood_terms_of_the_gaussian_model():
+    images = jax.random.randint(jax.random.key(0), (8, 2, 2, 1), 100, 160)
+    result = sampling.ode_log_likelihood(
+        GAUSS, NO_PARAMS, images, jax.random.key(1), rtol=1e-4, atol=1e-4
+    )
+    dims = 4
+    np.testing.assert_allclose(
+        result.bpd,
+        (result.reconstruction - result.log_p_latent + result.log_q_latent) / (dims * math.log(2)),
+        rtol=1e-5,
+    )
+    # The decoder is sharp; E[log q(z_0|x)] = -D/2 (1 + log(2 pi sigma_0^2)) (sd 0.35 per dim).
+    reconstruction = np.asarray(result.reconstruction)
+    assert np.all(reconstruction >= 0) and np.mean(reconstruction) < 0.1
+    log_sigma2_0 = math.log(1.0 / (1.0 + math.exp(-GAMMA_MIN)))
+    expected_log_q = -0.5 * (1.0 + math.log(2 * math.pi) + log_sigma2_0)
+    assert abs(np.mean(result.log_q_latent) / dims - expected_log_q) < 0.5
+    assert np.all(np.isfinite(result.bpd)) and result.nfe.shape == (8,)
+
+
+def test_invalid_settings_raise_value_error():
+    with pytest.raises(ValueError, match="decode"):
+        sampling.ancestral_sample(
+            GAUSS, NO_PARAMS, jax.random.key(0), shape=(1, 1, 1, 1), num_steps=2, decode="mode"
+        )
+    with pytest.raises(ValueError, match="num_steps"):
+        sampling.ddim_sample(GAUSS, NO_PARAMS, jax.random.key(0), shape=(1, 1, 1, 1), num_steps=0)
+    with pytest.raises(ValueError, match="hutchinson"):
+        sampling.ode_log_prob_latent(
+            GAUSS, NO_PARAMS, jnp.zeros((1, 1, 1, 1)), jax.random.key(0), hutchinson="normal"
+        )
+    with pytest.raises(ValueError, match="shape"):
+        sampling.ode_sample(GAUSS, NO_PARAMS, jax.random.key(0), shape=(1, 1, 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# A tiny real VDM
+
+TRACES = [0]
+
+
+class CountingVDM(VDM):
+    """The VDM, counting how often its score network is traced (Python runs only when tracing)."""
+
+    def predict_noise(self, z, gamma_t, labels=None, *, train=False):
+        TRACES[0] += 1
+        return super().predict_noise(z, gamma_t, labels, train=train)
+
+
+@pytest.fixture(scope="module")
+def tiny_vdm():
+    model = CountingVDM(score_net=ScoreUNet(n_layer=1, n_embd=16), vocab_size=17)
+    images = jax.random.randint(jax.random.key(0), (4, 8, 8, 1), 0, 17).astype(jnp.uint8)
+    init = jax.jit(lambda k: model.init({"params": k, "diffusion": k}, images, train=False))
+    params = init(jax.random.key(1))
+    # The output convolution starts at zero (eps_hat = z); give it a small non-zero value.
+    conv_out = params["params"]["score_net"]["conv_out"]
+    conv_out["kernel"] = 1e-4 * jax.random.normal(jax.random.key(2), conv_out["kernel"].shape)
+    return model, params, images
+
+
+def test_tiny_vdm_samplers_run_without_retracing(tiny_vdm, capsys):
+    model, params, images = tiny_vdm
+    shape = (8, 8, 8, 1)
+    runs = {
+        "ancestral T=20": lambda k: sampling.ancestral_sample(
+            model, params, k, shape=shape, num_steps=20
+        ),
+        "ddim T=10": lambda k: sampling.ddim_sample(
+            model, params, k, shape=shape, num_steps=10, decode="sample"
+        ),
+        "ode tol=1e-3": lambda k: sampling.ode_sample(
+            model, params, k, shape=shape, rtol=1e-3, atol=1e-3
+        ),
+    }
+    speeds = []
+    for name, run in runs.items():
+        first = jax.block_until_ready(run(jax.random.key(0)))
+        traces = TRACES[0]
+        start = time.perf_counter()
+        second = jax.block_until_ready(run(jax.random.key(1)))
+        speeds.append(f"{name}: {shape[0] / (time.perf_counter() - start):.0f} images/s")
+        assert TRACES[0] == traces, f"{name} retraced on a new key"
+        for out in (first, second):
+            assert out.dtype == jnp.int32 and out.shape == shape, name
+            assert 0 <= int(out.min()) and int(out.max()) <= 16, name
+        assert not np.array_equal(first, second), name
+
+    result = sampling.ode_log_likelihood(
+        model, params, images, jax.random.key(0), rtol=1e-3, atol=1e-3
+    )
+    traces = TRACES[0]
+    again = sampling.ode_log_likelihood(
+        model, params, images, jax.random.key(1), rtol=1e-3, atol=1e-3
+    )
+    assert TRACES[0] == traces, "ode_log_likelihood retraced on a new key"
+    for r in (result, again):
+        assert r.bpd.shape == (4,) and r.bpd.dtype == jnp.float32
+        assert np.all(np.isfinite(r.bpd)) and np.all(np.asarray(r.bpd) > 0)
+        assert r.nfe.shape == (4,) and np.all(np.asarray(r.nfe) > 1)
+    with capsys.disabled():
+        print(
+            f"\n[tiny VDM 8x8x1, {jax.default_backend()}] {'; '.join(speeds)}; "
+            f"ODE bpd {np.asarray(result.bpd)}, NFE {np.asarray(result.nfe)}"
+        )
