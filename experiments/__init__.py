@@ -1,0 +1,1 @@
+"""Experiment configs and the command-line entry point of vdm_jax."""

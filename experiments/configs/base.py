@@ -1,0 +1,109 @@
+"""Every field an experiment reads, with the paper's CIFAR-10 settings as defaults.
+
+Data-set configs start from :func:`get_config` and override only what differs. Fields with
+no value use ``placeholder`` (typed, None until set), so they can still be set from the
+command line, e.g. ``--config.data.data_dir=/data/tfds``.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The base config (CIFAR-10 as in the paper)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    # digits | cifar10 | mnist | imagenet32 | imagenet64 | folder
+    config.data.name = "cifar10"
+    # tfds data_dir, or the root of an image folder (name='folder').
+    config.data.data_dir = config_dict.placeholder(str)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.n_layer = 32
+    config.model.n_embd = 128
+    config.model.dropout_rate = 0.1
+    config.model.attention_everywhere = False
+    config.model.with_fourier_features = True
+    config.model.fourier_exponents = (6, 7)
+    config.model.norm_groups = 32
+    config.model.num_classes = 0  # > 0: class-conditional (label num_classes = unconditional)
+    config.model.dtype = "float32"  # or bfloat16 (parameters stay float32)
+    config.model.schedule = "learned_linear"  # fixed_linear | learned_linear | monotonic
+    config.model.gamma_min = -13.3
+    config.model.gamma_max = 5.0
+    config.model.schedule_features = 1024  # width of the monotonic network
+    config.model.num_steps = 0  # T: 0 is continuous time
+    config.model.antithetic_time_sampling = True
+    config.model.variance_gradient = False  # appendix I.2; continuous time only
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 2e-4
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.99
+    config.optimizer.eps = 1e-8
+    config.optimizer.weight_decay = 0.01
+    config.optimizer.warmup_steps = 100
+    config.optimizer.decay_steps = 0  # > 0: cosine decay over this many steps
+    config.optimizer.end_learning_rate_factor = 0.0
+    config.optimizer.clip_norm = 0.0  # > 0: clip the global gradient norm
+    config.optimizer.ema_decay = 0.9999
+
+    config.training = ml_collections.ConfigDict()
+    config.training.batch_size = 128  # global, over all devices and hosts
+    config.training.num_steps = 10_000_000
+    config.training.log_every = 100
+    config.training.eval_every = 10_000
+    config.training.checkpoint_every = 5_000
+    config.training.keep_checkpoints = 3
+    config.training.steps_per_dispatch = 1  # > 1: lax.scan over several steps per call
+    config.training.sample_every = 50_000  # write a PNG grid of samples (0: only at the end)
+
+    config.parallel = ml_collections.ConfigDict()
+    config.parallel.mode = "jit"  # jit (mesh and shardings) | pmap
+    config.parallel.num_devices = -1  # -1: all
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 256
+    config.eval.split = "test"
+    config.eval.discrete_steps = 0  # > 0: also the discrete-time bound at this T (e.g. 1000)
+
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.num_samples = 64
+    config.sampling.sampler = "ancestral"  # ancestral | ddim | ode
+    config.sampling.num_steps = 1000
+    config.sampling.decode = "argmax"  # argmax | sample
+    return config
+
+
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink any config to a few cheap steps that run anywhere (a CPU in seconds)."""
+    config.model.n_layer = 1
+    config.model.n_embd = 16
+    config.model.schedule_features = 16
+    config.model.dropout_rate = 0.0
+    config.training.batch_size = 16
+    config.training.num_steps = 4
+    config.training.log_every = 2
+    config.training.eval_every = 4
+    config.training.checkpoint_every = 2
+    config.training.sample_every = 0
+    config.optimizer.warmup_steps = 0
+    config.optimizer.ema_decay = 0.9
+    config.eval.batch_size = 64
+    config.sampling.num_samples = 16
+    config.sampling.num_steps = 10
+    return config
+
+
+VARIANTS = {"smoke": smoke}
+
+
+def with_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    """Apply the named variant ('' for none; 'smoke') to a config."""
+    if not variant:
+        return config
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown config variant {variant!r}; known: {sorted(VARIANTS)}")
+    return VARIANTS[variant](config)

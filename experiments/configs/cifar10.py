@@ -1,0 +1,14 @@
+"""CIFAR-10 as in the paper: 32 blocks, 128 channels, learned linear gamma from -13.3 to 5,
+continuous time, adamw (lr 2e-4, b2 0.99, weight decay 0.01), EMA 0.9999, batch 128, dropout
+0.1, 10M steps. The base config already holds these values.
+"""
+
+from experiments.configs import base
+
+
+def get_config(variant: str = ""):
+    """CIFAR-10; ``variant='smoke'`` for a seconds-long run."""
+    config = base.get_config()
+    config.data.name = "cifar10"
+    config.eval.discrete_steps = 1000
+    return base.with_variant(config, variant)

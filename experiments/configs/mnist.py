@@ -1,0 +1,13 @@
+"""MNIST (28x28, 256 grey levels): the paper's network at a smaller width."""
+
+from experiments.configs import base
+
+
+def get_config(variant: str = ""):
+    """MNIST; ``variant='smoke'`` for a seconds-long run."""
+    config = base.get_config()
+    config.data.name = "mnist"
+    config.model.n_layer = 8
+    config.model.n_embd = 64
+    config.training.num_steps = 200_000
+    return base.with_variant(config, variant)

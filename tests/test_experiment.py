@@ -1,0 +1,143 @@
+"""End to end: train_and_evaluate, resume, evaluate, sample, the command line, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments.configs import cifar10, digits
+from vdm_jax import experiment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _smoke(**overrides):
+    config = digits.get_config("smoke")
+    for dotted, value in overrides.items():
+        section, name = dotted.split(".")
+        config[section][name] = value
+    return config
+
+
+def _listing(path):
+    return sorted(
+        os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs
+    )
+
+
+def test_train_and_evaluate_on_digits_writes_everything(tmp_path):
+    state = experiment.train_and_evaluate(_smoke(), str(tmp_path))
+    assert int(state.step) == 4
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "bpd" in r] == [2, 4]
+    final = records[-1]
+    assert final["test/num_examples"] == 297  # every test example exactly once
+    assert abs(final["test/independent_pixel_baseline_bpd"] - 2.42) < 0.01
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+    assert os.listdir(tmp_path / "samples") == ["samples_step00000004.png"]
+    assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path):
+    whole = experiment.train_and_evaluate(_smoke(**{"training.num_steps": 6}), str(tmp_path / "a"))
+    experiment.train_and_evaluate(_smoke(**{"training.num_steps": 2}), str(tmp_path / "b"))
+    resumed = experiment.train_and_evaluate(
+        _smoke(**{"training.num_steps": 6}), str(tmp_path / "b")
+    )
+    assert int(resumed.step) == int(whole.step) == 6
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, whole.params)
+    jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, whole.opt_state)
+
+
+def test_pmap_mode_trains_too(tmp_path):
+    jit_state = experiment.train_and_evaluate(
+        _smoke(**{"training.num_steps": 2}), str(tmp_path / "j")
+    )
+    pmap_state = experiment.train_and_evaluate(
+        _smoke(**{"training.num_steps": 2, "parallel.mode": "pmap"}), str(tmp_path / "p")
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5),
+        jit_state.params,
+        pmap_state.params,
+    )
+
+
+def test_train_on_tfds_mock_data(tmp_path):
+    config = cifar10.get_config("smoke")
+    config.training.num_steps = 2
+    config.eval.discrete_steps = 10
+    with tfds.testing.mock_data(num_examples=20):
+        experiment.train_and_evaluate(config, str(tmp_path))
+    final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["test/num_examples"] == 20
+    assert np.isfinite(final["test/T10_bpd"])
+
+
+def test_incompatible_resume_stops_and_keeps_the_checkpoints(tmp_path):
+    experiment.train_and_evaluate(_smoke(), str(tmp_path))
+    before = _listing(tmp_path / "checkpoints")
+    with pytest.raises(ValueError, match=r"model\.n_embd=16 \(this run has 32\)"):
+        experiment.train_and_evaluate(_smoke(**{"model.n_embd": 32}), str(tmp_path))
+    assert _listing(tmp_path / "checkpoints") == before
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"data.name": "svhn"}, "svhn"),
+        ({"training.batch_size": 12}, "global batch size 12 is not divisible by the 8 devices"),
+        ({"model.schedule": "cosine"}, "unknown noise schedule 'cosine'"),
+        ({"training.num_steps": 0}, "training.num_steps must be a positive integer, got 0"),
+        ({"model.dtype": "float16"}, "model.dtype must be 'float32' or 'bfloat16', got 'float16'"),
+        ({"parallel.mode": "xmap"}, "parallel mode must be one of"),
+        ({"data.name": "folder", "data.data_dir": "/nonexistent/images"}, "/nonexistent/images"),
+    ],
+)
+def test_bad_config_stops_before_training(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        experiment.train_and_evaluate(_smoke(**overrides), str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "checkpoints").exists() or not os.listdir(
+        tmp_path / "w" / "checkpoints"
+    )
+
+
+def test_workdir_that_is_a_file(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        experiment.train_and_evaluate(_smoke(), str(path))
+
+
+def _cli(*args, cwd=REPO):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the command line sees the machine's real devices
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.main", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_command_line_train_eval_sample_and_errors(tmp_path):
+    config = "--config=experiments/configs/digits.py:smoke"
+    workdir = f"--workdir={tmp_path}"
+    trained = _cli(config, workdir, "--config.training.num_steps=2")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "test bpd" in trained.stderr
+    evaluated = _cli(config, workdir, "--mode=eval")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "over 297 examples" in evaluated.stderr
+    sampled = _cli(config, workdir, "--mode=sample", "--config.sampling.sampler=ddim")
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert len(os.listdir(tmp_path / "samples")) == 1  # same step: the grid is rewritten
+
+    unknown = _cli(config, workdir, "--config.training.num_stepz=2")
+    assert unknown.returncode != 0 and "num_stepz" in unknown.stderr
+    bad = _cli(config, workdir, "--config.model.n_embd=8")
+    assert bad.returncode == 1
+    assert "error: checkpoint at" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,274 @@
+"""Training state, optimizer and the pure train and eval steps.
+
+The steps are pure functions of (state, batch, key): no config objects, no I/O, nothing that
+cannot run under ``jax.jit`` with shardings or under ``jax.pmap`` (see
+:mod:`vdm_jax.parallel`, which compiles them).
+
+Randomness: one loop key, folded with the step and then with the index of each data shard
+(``fold_in(fold_in(key, step), shard)``), never split on the host. A global batch is viewed as
+``num_shards`` equal shards that draw their times and noise from their own keys, so the jit
+mode (all shards in one program) and the pmap mode (one shard per device) see the same random
+numbers and give the same losses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from vdm_jax.model import VLBTerms
+
+Array = jax.Array
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run carries from step to step.
+
+    Attributes:
+      step: int32 scalar, the number of updates applied so far.
+      params: the model's parameters (the 'params' collection).
+      ema_params: exponential moving average of ``params``, used for evaluation and sampling.
+      opt_state: the optax optimizer state.
+    """
+
+    step: Array
+    params: PyTree
+    ema_params: PyTree
+    opt_state: PyTree
+
+
+def weight_decay_mask(params: PyTree) -> PyTree:
+    """True for the parameters weight decay applies to: kernels and embeddings (ndim >= 2)
+    outside the noise schedule; biases, norm scales and the schedule are left alone."""
+
+    def decays(path, leaf):
+        names = [getattr(k, "key", getattr(k, "name", "")) for k in path]
+        return leaf.ndim >= 2 and "schedule" not in names
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(
+    *,
+    learning_rate: float = 2e-4,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    warmup_steps: int = 0,
+    decay_steps: int = 0,
+    end_learning_rate_factor: float = 0.0,
+    clip_norm: float | None = None,
+) -> optax.GradientTransformation:
+    """AdamW with a linear warm-up, an optional cosine decay and optional gradient clipping.
+
+    Args:
+      learning_rate: peak learning rate.
+      b1, b2, eps: Adam's moment decays and epsilon (the paper: b2 = 0.99).
+      weight_decay: decoupled weight decay, on the parameters :func:`weight_decay_mask` picks.
+      warmup_steps: linear warm-up from 0 over this many steps (0: none).
+      decay_steps: cosine decay to ``end_learning_rate_factor * learning_rate`` over this many
+        steps after the warm-up (0: constant after the warm-up).
+      end_learning_rate_factor: the final fraction of the peak learning rate of the decay.
+      clip_norm: clip the gradient's global norm to this value (None or 0: no clipping).
+
+    Returns:
+      An optax transformation; its schedule is also exposed as :func:`learning_rate_schedule`.
+    """
+    for name, value in (("learning_rate", learning_rate), ("warmup_steps", warmup_steps),
+                        ("decay_steps", decay_steps), ("weight_decay", weight_decay)):  # fmt: skip
+        if value < 0:
+            raise ValueError(f"optimizer {name} must be non-negative, got {value}")
+    schedule = learning_rate_schedule(
+        learning_rate, warmup_steps, decay_steps, end_learning_rate_factor
+    )
+    adamw = optax.adamw(
+        schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask
+    )
+    if clip_norm:
+        return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+    return adamw
+
+
+def learning_rate_schedule(
+    learning_rate: float, warmup_steps: int, decay_steps: int, end_factor: float = 0.0
+) -> optax.Schedule:
+    """Linear warm-up to ``learning_rate``, then constant or a cosine decay."""
+    after = (
+        optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=end_factor)
+        if decay_steps
+        else optax.constant_schedule(learning_rate)
+    )
+    if not warmup_steps:
+        return after
+    warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def init_state(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    key: Array,
+    example_images: Array,
+    example_labels: Array | None = None,
+) -> TrainState:
+    """A fresh :class:`TrainState`: parameters from ``key``, EMA equal to them, step 0.
+
+    Args:
+      model: the :class:`~vdm_jax.model.VDM`.
+      optimizer: from :func:`make_optimizer`.
+      key: PRNG key.
+      example_images: integer ``[b, H, W, C]`` giving the shapes (values unused).
+      example_labels: ``[b]`` int labels for a class-conditional model, else None.
+    """
+    k_params, k_diffusion = jax.random.split(key)
+    variables = model.init(
+        {"params": k_params, "diffusion": k_diffusion}, example_images, example_labels, train=False
+    )
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        # A copy, not the same buffers: the train step donates the whole state.
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=optimizer.init(params),
+    )
+
+
+def _shard_keys(key: Array, step: Array, first_shard: Array | int, num_shards: int) -> Array:
+    step_key = jax.random.fold_in(key, step)
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first_shard + jnp.arange(num_shards))
+
+
+def _sharded_terms(model, params, batch, keys, *, train: bool) -> VLBTerms:
+    """VLB terms of a batch split into len(keys) shards, shard i drawing from keys[i]."""
+    num_shards = keys.shape[0]
+
+    def split(x):
+        if x.shape[0] % num_shards:
+            raise ValueError(
+                f"batch of {x.shape[0]} examples does not split into {num_shards} equal shards"
+            )
+        return x.reshape(num_shards, x.shape[0] // num_shards, *x.shape[1:])
+
+    def one_shard(images, labels, key):
+        k_diffusion, k_dropout = jax.random.split(key)
+        return model.apply(
+            {"params": params},
+            images,
+            labels,
+            train=train,
+            rngs={"diffusion": k_diffusion, "dropout": k_dropout},
+        )
+
+    labels = batch.get("label")
+    terms = jax.vmap(one_shard)(
+        split(batch["image"]), None if labels is None else split(labels), keys
+    )
+    return jax.tree.map(lambda v: v.reshape(-1), terms)
+
+
+def _metrics(terms: VLBTerms, num_dims: int) -> dict[str, Array]:
+    to_bpd = 1.0 / (num_dims * jnp.log(2.0))
+    return {
+        "bpd": jnp.mean(terms.bpd),
+        "prior_bpd": jnp.mean(terms.prior) * to_bpd,
+        "reconstruction_bpd": jnp.mean(terms.reconstruction) * to_bpd,
+        "diffusion_bpd": jnp.mean(terms.diffusion) * to_bpd,
+    }
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, Array],
+    key: Array,
+    *,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    ema_decay: float,
+    num_shards: int = 1,
+    axis_name: str | None = None,
+    learning_rate_fn: Callable[[Array], Array] | None = None,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer update on a batch; pure.
+
+    Args:
+      state: the current :class:`TrainState`.
+      batch: 'image' integer ``[B, H, W, C]``, optionally 'label' int ``[B]``.
+      key: the run's loop key (the same every step; folded with ``state.step`` here).
+      model: the :class:`~vdm_jax.model.VDM`.
+      optimizer: the optax transformation the state was made with.
+      ema_decay: decay of the parameter EMA (0.9999 in the paper; 0 copies the parameters).
+      num_shards: how many random-number shards ``batch`` holds (see the module docstring).
+      axis_name: under ``pmap``, the device axis: the batch is then this device's shard and
+        gradients and metrics are averaged over the axis.
+      learning_rate_fn: the optimizer's schedule, to report the learning rate.
+
+    Returns:
+      ``(new_state, metrics)``; metrics are float32 scalars: 'bpd', 'prior_bpd',
+      'reconstruction_bpd', 'diffusion_bpd', 'gamma_0', 'gamma_1', 'grad_norm', 'lr'.
+    """
+    first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * num_shards
+    keys = _shard_keys(key, state.step, first, num_shards)
+    num_dims = math.prod(batch["image"].shape[1:])
+
+    def loss_fn(params):
+        terms = _sharded_terms(model, params, batch, keys, train=True)
+        return jnp.mean(terms.bpd), terms
+
+    grads, terms = jax.grad(loss_fn, has_aux=True)(state.params)
+    metrics = _metrics(terms, num_dims)
+    if axis_name is not None:
+        grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+
+    gamma_0, gamma_1 = model.apply({"params": params}, method=model.endpoints)
+    metrics.update(
+        gamma_0=gamma_0,
+        gamma_1=gamma_1,
+        grad_norm=jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
+        lr=jnp.asarray(learning_rate_fn(state.step) if learning_rate_fn else jnp.nan, jnp.float32),
+    )
+    new_state = TrainState(
+        step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def eval_terms(
+    params: PyTree,
+    batch: dict[str, Array],
+    key: Array,
+    *,
+    model: nn.Module,
+    num_shards: int = 1,
+    num_steps: int | None = None,
+) -> VLBTerms:
+    """Per-example VLB terms of a batch without dropout; pure.
+
+    Args:
+      params: parameters to evaluate (usually the EMA ones).
+      batch: 'image' integer ``[B, H, W, C]``, optionally 'label' ``[B]``.
+      key: this batch's key (shard i uses ``fold_in(fold_in(key, 0), i)``).
+      model: the :class:`~vdm_jax.model.VDM`.
+      num_shards: random-number shards in the batch (as in :func:`train_step`).
+      num_steps: T for the discrete-time bound, 0 continuous, None the model's own.
+
+    Returns:
+      :class:`~vdm_jax.model.VLBTerms`, each ``[B]``.
+    """
+    if num_steps is not None:
+        model = model.clone(num_steps=num_steps, variance_gradient=False)
+    keys = _shard_keys(key, 0, 0, num_shards)
+    return _sharded_terms(model, params, batch, keys, train=False)
