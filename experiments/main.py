@@ -5,6 +5,11 @@
         --mode=eval --config.eval.discrete_steps=1000
 
 Also installed as the ``vdm-jax`` console script.
+
+Exit status: 0 on success, also after a preemption (SIGTERM: a checkpoint was saved; run the
+same command to resume); 1 on a user error (a bad flag, config value, data set, workdir or
+checkpoint, a diverged run, a failed checkpoint write), printed as one ``error: ...`` message
+without a traceback. Anything else is a bug and keeps its traceback.
 """
 
 import logging as pylogging
@@ -23,13 +28,50 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _fail(message: str) -> None:
+    """Print one ``error: ...`` message (continuation lines indented) and exit with 1."""
+    lines = str(message).strip().splitlines() or ["unknown error"]
+    print("error: " + "\n  ".join(line.strip() for line in lines if line.strip()), file=sys.stderr)
+    sys.exit(1)
+
+
+def _without_traceback(text: str) -> str:
+    """ml_collections embeds the traceback of a config file's error in the flag error: keep
+    the text before it and the exception's own last line."""
+    marker = "Traceback (most recent call last)"
+    if marker not in text:
+        return text
+    head = text.split(marker)[0].strip().rstrip(":").strip()
+    tail = [line.strip() for line in text.split(marker)[-1].splitlines() if line.strip()]
+    return f"{head}: {tail[-1]}" if tail else head
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+        _fail(_without_traceback(str(e)))
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     # Imported here so that --help is fast and flags parse before jax initialises.
-    from vdm_jax import experiment
+    from vdm_jax import checkpoint, experiment
 
-    config, workdir = _CONFIG.value, _WORKDIR.value
+    user_errors = (
+        ValueError,  # a bad config value, data set, workdir or incompatible checkpoint
+        OSError,  # a file or folder that cannot be read or written (also disk full)
+        FloatingPointError,  # training diverged (experiment.TrainingDivergedError)
+        checkpoint.CheckpointCorruptError,
+        checkpoint.CheckpointSaveError,
+    )
+    try:
+        config, workdir = _CONFIG.value, _WORKDIR.value
+        config.to_dict()  # a config file that failed to load raises only when used
+    except OSError as e:  # e.g. the config file does not exist
+        _fail(_without_traceback(str(e)))
     try:
         if _MODE.value == "train":
             experiment.train_and_evaluate(config, workdir)
@@ -37,18 +79,19 @@ def main(argv):
             experiment.evaluate(config, workdir)
         else:
             experiment.sample(config, workdir)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        # A user error (bad config, data or workdir) or divergence: one clear line, no traceback.
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except user_errors as e:
+        _fail(str(e))
 
 
 class _QuietLibraries(pylogging.Filter):
-    """Drop the per-save INFO chatter of orbax and grain so training progress stays readable."""
+    """Drop the per-save INFO chatter of orbax and grain so training progress stays readable,
+    and asyncio's "Task exception was never retrieved" reports of orbax's write tasks after a
+    failed checkpoint write (the error itself is reported once, as ``error: ...``)."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
         noisy = any(f"{os.sep}{name}{os.sep}" in record.pathname for name in ("orbax", "grain"))
+        if record.name == "asyncio" and "orbax" in str(record.msg) + str(record.args):
+            return False
         return record.levelno >= pylogging.WARNING or not noisy
 
 
@@ -56,7 +99,7 @@ def run():
     """Console-script entry point."""
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

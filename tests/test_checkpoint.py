@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from vdm_jax.checkpoint import (
     CheckpointCorruptError,
     Checkpointer,
+    CheckpointSaveError,
     PreemptionWatcher,
     Restored,
     check_compatible,
@@ -454,15 +455,25 @@ def test_directory_that_is_a_file_or_cannot_be_created(tmp_path):
     assert a_file.read_text() == "not a folder"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only folders")
 def test_directory_not_writable(tmp_path):
+    import subprocess
+
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o500)
+    immutable = False
+    if os.access(folder, os.W_OK):  # root: make the folder immutable instead, if possible
+        done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False)
+        immutable = done.returncode == 0
+        if not immutable:
+            folder.chmod(0o700)
+            pytest.skip("root without chattr: cannot make a folder read-only")
     try:
         with pytest.raises(ValueError, match=f"{folder} is not writable"):
             Checkpointer(folder, save_interval_steps=1, max_to_keep=1)
     finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=False)
         folder.chmod(0o700)
 
 
@@ -483,3 +494,58 @@ def test_read_only_and_bad_arguments(tmp_path, mesh8):
         with pytest.raises(TypeError, match="data_state must be bytes, a dict or None"):
             ckpt.save(1, _state(mesh8), data_state=[1, 2], config=CONFIG)
         assert ckpt.all_steps() == []
+
+
+# -- failed writes ------------------------------------------------------------------------
+
+
+def test_failed_write_raises_save_error_and_keeps_the_previous_step(tmp_path, mesh8, monkeypatch):
+    import errno
+
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    handler = json_checkpoint_handler.JsonCheckpointHandler
+    real_save = handler._save_fn
+
+    async def full_disk_at_step_2(self, x, directory):
+        if "/2.orbax-checkpoint-tmp" in str(directory):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+        return await real_save(self, x, directory)
+
+    monkeypatch.setattr(handler, "_save_fn", full_disk_at_step_2)
+    with Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1) as ckpt:
+        ckpt.save(1, _state(mesh8, scale=1), data_state=None, config=CONFIG)
+        ckpt.save(2, _state(mesh8, scale=2), data_state=None, config=CONFIG)  # in the background
+        with pytest.raises(CheckpointSaveError) as info:
+            ckpt.wait_until_finished()
+        assert ckpt.all_steps() == [1]  # max_to_keep=1, yet 1 is kept: 2 never completed
+    message = str(info.value)
+    assert message.startswith(f"Could not write the checkpoint for step 2 in {tmp_path}: ")
+    assert "No space left on device (ENOSPC)" in message and "(latest: step 1)" in message
+    assert any(p.name.startswith("2.orbax-checkpoint-tmp") for p in tmp_path.iterdir())
+
+    # Step 1 restores; with space again, step 2 is written over the unfinished folder.
+    monkeypatch.setattr(handler, "_save_fn", real_save)
+    with Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1) as ckpt:
+        restored = ckpt.restore(_abstract(_state(mesh8), mesh8))
+        assert restored.step == 1
+        _assert_same(restored.state, _state(mesh8, scale=1), mesh8)
+        assert ckpt.save(2, _state(mesh8, scale=2), data_state=None, config=CONFIG)
+        ckpt.wait_until_finished()
+        assert ckpt.all_steps() == [2]
+        _assert_same(ckpt.restore(_abstract(_state(mesh8), mesh8)).state, _state(mesh8, scale=2))
+
+
+def test_write_error_description_leads_with_the_os_error():
+    from vdm_jax.checkpoint import _describe_write_error
+
+    tensorstore = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing local file "/w/3.orbax-checkpoint-tmp/x": ' + "z" * 400
+        + " Failed to write 68148 bytes to file 8: No space left on device [os_error_code='28']"
+    )  # fmt: skip
+    text = _describe_write_error(tensorstore)
+    assert text.startswith("No space left on device (ENOSPC); ValueError: RESOURCE_EXHAUSTED")
+    wrapped = RuntimeError("commit failed")
+    wrapped.__cause__ = PermissionError(13, "Permission denied")
+    assert _describe_write_error(wrapped).startswith("Permission denied (EACCES); RuntimeError")
+    assert _describe_write_error(KeyError("x")) == "KeyError: 'x'"

@@ -92,10 +92,10 @@ def test_incompatible_resume_stops_and_keeps_the_checkpoints(tmp_path):
     [
         ({"data.name": "svhn"}, "svhn"),
         ({"training.batch_size": 12}, "global batch size 12 is not divisible by the 8 devices"),
-        ({"model.schedule": "cosine"}, "unknown noise schedule 'cosine'"),
+        ({"model.schedule": "cosine"}, "model.schedule must be one of .*, got 'cosine'"),
         ({"training.num_steps": 0}, "training.num_steps must be a positive integer, got 0"),
-        ({"model.dtype": "float16"}, "model.dtype must be 'float32' or 'bfloat16', got 'float16'"),
-        ({"parallel.mode": "xmap"}, "parallel mode must be one of"),
+        ({"model.dtype": "float16"}, "model.dtype must be one of 'float32', 'bfloat16'"),
+        ({"parallel.mode": "xmap"}, "parallel.mode must be one of 'jit', 'pmap', got 'xmap'"),
         ({"data.name": "folder", "data.data_dir": "/nonexistent/images"}, "/nonexistent/images"),
     ],
 )

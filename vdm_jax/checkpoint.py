@@ -23,14 +23,23 @@ can be restored it raises :class:`CheckpointCorruptError` and changes nothing on
 
 :func:`check_compatible` compares the saved config with this run's on chosen dotted keys, and
 :class:`PreemptionWatcher` turns SIGTERM into a flag the training loop polls to save and exit.
+
+A write that fails (a full disk, a lost mount) raises :class:`CheckpointSaveError` from
+:meth:`Checkpointer.save`, :meth:`Checkpointer.wait_until_finished` or
+:meth:`Checkpointer.close`, whichever comes first after the background write failed. The
+failed step never becomes a step folder (its ``*.orbax-checkpoint-tmp`` folder is ignored by
+restore), and older checkpoints are only deleted after a newer one is complete, so the
+previous checkpoints stay intact and restorable.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import errno
 import json
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -45,6 +54,7 @@ from etils import epath
 
 __all__ = [
     "CheckpointCorruptError",
+    "CheckpointSaveError",
     "Checkpointer",
     "PreemptionWatcher",
     "Restored",
@@ -68,6 +78,13 @@ class CheckpointCorruptError(RuntimeError):
     """Checkpoints exist but none of them can be restored (damaged or unreadable).
 
     Raised by :meth:`Checkpointer.restore`; nothing on disk was deleted, moved or renamed.
+    """
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (e.g. no space left on device).
+
+    The message names the step, the cause and the latest complete checkpoint, which is intact.
     """
 
 
@@ -234,6 +251,7 @@ class Checkpointer:
             read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(self._directory, options=options)
+        self._pending_step: int | None = None  # the step of the last save started
 
     # ----------------------------------------------------------------------------------
     # Bookkeeping.
@@ -258,12 +276,47 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def wait_until_finished(self) -> None:
-        """Blocks until a pending asynchronous save is on disk; re-raises its error, if any."""
-        self._manager.wait_until_finished()
+        """Blocks until a pending asynchronous save is on disk.
+
+        Raises:
+          CheckpointSaveError: that save failed.
+        """
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(self._pending_step, e) from e
 
     def close(self) -> None:
-        """Waits for a pending save, then releases orbax's threads and resources."""
-        self._manager.close()
+        """Waits for a pending save, then releases orbax's threads and resources.
+
+        Raises:
+          CheckpointSaveError: the pending save failed (the resources are released anyway).
+        """
+        try:
+            self._manager.close()
+        except Exception as e:
+            raise self._save_failed(self._pending_step, e) from e
+
+    def _save_failed(self, step: int | None, error: BaseException) -> CheckpointSaveError:
+        """The error to raise when writing ``step`` failed with ``error``."""
+        self._pending_step = None
+        try:
+            self._manager.reload()
+            steps = [s for s in self.all_steps() if s != step]
+        except Exception:  # the folder itself may be gone
+            steps = []
+        kept = (
+            f"the checkpoints already complete are intact (latest: step {steps[-1]})"
+            if steps
+            else "no complete checkpoint exists yet"
+        )
+        what = f"the checkpoint for step {step}" if step is not None else "a checkpoint"
+        return CheckpointSaveError(
+            f"Could not write {what} in {self._directory}: {_describe_write_error(error)}. "
+            f"Nothing was overwritten: {kept}; the unfinished write is left in a "
+            f"'*{_TMP_MARKER}' folder, which restore ignores. Free space (or fix the folder) "
+            "and run the same command again to resume."
+        )
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -346,17 +399,23 @@ class Checkpointer:
         if not isinstance(config_json, dict):
             raise TypeError(f"Checkpointer.save: config must be a dict, got {type(config)}")
         data_json = _encode_data_state(data_state)
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    _STATE: ocp.args.StandardSave(state),
-                    _DATA_STATE: ocp.args.JsonSave(data_json),
-                    _CONFIG: ocp.args.JsonSave(config_json),
-                }
-            ),
-            force=True,  # the decision was made above
-        )
+        # A failure of the previous (background) save surfaces here, under its own step.
+        self.wait_until_finished()
+        self._pending_step = step
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        _STATE: ocp.args.StandardSave(state),
+                        _DATA_STATE: ocp.args.JsonSave(data_json),
+                        _CONFIG: ocp.args.JsonSave(config_json),
+                    }
+                ),
+                force=True,  # the decision was made above
+            )
+        except Exception as e:
+            raise self._save_failed(step, e) from e
         return True
 
     # ----------------------------------------------------------------------------------
@@ -680,6 +739,25 @@ def _sync_processes(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def _describe_write_error(error: BaseException) -> str:
+    """A one-line description of a write error, leading with the OS error when there is one
+    (tensorstore reports it at the end of a long message as ``[os_error_code='28']``)."""
+    code = None
+    seen = error
+    while seen is not None and code is None:
+        if isinstance(seen, OSError) and seen.errno:
+            code = seen.errno
+        else:
+            found = re.search(r"os_error_code='?(\d+)", str(seen))
+            code = int(found.group(1)) if found else None
+        seen = seen.__cause__ or seen.__context__
+    text = _describe(error)
+    if code is None:
+        return text
+    name = errno.errorcode.get(code, str(code))
+    return f"{os.strerror(code)} ({name}); {text}"
 
 
 def _describe(error: BaseException) -> str:

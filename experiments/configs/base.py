@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.keep_checkpoints = 3
     config.training.steps_per_dispatch = 1  # > 1: lax.scan over several steps per call
     config.training.sample_every = 50_000  # write a PNG grid of samples (0: only at the end)
+    # A non-finite loss, gradient or parameter stops training (0), or N > 0: skip such updates
+    # (parameters unchanged, counted in the metric skipped_updates), stopping after N in a row.
+    config.training.skip_nonfinite_updates = 0
 
     config.parallel = ml_collections.ConfigDict()
     config.parallel.mode = "jit"  # jit (mesh and shardings) | pmap
