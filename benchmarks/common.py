@@ -1,0 +1,420 @@
+"""Shared pieces of the benchmarks: the model, synthetic data, the matmul peak, XLA's counts.
+
+Imports only jax, flax, optax, numpy and ``vdm_jax.{nets, model, train, parallel, sampling,
+schedules}``, so it runs where grain, tfds, orbax and ml_collections are not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # `python3 benchmarks/run.py` from a checkout without an install
+    sys.path.insert(0, _ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vdm_jax import nets, parallel, sampling, train  # noqa: E402
+from vdm_jax.model import VDM, make_schedule  # noqa: E402
+from vdm_jax.nets import ScoreUNet  # noqa: E402
+
+VOCAB_SIZE = 256
+DTYPES = ("float32", "bfloat16")
+
+
+def build_model(
+    n_layer: int,
+    n_embd: int,
+    dtype: str = "float32",
+    dropout_rate: float = 0.1,
+    schedule: str = "learned_linear",
+) -> VDM:
+    """The paper's VDM (Fourier features, middle attention, learned linear schedule, V=256)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    net = ScoreUNet(
+        n_layer=n_layer, n_embd=n_embd, dropout_rate=dropout_rate, dtype=jnp.dtype(dtype)
+    )
+    return VDM(score_net=net, schedule=make_schedule(schedule), vocab_size=VOCAB_SIZE)
+
+
+def synthetic_batches(
+    count: int, batch: int, resolution: int, channels: int, seed: int = 0, steps: int = 0
+) -> list[dict[str, np.ndarray]]:
+    """``count`` batches of uniform uint8 images ``[batch, R, R, C]`` (``[steps, batch, ...]``
+    when ``steps`` > 0, for several steps per dispatch)."""
+    rng = np.random.default_rng(seed)
+    lead = (steps,) if steps else ()
+    shape = (*lead, batch, resolution, resolution, channels)
+    return [{"image": rng.integers(0, VOCAB_SIZE, shape, dtype=np.uint8)} for _ in range(count)]
+
+
+def block(tree: Any) -> Any:
+    """Wait for every array in ``tree``."""
+    return jax.block_until_ready(tree)
+
+
+# ------------------------------------------------------------------------------ machine limits
+
+
+def default_matmul_sizes() -> tuple[int, ...]:
+    """Square matmul sizes used to measure the peak: large enough to be compute-bound."""
+    return (1024, 2048) if jax.default_backend() == "cpu" else (4096, 8192)
+
+
+def matmul_peak(
+    dtype: str = "float32", sizes: tuple[int, ...] | None = None, min_seconds: float = 1.0
+) -> dict[str, float]:
+    """The machine's FLOP/s on a large square matmul in ``dtype`` (best over sizes and repeats).
+
+    Each size runs chains of ``n x n @ n x n`` products (dispatched asynchronously, waited for
+    once per chain) for at least ``min_seconds``; the best chain's rate counts, as the peak.
+    """
+    sizes = sizes or default_matmul_sizes()
+    best = {"flops_per_sec": 0.0, "matmul_size": 0}
+    for n in sizes:
+        keys = jax.random.split(jax.random.key(n))
+        a = jax.random.normal(keys[0], (n, n), jnp.float32).astype(dtype)
+        b = (jax.random.normal(keys[1], (n, n), jnp.float32) / math.sqrt(n)).astype(dtype)
+        matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        block(matmul(a, b))
+        flops = 2.0 * n**3
+        chain = max(1, int(0.05 * 1e12 / flops)) if jax.default_backend() != "cpu" else 1
+        start = time.perf_counter()
+        while True:
+            t0 = time.perf_counter()
+            block([matmul(a, b) for _ in range(chain)])
+            rate = chain * flops / (time.perf_counter() - t0)
+            if rate > best["flops_per_sec"]:
+                best = {"flops_per_sec": rate, "matmul_size": n}
+            if time.perf_counter() - start > min_seconds:
+                break
+    return best
+
+
+def add_peak_fraction(result: dict[str, Any], peak: dict[str, float]) -> dict[str, Any]:
+    """Add the peak (per machine), the achieved FLOP/s and their ratio to a train result.
+
+    The matmul peak is one device's; an accelerator's devices add up, a CPU's (fake) devices
+    share the same cores.
+    """
+    devices = 1 if jax.default_backend() == "cpu" else result["num_devices"]
+    result["peak_flops_per_sec"] = peak["flops_per_sec"] * devices
+    result["peak_matmul_size"] = peak.get("matmul_size", 0)
+    result["achieved_flops_per_sec"] = result["flops_per_step"] / result["step_s"]
+    result["peak_fraction"] = result["achieved_flops_per_sec"] / result["peak_flops_per_sec"]
+    return result
+
+
+# ------------------------------------------------------------------------------ XLA's counts
+
+
+def cost_flops(compiled) -> float:
+    """FLOPs of a compiled executable by XLA's cost analysis (nan when it gives none)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", math.nan))
+
+
+def step_flops(
+    step_fn, state, batch, key, num_shards: int, source: str = "compiled"
+) -> tuple[float, str]:
+    """FLOPs of one train step of the global batch, by XLA's cost analysis.
+
+    The step is traced for one device (the whole global batch, ``num_shards`` random-number
+    shards) inside :func:`vdm_jax.nets.flop_count_tracing`, because XLA counts a loop's body
+    once and a conditional's largest branch: the CPU's chunked attention loop would count as
+    one chunk, its recomputed attention weights as useful work, and the reconstruction term's
+    full-softmax fallback though the windowed branch runs.
+
+    Args:
+      source: "compiled" counts the optimised program (``.lower().compile().cost_analysis()``,
+        on accelerators compiled without autotuning, which does not change the count);
+        "lowered" counts the program before XLA's optimisations (no compilation, seconds;
+        about 2% fewer FLOPs for the small CPU model).
+
+    Returns:
+      (FLOPs, the source used: "compiled" or "lowered", the latter also when compiling failed).
+    """
+    device = jax.devices()[0]
+    state, batch, key = jax.device_put((state, batch, key), device)
+    # (Older checkouts of vdm_jax, without loops to hide, lack the context: count as is.)
+    with getattr(nets, "flop_count_tracing", contextlib.nullcontext)():
+        jitted = jax.jit(functools.partial(step_fn, num_shards=num_shards, axis_name=None))
+        lowered = jitted.lower(state, batch, key)
+    if source == "compiled":
+        options = None if jax.default_backend() == "cpu" else {"xla_gpu_autotune_level": 0}
+        try:
+            return cost_flops(lowered.compile(compiler_options=options)), "compiled"
+        except Exception:  # e.g. an option this backend does not know: count the HLO
+            if options is None:
+                raise
+    analysis = lowered.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", math.nan)), "lowered"
+
+
+def memory_bytes(compiled) -> dict[str, float]:
+    """The compiled executable's memory analysis: arguments, outputs, temporaries and peak.
+
+    Peak is ``arguments + outputs + temporaries - aliased`` (donated buffers reused for the
+    outputs count once), per device.
+    """
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return {"compiled_peak_bytes": math.nan}
+    get = functools.partial(getattr, analysis)
+    args, out = get("argument_size_in_bytes"), get("output_size_in_bytes")
+    temp, alias = get("temp_size_in_bytes"), get("alias_size_in_bytes")
+    return {
+        "compiled_argument_bytes": float(args),
+        "compiled_output_bytes": float(out),
+        "compiled_temp_bytes": float(temp),
+        "compiled_peak_bytes": float(args + out + temp - alias),
+    }
+
+
+def process_memory() -> dict[str, float]:
+    """The process's max RSS and, on accelerators, the device's peak bytes in use."""
+    out = {
+        "process_max_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    }
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # memory_stats is not implemented on every backend
+        stats = {}
+    if "peak_bytes_in_use" in stats:
+        out["device_peak_bytes"] = float(stats["peak_bytes_in_use"])
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """What ran the benchmark."""
+    device = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+# ------------------------------------------------------------------------------ benchmarks
+
+
+def _timed_calls(call, count: int) -> np.ndarray:
+    times = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return np.array(times)
+
+
+def bench_train_steps(
+    *,
+    modes: tuple[str, ...] = ("jit",),
+    n_layer: int,
+    n_embd: int,
+    resolution: int,
+    channels: int = 3,
+    batch: int,
+    steps: int,
+    dtype: str = "float32",
+    steps_per_dispatch: int = 1,
+    num_devices: int | None = None,
+    dropout_rate: float = 0.1,
+    warmup: int = 1,
+    seed: int = 0,
+    flops_source: str = "compiled",
+) -> dict[str, dict[str, Any]]:
+    """Compile the train step (``vdm_jax.parallel``) in each mode and time it on synthetic data.
+
+    With several modes, their dispatches alternate (jit, pmap, jit, pmap, ...), so that a
+    machine shared with other work slows them alike. Each timed dispatch includes putting a host
+    batch on the devices and waiting for the metrics, as a training loop does. ``step_s`` is
+    the median dispatch time divided by ``steps_per_dispatch``.
+
+    Returns:
+      {mode: dict with images_per_sec, step_s, step_s_mean, step_s_min, compile_s,
+      flops_per_step and flops_source (see :func:`step_flops`; "none" skips it), the compiled
+      executable's memory, the process's max RSS and the settings}.
+    """
+    k = steps_per_dispatch
+    model = build_model(n_layer, n_embd, dtype, dropout_rate)
+    optimizer = train.make_optimizer()
+    train_step = parallel.make_train_step(model, optimizer, 0.9999)
+    host_batches = synthetic_batches(2, batch, resolution, channels, seed, steps=k if k > 1 else 0)
+    shape = (1, resolution, resolution, channels)
+    host_state = train.init_state(
+        model, optimizer, jax.random.key(seed), jnp.zeros(shape, jnp.uint8)
+    )
+    n_params = sum(x.size for x in jax.tree.leaves(host_state.params))
+    key = jax.random.key(seed + 1)
+
+    runs = {}
+    for mode in modes:
+        dp = parallel.DataParallel(mode, parallel.make_mesh(num_devices))
+        dp.check_batch_size(batch)
+        state = dp.put_state(host_state)
+        t0 = time.perf_counter()
+        compiled = (
+            dp.compile_train_step(train_step, k)
+            .lower(state, dp.put_batch(host_batches[0], stacked=k > 1), key)
+            .compile()
+        )
+        runs[mode] = {"dp": dp, "state": state, "compiled": compiled, "times": [],
+                      "compile_s": time.perf_counter() - t0}  # fmt: skip
+    flops_per_step, source = math.nan, "none"
+    if flops_source != "none":
+        first = jax.tree.map(lambda x: x[0], host_batches[0]) if k > 1 else host_batches[0]
+        num_shards = runs[modes[0]]["dp"].num_shards
+        flops_per_step, source = step_flops(
+            train_step, host_state, first, key, num_shards, flops_source
+        )
+
+    def dispatch(run, host):
+        dp = run["dp"]
+        t0 = time.perf_counter()
+        run["state"], metrics = run["compiled"](
+            run["state"], dp.put_batch(host, stacked=k > 1), key
+        )
+        block(metrics)
+        return time.perf_counter() - t0
+
+    dispatches = max(1, math.ceil(steps / k))
+    for i in range(warmup + dispatches):
+        for run in runs.values():
+            elapsed = dispatch(run, host_batches[i % len(host_batches)])
+            if i >= warmup:
+                run["times"].append(elapsed / k)
+
+    results = {}
+    for mode, run in runs.items():
+        times = np.array(run["times"])
+        step_s = float(np.median(times))
+        results[mode] = {
+            "n_layer": n_layer,
+            "n_embd": n_embd,
+            "resolution": resolution,
+            "channels": channels,
+            "batch": batch,
+            "dtype": dtype,
+            "mode": mode,
+            "steps_per_dispatch": k,
+            "num_devices": run["dp"].num_shards,
+            "steps": dispatches * k,
+            "params": int(n_params),
+            "images_per_sec": batch / step_s,
+            "step_s": step_s,
+            "step_s_mean": float(np.mean(times)),
+            "step_s_min": float(np.min(times)),
+            "compile_s": run["compile_s"],
+            "flops_per_step": flops_per_step,
+            "flops_source": source,
+            **memory_bytes(run["compiled"]),
+            **process_memory(),
+        }
+    return results
+
+
+def bench_eval(
+    *,
+    n_layer: int,
+    n_embd: int,
+    resolution: int,
+    channels: int = 3,
+    batch: int,
+    batches: int,
+    dtype: str = "float32",
+    num_devices: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Compile the evaluation bound (``vdm_jax.parallel.compile_eval_step``) and time it."""
+    model = build_model(n_layer, n_embd, dtype)
+    dp = parallel.DataParallel("jit", parallel.make_mesh(num_devices))
+    dp.check_batch_size(batch)
+    shape = (1, resolution, resolution, channels)
+    params = dp.put_params(
+        train.init_state(model, train.make_optimizer(), jax.random.key(seed),
+                         jnp.zeros(shape, jnp.uint8)).params
+    )  # fmt: skip
+    host_batches = synthetic_batches(2, batch, resolution, channels, seed)
+    key = jax.random.key(seed + 2)
+    t0 = time.perf_counter()
+    compiled = (
+        dp.compile_eval_step(parallel.make_eval_step(model))
+        .lower(params, dp.put_global_batch(host_batches[0]), key)
+        .compile()
+    )
+    compile_s = time.perf_counter() - t0
+
+    def one(i=[0]):  # noqa: B006 - a call counter
+        block(compiled(params, dp.put_global_batch(host_batches[i[0] % 2]), key))
+        i[0] += 1
+
+    _timed_calls(one, 1)
+    times = _timed_calls(one, max(1, batches))
+    batch_s = float(np.median(times))
+    return {
+        "batch": batch,
+        "batches": len(times),
+        "images_per_sec": batch / batch_s,
+        "batch_s": batch_s,
+        "compile_s": compile_s,
+        **memory_bytes(compiled),
+        **process_memory(),
+    }
+
+
+def bench_sampling(
+    *,
+    n_layer: int,
+    n_embd: int,
+    resolution: int,
+    channels: int = 3,
+    batch: int,
+    num_steps: int = 1000,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Compile ``vdm_jax.sampling.ancestral_sample`` at T = ``num_steps`` and time one call."""
+    model = build_model(n_layer, n_embd, dtype)
+    shape = (batch, resolution, resolution, channels)
+    params = train.init_state(
+        model, train.make_optimizer(), jax.random.key(seed), jnp.zeros((1, *shape[1:]), jnp.uint8)
+    ).params
+    variables = {"params": params}
+    key = jax.random.key(seed + 3)
+    t0 = time.perf_counter()
+    compiled = sampling.ancestral_sample.lower(
+        model, variables, key, shape=shape, num_steps=num_steps
+    ).compile()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    block(compiled(variables, key))
+    run_s = time.perf_counter() - t0
+    return {
+        "batch": batch,
+        "num_steps": num_steps,
+        "images_per_sec": batch / run_s,
+        "seconds": run_s,
+        "network_evals_per_sec": batch * num_steps / run_s,
+        "compile_s": compile_s,
+        **memory_bytes(compiled),
+        **process_memory(),
+    }
