@@ -33,6 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps_per_dispatch", type=int, default=1)
     p.add_argument("--num_devices", type=int, default=None, help="default: all")
     p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--batch_pieces", type=int, default=0, help="ScoreUNet.batch_pieces (0: auto)")
     p.add_argument("--no_peak", action="store_true", help="skip the matmul peak measurement")
     p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before jax starts")
     p.add_argument("--json", default=None, help="also write the result to this file")
@@ -59,6 +60,7 @@ def main(argv=None) -> dict:
         steps_per_dispatch=args.steps_per_dispatch,
         num_devices=args.num_devices,
         dropout_rate=args.dropout,
+        batch_pieces=args.batch_pieces,
     )
     env = common.environment()
     if args.no_peak:

@@ -1,5 +1,6 @@
 """The VDM module's bound and the exact-pass evaluation."""
 
+import functools
 import math
 
 import jax
@@ -153,3 +154,37 @@ def test_accumulator_rejects_empty_and_mismatched_masks():
     terms = vdm.model.VLBTerms(*(np.ones(3),) * 4)
     with pytest.raises(ValueError, match=r"mask has shape \(2,\), the batch \(3,\)"):
         acc.add(terms, np.ones(2, bool))
+
+
+@pytest.mark.parametrize("vocab_size", [256, 17])
+def test_windowed_reconstruction_equals_the_full_decoder(vocab_size):
+    from vdm_jax import diffusion, losses
+    from vdm_jax.model import reconstruction_nll, window_gamma_limit
+
+    limit = window_gamma_limit(vocab_size)
+    x_int = jax.random.randint(jax.random.key(0), (4, 6, 6, 3), 0, vocab_size)
+    eps = jax.random.normal(jax.random.key(1), x_int.shape)
+    x = diffusion.encode(x_int, vocab_size)
+
+    # Below the limit (windowed), either side of it, and far above it (full softmax); with
+    # noise up to 30 sigma_0 some z_0 land outside the window of x (the tail branch).
+    def terms(fn, g, scale):
+        return fn(x_int, diffusion.q_sample(x, g, scale * eps), g, vocab_size)
+
+    def total(fn):
+        return jax.jit(jax.value_and_grad(lambda g, scale: jnp.sum(terms(fn, g, scale))))
+
+    custom = functools.partial(reconstruction_nll, custom_gradient=True)
+    custom_total, plain_total = total(custom), total(reconstruction_nll)
+    theirs_total = total(losses.reconstruction_nll)
+    for gamma_0 in (-13.3, limit - 1e-3, limit + 1e-3, -2.0):
+        for scale in (1.0, 30.0):
+            g = jnp.float32(gamma_0)
+            ours = terms(reconstruction_nll, g, scale)
+            theirs = terms(losses.reconstruction_nll, g, scale)
+            assert ours.shape == (4,) and ours.dtype == jnp.float32
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=2e-4)
+            v2, d2 = theirs_total(g, scale)
+            for v1, d1 in (custom_total(g, scale), plain_total(g, scale)):
+                np.testing.assert_allclose(v1, v2, rtol=1e-5, atol=4e-4)
+                np.testing.assert_allclose(d1, d2, rtol=1e-4, atol=1e-3)

@@ -250,3 +250,84 @@ def test_fourier_features_and_timestep_embedding():
     assert timestep_embedding(t, 7).shape == (3, 7)
     with pytest.raises(ValueError, match=r"\(3, 1\)"):
         timestep_embedding(t[:, None], 16)
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "dtype"),
+    [((3, 8, 8, 32), 8, jnp.float32), ((2, 5, 7, 6), 3, jnp.float32),
+     ((3, 8, 8, 16), 4, jnp.bfloat16)],
+)  # fmt: skip
+def test_group_norm_matches_flax(shape, groups, dtype):
+    import flax.linen as nn
+
+    from vdm_jax.nets import GroupNorm
+
+    x = (3.0 * jax.random.normal(jax.random.key(0), shape) + 1.0).astype(dtype)
+    ours, theirs = GroupNorm(groups, dtype=dtype), nn.GroupNorm(groups, epsilon=1e-6, dtype=dtype)
+    params = _perturb(theirs.init(jax.random.key(1), x), scale=0.3)
+    assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(params)
+
+    def loss(module):
+        return lambda x, p: jnp.sum(jnp.sin(module.apply(p, x).astype(jnp.float32)))
+
+    np.testing.assert_allclose(
+        ours.apply(params, x).astype(jnp.float32), theirs.apply(params, x).astype(jnp.float32),
+        rtol=1e-5, atol=1e-5 if dtype == jnp.float32 else 1e-2,
+    )  # fmt: skip
+    if dtype == jnp.float32:
+        for a, b in zip(
+            jax.tree.leaves(jax.grad(loss(ours), argnums=(0, 1))(x, params)),
+            jax.tree.leaves(jax.grad(loss(theirs), argnums=(0, 1))(x, params)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+    with pytest.raises(ValueError, match="num_groups=5 does not divide the 32 channels"):
+        GroupNorm(5).init(jax.random.key(0), jnp.ones((1, 2, 2, 32)))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "custom_gradient"),
+    [(jnp.float32, True), (jnp.bfloat16, True), (jnp.float32, False)],
+)
+def test_dot_product_attention_matches_the_formula(dtype, custom_gradient):
+    from vdm_jax import nets
+
+    # L = 1024 positions: on the CPU the [L, L] logits of one example fill the chunk budget,
+    # so the 3 examples run as a loop of 3 chunks.
+    batch, length, channels = 3, 1024, 8
+    q, k, v, g = (
+        jax.random.normal(jax.random.key(i), (batch, length, channels)).astype(dtype)
+        for i in range(4)
+    )
+
+    def reference(q, k, v):
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits / math.sqrt(channels), axis=-1)
+        return jnp.einsum("bqk,bkc->bqc", weights.astype(v.dtype), v)
+
+    def ours(q, k, v):
+        return nets.dot_product_attention(q, k, v, custom_gradient=custom_gradient)
+
+    def output_and_grads(fn):  # the output and the pullback of g
+        def run(q, k, v):
+            out, pullback = jax.vjp(fn, q, k, v)
+            return out, pullback(g)
+
+        return jax.jit(run)
+
+    chunked, theirs = output_and_grads(ours), output_and_grads(reference)
+    assert "while" in chunked.lower(q, k, v).as_text() or jax.default_backend() != "cpu"
+    with nets.flop_count_tracing():  # the same function without the chunk loop
+        unchunked = output_and_grads(ours)
+        assert "while" not in unchunked.lower(q, k, v).as_text()
+        unchunked = unchunked(q, k, v)
+    tol = 1e-4 if dtype == jnp.float32 else 3e-2
+    for result in (chunked(q, k, v), unchunked):
+        for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(theirs(q, k, v)), strict=True):
+            assert a.dtype == b.dtype
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.max(np.abs(b)))
+    if not custom_gradient:  # forward mode works too (the ODE likelihood needs it)
+        tangent = jax.jit(lambda q: jax.jvp(ours, (q, k, v), (g, g, g))[1])(q)
+        expected = jax.jvp(reference, (q, k, v), (g, g, g))[1]
+        np.testing.assert_allclose(tangent, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

@@ -148,9 +148,12 @@ class DataParallel:
         if steps_per_dispatch == 1:
             run = one
         else:
+            # Unrolled on CPUs: XLA:CPU leaves the convolutions of a loop body's backward pass in
+            # a form its fast (Eigen/YNNPACK) kernels do not take, about 10x slower.
+            unroll = self.mesh.devices.flat[0].platform == "cpu"
 
             def run(state, batches, key):
-                return jax.lax.scan(lambda s, b: one(s, b, key), state, batches)
+                return jax.lax.scan(lambda s, b: one(s, b, key), state, batches, unroll=unroll)
 
         if self.mode == "pmap":
             return jax.pmap(

@@ -171,6 +171,9 @@ def _sharded_terms(model, params, batch, keys, *, train: bool) -> VLBTerms:
         )
 
     labels = batch.get("label")
+    if num_shards == 1:  # the same computation without a batch axis of size 1
+        split(batch["image"])  # the shape check
+        return one_shard(batch["image"], labels, keys[0])
     terms = jax.vmap(one_shard)(
         split(batch["image"]), None if labels is None else split(labels), keys
     )
