@@ -4,6 +4,10 @@
     python -m experiments.main --config=experiments/configs/cifar10.py:smoke --workdir=DIR \\
         --mode=eval --config.eval.discrete_steps=1000
 
+Many processes (hosts): start the same command on every host, with ``--multihost`` on a
+Cloud TPU pod slice (see ``experiments/tpu/``), or with ``--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`` (or the ``JAX_*`` environment variables) elsewhere.
+
 Also installed as the ``vdm-jax`` console script.
 
 Exit status: 0 on success, also after a preemption (SIGTERM: a checkpoint was saved; run the
@@ -25,6 +29,21 @@ _CONFIG = config_flags.DEFINE_config_file(
 )  # fmt: skip
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and samples.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to run.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False,
+    "Start JAX's distributed runtime, detecting the cluster (Cloud TPU pod slice, SLURM, "
+    "Open MPI). Not needed with --coordinator_address or $JAX_COORDINATOR_ADDRESS.",
+)  # fmt: skip
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0 in a multi-process run (default $JAX_COORDINATOR_ADDRESS).",
+)  # fmt: skip
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in a multi-process run (default $JAX_NUM_PROCESSES)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0-based (default $JAX_PROCESS_ID)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,7 +77,7 @@ def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     # Imported here so that --help is fast and flags parse before jax initialises.
-    from vdm_jax import checkpoint, experiment
+    from vdm_jax import checkpoint, experiment, parallel
 
     user_errors = (
         ValueError,  # a bad config value, data set, workdir or incompatible checkpoint
@@ -73,6 +92,10 @@ def main(argv):
     except OSError as e:  # e.g. the config file does not exist
         _fail(_without_traceback(str(e)))
     try:
+        # Before anything else touches the devices; does nothing for a single process.
+        parallel.initialize_distributed(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value
+        )
         if _MODE.value == "train":
             experiment.train_and_evaluate(config, workdir)
         elif _MODE.value == "eval":

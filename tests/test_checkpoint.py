@@ -363,15 +363,28 @@ def test_data_state_from_a_different_process_count(tmp_path, mesh8, caplog):
     _save_steps(tmp_path, [1], mesh8)
     path = tmp_path / "1" / "data_state" / "metadata"
     saved = json.loads(path.read_text())
-    saved["states"] = saved["states"] * 2
-    path.write_text(json.dumps(saved))
-    with (
-        caplog.at_level(logging.WARNING),
-        Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1) as ckpt,
-    ):
-        restored = ckpt.restore(_abstract(_state(mesh8), mesh8))
+    original = saved["states"][0]
+
+    def restore_with(states):
+        saved["states"] = states
+        path.write_text(json.dumps(saved))
+        with Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1) as ckpt:
+            return ckpt.restore(_abstract(_state(mesh8), mesh8))
+
+    # The same position on both processes (as the training iterator writes): it holds here.
+    same = restore_with([original, original])
+    assert same.step == 1 and same.data_state == _decode(original)
+    # Different positions cannot be matched to this one process: no data state, a warning.
+    with caplog.at_level(logging.WARNING):
+        restored = restore_with([original, {"dict": {"other": 1}}])
     assert restored.step == 1 and restored.data_state is None
     assert "written by 2 process(es)" in caplog.text
+
+
+def _decode(entry):
+    from vdm_jax.checkpoint import _decode_entry
+
+    return _decode_entry(entry)
 
 
 def test_allgather_json_single_process():

@@ -3,7 +3,6 @@
 import io
 import json
 import os
-from collections import Counter
 
 import grain
 import numpy as np
@@ -147,7 +146,7 @@ def test_folder_source_grey(tmp_path):
     assert [int(test[i]["label"]) for i in range(2)] == [1, 2]
     assert data.make_source("folder", "test", data_dir=tmp_path).classes == test.classes
     assert data.dataset_info("folder", data_dir=tmp_path) == train.info
-    assert str(tmp_path) not in repr(train)  # stable across machines for grain's check
+    assert str(tmp_path) not in repr(train)  # stable across machines
 
 
 def test_folder_source_colour_and_jpeg(tmp_path):
@@ -296,10 +295,58 @@ def test_tfds_errors(tmp_path):
 # Training iterator.
 
 
+def _make(src, count=1, index=0, **kwargs):
+    kwargs = {"global_batch_size": 4, "seed": 3, **kwargs}
+    return data.make_train_iterator(src, process_index=index, process_count=count, **kwargs)
+
+
+def _global_batches(src, count, k, state=None, **kwargs):
+    """k global batches: batch i of processes 0..count-1, concatenated in process order."""
+    per_process = []
+    for index in range(count):
+        it = _make(src, count, index, **kwargs)
+        if state is not None:
+            it.set_state(state)
+        per_process.append([next(it) for _ in range(k)])
+    return [
+        {key: np.concatenate([p[i][key] for p in per_process]) for key in ("image", "label")}
+        for i in range(k)
+    ]
+
+
+def _reference_stream(n, seed, length):
+    """The first ``length`` record indices of the stream, by the documented definition."""
+    epochs = [np.random.default_rng([seed, e]).permutation(n) for e in range(-(-length // n))]
+    return np.concatenate(epochs)[:length]
+
+
+def _state_at(next_batch, src=None, **kwargs):
+    """A saved position at global batch ``next_batch`` (default: 11 records, batch 4, seed 3)."""
+    state = json.loads(_make(src or _id_source(11), **kwargs).get_state())
+    return json.dumps({**state, "next_batch": next_batch}).encode()
+
+
+class _LoggingSource:
+    """Wraps a source (not an ArraySource: records are read one at a time) and logs reads."""
+
+    def __init__(self, source, fail_at=None):
+        self.source, self.reads, self.fail_at = source, [], fail_at
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        if index == self.fail_at:
+            self.fail_at = None
+            raise OSError(f"cannot read record {index}")
+        self.reads.append(index)
+        return self.source[index]
+
+
 def test_train_batches_shapes_and_epochs():
     src = _id_source(12, shape=(3, 2, 1))
     it = data.make_train_iterator(src, global_batch_size=4, seed=1)  # jax's 1 process
-    assert isinstance(it, grain.DataLoaderIterator)
+    assert isinstance(it, data.TrainIterator) and iter(it) is it
     batch = next(it)
     assert set(batch) == {"image", "label"}
     assert batch["image"].shape == (4, 3, 2, 1) and batch["image"].dtype == np.uint8
@@ -321,49 +368,155 @@ def test_train_seed_determinism():
     assert not np.array_equal(np.stack(a), np.stack(c))
 
 
-def test_train_process_shards_are_disjoint():
-    n, count = 13, 3
+@pytest.mark.parametrize("n", [12, 13, 3])
+def test_train_global_batches_do_not_depend_on_process_count(n):
+    k = 3 * -(-n // 4) + 2  # more than three epochs
+    expected = _reference_stream(n, 3, 4 * k).reshape(k, 4)
+    for count in (1, 2, 4):
+        if count > n:
+            continue  # fewer records than processes is refused (test_train_errors)
+        batches = _global_batches(_id_source(n), count, k)
+        labels = np.stack([b["label"] for b in batches])
+        np.testing.assert_array_equal(labels, expected, err_msg=f"process_count={count}")
+        for b in batches:
+            np.testing.assert_array_equal(b["image"][:, 0, 0, 0], b["label"] % 256)
+    # The stream is a sequence of permutations, a new one each epoch; when n is a multiple of
+    # the batch size, each epoch is whole batches and so covers every record exactly once.
+    stream = expected.reshape(-1)
+    epochs = stream[: len(stream) // n * n].reshape(-1, n)
+    assert len(epochs) >= 3
+    assert all(sorted(epoch) == list(range(n)) for epoch in epochs)
+    if n > 3:
+        assert len({tuple(epoch) for epoch in epochs}) == len(epochs)
+
+
+def test_train_each_process_reads_only_its_records():
+    n, k = 10, 7  # 28 positions: crosses two epoch boundaries
+    stream = _reference_stream(n, 3, 4 * k).reshape(k, 4)
+    no_threads = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    for index in range(2):
+        src = _LoggingSource(_id_source(n))
+        labels = np.concatenate(_take(_make(src, 2, index, read_options=no_threads), k))
+        np.testing.assert_array_equal(labels, stream[:, 2 * index : 2 * index + 2].reshape(-1))
+        assert src.reads == labels.tolist()
+
+
+def test_train_threads_and_sources_do_not_change_batches():
+    src = _id_source(23)
+    # A record-by-record source with the default read options (16 threads, 32 batches ahead).
+    a = _take(_make(_LoggingSource(src), 2, 1, global_batch_size=6), 12)
+    b = _take(_make(src, 2, 1, global_batch_size=6), 12)
+    np.testing.assert_array_equal(np.stack(a), np.stack(b))
+
+
+def test_train_failed_read_is_retried():
+    src = _LoggingSource(_id_source(10), fail_at=int(_reference_stream(10, 3, 9)[8]))
+    # Reads in order: with threads, a later batch holding the same record may read it first.
+    it = _make(src, read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    expected = _take(_make(_id_source(10)), 4)
+    _take(it, 2)
+    with pytest.raises(OSError, match="cannot read record"):
+        next(it)
+    assert it.next_batch_index == 2
+    np.testing.assert_array_equal(np.stack(_take(it, 2)), np.stack(expected[2:]))
+
+
+def test_train_shuffle_false_is_in_order():
+    batches = _global_batches(_id_source(10), 2, 6, shuffle=False)
+    labels = np.concatenate([b["label"] for b in batches])
+    np.testing.assert_array_equal(labels, np.arange(24) % 10)
+
+
+def test_train_num_epochs_drops_only_the_last_partial_batch():
+    n = 10  # 3 epochs are 30 positions: 7 global batches of 4; the last 2 positions dropped
+    for count in (1, 2):
+        its = [_make(_id_source(n), count, i, num_epochs=3) for i in range(count)]
+        labels = np.concatenate([np.stack(_take(it, 7)) for it in its], axis=1)
+        np.testing.assert_array_equal(labels.reshape(-1), _reference_stream(n, 3, 28))
+        for it in its:
+            assert it.num_batches == 7
+            with pytest.raises(StopIteration):
+                next(it)
+
+
+@pytest.mark.parametrize("consumed", [0, 3, 7])
+def test_train_resume_across_process_counts(consumed):
+    n, more = 11, 6
     src = _id_source(n)
-    seen = []
-    for index in range(count):
-        it = data.make_train_iterator(
-            src, global_batch_size=6, seed=0, process_index=index, process_count=count
-        )
-        labels = np.concatenate(_take(it, 10))  # 20 examples: 5 epochs of the 4-record shard
-        assert _take(it, 1)[0].shape == (2,)
-        counts = Counter(labels.tolist())
-        assert len(counts) == n // count and set(counts.values()) == {5}
-        seen.append(set(counts))
-    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    uninterrupted = _global_batches(src, 1, consumed + more)[consumed:]
+    writers = [_make(src, 2, i) for i in range(2)]
+    for it in writers:
+        _take(it, consumed)  # 7 batches cross two epoch boundaries
+    state = writers[0].get_state()
+    assert state == writers[1].get_state()  # no trace of the process
+    assert isinstance(state, bytes)
+    assert {k: v for k, v in json.loads(state).items() if k != "format"} == {
+        "next_batch": consumed,
+        "num_records": n,
+        "seed": 3,
+        "global_batch_size": 4,
+        "shuffle": True,
+    }
+    # As checkpoint.py stores and returns it, and as a decoded dict.
+    for saved in (json.dumps(json.loads(state), indent=4).encode(), json.loads(state)):
+        for count in (1, 2, 4):
+            resumed = _global_batches(src, count, more, state=saved)
+            for want, got in zip(uninterrupted, resumed, strict=True):
+                np.testing.assert_array_equal(got["label"], want["label"])
+                np.testing.assert_array_equal(got["image"], want["image"])
 
 
-@pytest.mark.parametrize(("process_index", "process_count", "consumed"), [(0, 1, 3), (1, 2, 7)])
-def test_train_resume_from_state(process_index, process_count, consumed):
+def test_train_set_state_mid_run_and_far_ahead():
     src = _id_source(11)
+    expected = _take(_make(src), 9)
+    it = _make(src)
+    _take(it, 2)
+    it.set_state(_state_at(6))
+    assert it.next_batch_index == 6
+    np.testing.assert_array_equal(np.stack(_take(it, 3)), np.stack(expected[6:]))
+    k = 10**12  # the position arithmetic stays exact far into the stream
+    it.set_state(_state_at(k))
+    epoch, offset = divmod(4 * k, 11)
+    orders = [np.random.default_rng([3, e]).permutation(11) for e in (epoch, epoch + 1)]
+    np.testing.assert_array_equal(next(it)["label"], np.concatenate(orders)[offset : offset + 4])
+    assert it.next_batch_index == k + 1
 
-    def make(seed=3):
-        return data.make_train_iterator(
-            src,
-            global_batch_size=4,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-        )
 
-    it = make()
-    _take(it, consumed)  # crosses epoch boundaries
-    state = it.get_state()
-    assert isinstance(state, bytes) and json.loads(state)  # JSON, checkpointable as bytes
-    expected = [next(it) for _ in range(6)]
-    resumed = make()
-    resumed.set_state(state)
-    for want in expected:
-        got = next(resumed)
-        np.testing.assert_array_equal(got["label"], want["label"])
-        np.testing.assert_array_equal(got["image"], want["image"])
-    # grain refuses a state saved with another sampler (here: another seed).
-    with pytest.raises(ValueError, match="Sampler"):
-        make(seed=4).set_state(state)
+@pytest.mark.parametrize(
+    ("source_size", "kwargs", "match"),
+    [
+        (11, {"seed": 4}, r"seed=3 in the saved state, seed=4 here"),
+        (12, {}, r"num_records=11 in the saved state, num_records=12 here"),
+        (11, {"global_batch_size": 8}, r"global_batch_size=4 .*global_batch_size=8 here"),
+        (11, {"shuffle": False}, r"shuffle=True in the saved state, shuffle=False here"),
+        (12, {"seed": 4}, r"num_records=11 .*; seed=3 .*seed=4 here"),
+    ],
+)
+def test_train_set_state_mismatch(source_size, kwargs, match):
+    it = _make(_id_source(source_size), 2, 0, **kwargs)
+    with pytest.raises(ValueError, match=rf"different input stream: .*{match}"):
+        it.set_state(_state_at(5))
+    assert it.next_batch_index == 0
+
+
+@pytest.mark.parametrize(
+    ("state", "match"),
+    [
+        (b"not json", "not JSON"),
+        # What the grain DataLoader of earlier versions saved.
+        (json.dumps({"last_seen_indices": {"0": 41}, "last_worker_index": -1}), "not a state"),
+        ({"format": "elsewhere/1", "next_batch": 2}, "not a state"),
+        ([1, 2], "not a state"),
+        (lambda s: {k: v for k, v in s.items() if k != "seed"}, r"lacks \['seed'\]"),
+        (lambda s: {**s, "next_batch": -1}, "next_batch must be"),
+        (lambda s: {**s, "seed": 3.0}, "seed=3.0"),
+    ],
+)
+def test_train_set_state_bad_states(state, match):
+    if callable(state):
+        state = state(json.loads(_state_at(0)))
+    with pytest.raises(ValueError, match=match):
+        _make(_id_source(11)).set_state(state)
 
 
 @pytest.mark.parametrize(
@@ -377,6 +530,7 @@ def test_train_resume_from_state(process_index, process_count, consumed):
         ({"global_batch_size": 4, "seed": 2**32}, "4294967296"),
         ({"global_batch_size": 4, "num_epochs": 0}, "num_epochs"),
         ({"global_batch_size": 8, "process_index": 0, "process_count": 8}, "fewer"),
+        ({"global_batch_size": 4, "worker_count": -1}, "worker_count"),
     ],
 )
 def test_train_errors(kwargs, match):
@@ -395,6 +549,24 @@ def test_train_on_digits():
     )
     batch = next(it)
     assert batch["image"].shape == (16, 8, 8, 1) and batch["image"].max() <= 16
+
+
+@pytest.mark.slow
+def test_train_worker_processes_give_the_same_batches(monkeypatch):
+    from grain._src.core import profiler
+
+    # grain 0.2.18 reads an absl flag here, which fails unless flags were parsed (#1355).
+    monkeypatch.setattr(profiler, "is_worker_profiling_enabled", lambda: False)
+    src = data.digits_source("train")
+    it = _make(src, 2, 1, global_batch_size=64, worker_count=2)
+    it.set_state(_state_at(20, src, global_batch_size=64))
+    try:
+        got = _take(it, 30)
+    finally:
+        it.close()
+    reference = _make(src, 2, 1, global_batch_size=64)
+    _take(reference, 20)
+    np.testing.assert_array_equal(np.stack(got), np.stack(_take(reference, 30)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,3 +647,23 @@ def test_eval_on_folder(tmp_path):
     )
     assert len(batches) == 2
     assert [b["mask"].tolist() for b in batches] == [[True, True], [True, False]]
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_eval_global_batches_do_not_depend_on_the_process_count(count):
+    src = _id_source(17)
+
+    def labels_and_masks(process_index, process_count):
+        return [
+            (b["label"], b["mask"])
+            for b in data.make_eval_iterator(
+                src, global_batch_size=6, process_index=process_index, process_count=process_count
+            )
+        ]
+
+    whole = labels_and_masks(0, 1)
+    shares = [labels_and_masks(i, count) for i in range(count)]
+    assert len(whole) == 3 and all(len(share) == 3 for share in shares)
+    for k, (labels, mask) in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([s[k][0] for s in shares]), labels)
+        np.testing.assert_array_equal(np.concatenate([s[k][1] for s in shares]), mask)

@@ -5,8 +5,9 @@ step folder ``<directory>/<step>/`` with three items:
 
 * ``state``: the training-state pytree of ``jax.Array`` (``StandardSave``; orbax writes
   every process's shards, so it works for arrays sharded over many devices and hosts);
-* ``data_state``: the input pipeline's position (grain's ``iterator.get_state()``), as
-  JSON, one entry per process;
+* ``data_state``: the input pipeline's position (``iterator.get_state()``), as JSON, one
+  entry per process (identical entries, as :func:`vdm_jax.data.make_train_iterator` writes,
+  restore on any number of processes);
 * ``config``: the JSON-able config dict the run was started with.
 
 Saving is asynchronous: :meth:`Checkpointer.save` copies the arrays to host memory and
@@ -96,8 +97,9 @@ class Restored(NamedTuple):
       state: the training-state pytree, with the structure, dtypes and shardings of the
         ``abstract_state`` passed to ``restore``.
       data_state: this process's data-iterator state as it was passed to ``save`` (``bytes``
-        such as grain's ``iterator.get_state()``, a ``dict``, or None); None as well when the
-        checkpoint was written by a different number of processes (a warning says so).
+        such as ``iterator.get_state()``, a ``dict``, or None). When the checkpoint was
+        written by a different number of processes: the state they all had if it was the
+        same, else None (a warning says so).
       config: the config dict the checkpoint was written with (JSON types: tuples come back
         as lists).
     """
@@ -360,9 +362,9 @@ class Checkpointer:
           step: the training step (the folder name).
           state: a pytree of ``jax.Array`` (e.g. a ``flax.struct.dataclass`` TrainState with
             step, params, ema_params, opt_state), possibly sharded over devices/processes.
-          data_state: this process's input-pipeline position: ``bytes`` (grain's
-            ``iterator.get_state()``, JSON; stored as JSON and returned byte for byte for
-            grain's format), a JSON-able ``dict``, or None. Each process's state is kept.
+          data_state: this process's input-pipeline position: ``bytes`` (e.g.
+            ``iterator.get_state()``, JSON written with ``indent=4``: stored as JSON and
+            returned byte for byte), a JSON-able ``dict``, or None. Each process's state is kept.
           config: the run's config as a JSON-able dict (e.g. ``ConfigDict.to_dict()``).
           force: save even if ``step`` is not a multiple of ``save_interval_steps``.
 
@@ -677,7 +679,7 @@ def _decode_entry(entry: Any) -> bytes | dict | None:
     if entry is None:
         return None
     if "json_bytes" in entry:
-        # grain writes json.dumps(state, indent=4): this gives back the same bytes.
+        # Iterator states are json.dumps(state, indent=4): this gives back the same bytes.
         return json.dumps(entry["json_bytes"], indent=4).encode()
     if "base64" in entry:
         return base64.b64decode(entry["base64"])
@@ -696,6 +698,10 @@ def _decode_data_state(saved: Any, step: int) -> bytes | dict | None:
     if not isinstance(saved, dict) or saved.get("format") != _DATA_STATE_FORMAT:
         raise ValueError(f"data_state is not in {_DATA_STATE_FORMAT} format")
     states = saved["states"]
+    if len(states) != jax.process_count() and all(s == states[0] for s in states):
+        # Every process was at the same position (the training iterator's state does not
+        # depend on the process count), so it holds for any number of processes.
+        return _decode_entry(states[0])
     if len(states) != jax.process_count():
         logging.warning(
             "Checkpoint step %d was written by %d process(es), this run has %d: the data "

@@ -11,8 +11,8 @@ experiment layer reads the config and calls them.
 Images are never rescaled: pixel values are the data's own integers in ``0..vocab_size-1``
 (256 levels for 8-bit images, 17 for the scikit-learn digits). Grey images keep ``C = 1``.
 Every source made here carries a :class:`DatasetInfo` as ``source.info`` (image shape,
-vocabulary size, number of classes) and a stable ``repr`` (grain stores it in the iterator
-state and checks it on restore). The sources are
+vocabulary size, number of classes) and a ``repr`` that names it without machine-specific
+paths. The sources are
 
 * :func:`digits_source`: the 8x8 digits bundled with scikit-learn (offline default);
 * :func:`tfds_source`: cifar10, mnist, imagenet32, imagenet64 through ``tfds.data_source``
@@ -21,9 +21,11 @@ state and checks it on restore). The sources are
 * :func:`array_source`: images and labels held in memory as numpy arrays;
 * :func:`make_source`: any of the named ones by name (the entry point for configs).
 
-**Iterators.** :func:`make_train_iterator` gives an endless, shuffled, process-sharded
-stream of fixed-size batches whose position can be saved and restored (``get_state`` /
-``set_state``) so that a resumed run sees exactly the batches it would have seen.
+**Iterators.** :func:`make_train_iterator` gives an endless, shuffled stream of fixed-size
+global batches that depends only on the source length, seed and batch size; each process
+yields its contiguous slice of every global batch, so any number of processes trains on the
+same data. Its position (``get_state`` / ``set_state``) does not depend on the number of
+processes either: a resumed run sees exactly the batches it would have seen.
 :func:`make_eval_iterator` gives one exact pass over a split: every example once, the last
 batch padded and marked by a boolean ``"mask"``, and the same number of batches on every
 process (as a multi-host evaluation step needs).
@@ -33,8 +35,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -55,6 +59,7 @@ __all__ = [
     "FolderSource",
     "ImageSource",
     "TfdsSource",
+    "TrainIterator",
     "array_source",
     "dataset_info",
     "digits_source",
@@ -470,7 +475,7 @@ class FolderSource:
         return {"image": image, "label": self._labels[index]}
 
     def __repr__(self) -> str:
-        # No absolute path: grain checks this repr on restore, and data may move between runs.
+        # No absolute path: the data may move between runs without changing this repr.
         return (
             f"FolderSource(root_name={os.path.basename(self.root)!r}, split={self.split!r}, "
             f"num_records={len(self)}, image_shape={self.info.image_shape}, "
@@ -668,6 +673,253 @@ def _per_process_batch_size(global_batch_size: int, process_count: int, where: s
     return global_batch_size // process_count
 
 
+_TRAIN_STATE_FORMAT = "vdm_jax.data.make_train_iterator/1"
+# The fields a saved position is only valid for; checked by TrainIterator.set_state.
+_TRAIN_STATE_KEYS = ("num_records", "seed", "global_batch_size", "shuffle")
+# Stop of the batch range of an endless iterator: far beyond any run, and small enough that
+# stream positions (batch index * global_batch_size) stay well inside int64.
+_ENDLESS = 2**62
+# Epoch permutations kept per reader: prefetching threads may straddle an epoch boundary.
+_CACHED_EPOCHS = 3
+
+
+def _read_records(source: ImageSource, indices: np.ndarray) -> Record:
+    """Reads records ``indices`` (int64 [b]) and stacks them into one batch."""
+    if isinstance(source, ArraySource):
+        # In memory: one gather instead of b dicts and a stack.
+        return {"image": source.images[indices], "label": source.labels[indices]}
+    records = [source[int(i)] for i in indices]
+    return {key: np.stack([np.asarray(r[key]) for r in records]) for key in records[0]}
+
+
+class _TrainBatchReader:
+    """Maps a global batch index ``k`` to this process's slice of global batch ``k``.
+
+    Picklable (grain's worker processes get a copy); the permutation cache and its lock are
+    rebuilt in each copy.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        *,
+        num_records: int,
+        seed: int,
+        shuffle: bool,
+        global_batch_size: int,
+        offset: int,
+        batch_size: int,
+    ):
+        self.source = source
+        self.num_records = num_records
+        self.seed = seed
+        self.shuffle = shuffle
+        self.global_batch_size = global_batch_size
+        self.offset = offset
+        self.batch_size = batch_size
+        self._init_cache()
+
+    def _init_cache(self) -> None:
+        self._permutations: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_permutations"], state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_cache()
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The record order of ``epoch``: int64 [num_records]."""
+        with self._lock:
+            perm = self._permutations.get(epoch)
+            if perm is None:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+                self._permutations[epoch] = perm
+                while len(self._permutations) > _CACHED_EPOCHS:
+                    del self._permutations[min(self._permutations)]
+            return perm
+
+    def record_indices(self, k: int) -> np.ndarray:
+        """The records of this process's slice of global batch ``k``: int64 [b]."""
+        start = int(k) * self.global_batch_size + self.offset
+        positions = np.arange(start, start + self.batch_size, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, self.num_records)
+        if not self.shuffle:
+            return offsets
+        indices = np.empty_like(offsets)
+        # One or two epochs unless the batch is larger than the source.
+        for epoch in range(int(epochs[0]), int(epochs[-1]) + 1):
+            here = epochs == epoch
+            indices[here] = self.permutation(epoch)[offsets[here]]
+        return indices
+
+    def __call__(self, k: int) -> Record:
+        return _read_records(self.source, self.record_indices(k))
+
+
+class TrainIterator:
+    """The iterator :func:`make_train_iterator` returns (see there for the batch order).
+
+    Iterate it for batches; ``get_state()`` / ``set_state(state)`` save and restore its
+    position independently of the number of processes; ``close()`` stops grain's threads and
+    worker processes now rather than when grain's iterator is garbage-collected.
+
+    Attributes:
+      num_records: ``len(source)``.
+      seed: the shuffle seed.
+      shuffle: whether epochs are shuffled.
+      global_batch_size: ``B``, examples per global batch over all processes.
+      batch_size: ``b = B // process_count``, examples per batch of this process.
+      process_index: this process's index ``p``.
+      process_count: the number of processes ``n``.
+      num_batches: global batches in the whole stream; None when endless.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        *,
+        global_batch_size: int,
+        seed: int,
+        process_index: int,
+        process_count: int,
+        shuffle: bool,
+        num_batches: int | None,
+        worker_count: int,
+        worker_buffer_size: int,
+        read_options: grain.ReadOptions,
+    ):
+        self.num_records = len(source)
+        self.seed = seed
+        self.shuffle = shuffle
+        self.global_batch_size = global_batch_size
+        self.batch_size = global_batch_size // process_count
+        self.process_index = process_index
+        self.process_count = process_count
+        self.num_batches = num_batches
+        self._reader = _TrainBatchReader(
+            source,
+            num_records=self.num_records,
+            seed=seed,
+            shuffle=shuffle,
+            global_batch_size=global_batch_size,
+            offset=process_index * self.batch_size,
+            batch_size=self.batch_size,
+        )
+        self._worker_count = worker_count
+        self._worker_buffer_size = worker_buffer_size
+        self._read_options = read_options
+        self._next_batch = 0
+        # Started lazily, so that set_state before the first batch reads nothing twice.
+        self._batches: Iterator[Record] | None = None
+
+    @property
+    def next_batch_index(self) -> int:
+        """Index ``k`` of the global batch the next ``next()`` returns a slice of."""
+        return self._next_batch
+
+    def _start(self) -> Iterator[Record]:
+        stop = _ENDLESS // self.global_batch_size if self.num_batches is None else self.num_batches
+        ds = grain.MapDataset.range(self._next_batch, max(self._next_batch, stop))
+        ds = ds.map(self._reader).to_iter_dataset(self._read_options)
+        if self._worker_count > 0:
+            # Workers take whole batches round-robin and grain returns them in order, so the
+            # batches do not depend on worker_count.
+            ds = ds.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=self._worker_count,
+                    per_worker_buffer_size=self._worker_buffer_size,
+                )
+            )
+        return iter(ds)
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> Record:
+        if self._batches is None:
+            self._batches = self._start()
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            raise
+        except BaseException:
+            # grain has moved past the failed batch; restart so that a retry reads it again.
+            self.close()
+            raise
+        self._next_batch += 1
+        return batch
+
+    def close(self) -> None:
+        """Stops prefetching (threads and worker processes); iterating again restarts it."""
+        batches, self._batches = self._batches, None
+        if batches is not None and hasattr(batches, "close"):
+            batches.close()
+
+    def get_state(self) -> bytes:
+        """The position: JSON bytes, the same on every process (see :func:`make_train_iterator`)."""
+        state = {"format": _TRAIN_STATE_FORMAT, "next_batch": self._next_batch}
+        state.update({key: getattr(self, key) for key in _TRAIN_STATE_KEYS})
+        # indent=4 like grain's states, which the checkpoint code stores and re-encodes so.
+        return json.dumps(state, indent=4).encode()
+
+    def set_state(self, state: bytes | str | Mapping[str, Any]) -> None:
+        """Continues from a position saved by ``get_state``, by any number of processes.
+
+        Args:
+          state: what ``get_state`` returned (JSON ``bytes``), the JSON text, or the decoded
+            dict.
+
+        Raises:
+          ValueError: ``state`` is not a state of this iterator type, or it was saved for a
+            different ``num_records``, ``seed``, ``global_batch_size`` or ``shuffle`` (the
+            message names each difference, e.g. ``num_records=7 in the saved state,
+            num_records=8 here``).
+        """
+        where = "TrainIterator.set_state"
+        if isinstance(state, bytes | bytearray | str):
+            try:
+                state = json.loads(state)
+            except ValueError as e:
+                raise ValueError(f"{where}: the state is not JSON: {e}") from e
+        if not isinstance(state, Mapping) or state.get("format") != _TRAIN_STATE_FORMAT:
+            keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(
+                f"{where}: not a state saved by make_train_iterator (format "
+                f"{_TRAIN_STATE_FORMAT!r}); got {keys}"
+            )
+        missing = [key for key in ("next_batch", *_TRAIN_STATE_KEYS) if key not in state]
+        if missing:
+            raise ValueError(f"{where}: the state lacks {missing}")
+        differences = [
+            f"{key}={state[key]!r} in the saved state, {key}={getattr(self, key)!r} here"
+            for key in _TRAIN_STATE_KEYS
+            if type(state[key]) is not type(getattr(self, key)) or state[key] != getattr(self, key)
+        ]
+        if differences:
+            raise ValueError(
+                f"{where}: the state was saved for a different input stream: "
+                + "; ".join(differences)
+            )
+        next_batch = state["next_batch"]
+        if not isinstance(next_batch, int) or isinstance(next_batch, bool) or next_batch < 0:
+            raise ValueError(f"{where}: next_batch must be an integer >= 0, got {next_batch!r}")
+        self.close()
+        self._next_batch = next_batch
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainIterator(num_records={self.num_records}, seed={self.seed}, "
+            f"shuffle={self.shuffle}, global_batch_size={self.global_batch_size}, "
+            f"process_index={self.process_index}, process_count={self.process_count}, "
+            f"next_batch_index={self._next_batch})"
+        )
+
+
 def make_train_iterator(
     source: ImageSource,
     *,
@@ -680,38 +932,52 @@ def make_train_iterator(
     worker_count: int = 0,
     worker_buffer_size: int = 1,
     read_options: grain.ReadOptions | None = None,
-) -> grain.DataLoaderIterator:
-    """An endless, shuffled, process-sharded stream of training batches (a grain DataLoader).
+) -> TrainIterator:
+    """A shuffled stream of training batches, the same global batches on any number of hosts.
 
-    Process ``i`` of ``n`` reads only its shard: the ``i``-th of ``n`` equal contiguous
-    blocks of ``len(source) // n`` records (the last ``len(source) % n`` records are never
-    used). Each epoch reshuffles the shard with a permutation derived from ``seed`` and the
-    epoch; batches run across epoch boundaries and are never short.
+    **Order.** With ``N = len(source)`` and ``B = global_batch_size``, epoch ``e`` visits
+    the records in the order ``numpy.random.default_rng([seed, e]).permutation(N)`` (the
+    identity when ``shuffle`` is False). The *stream* is the concatenation of the epochs
+    ``0, 1, 2, ...``, and global batch ``k`` is stream positions ``k*B .. k*B+B-1``: batches
+    run across epoch boundaries, are never short, and no record is dropped or repeated
+    within an epoch. Process ``p`` of ``n`` yields, for each ``k = 0, 1, ...``, positions
+    ``k*B + p*b .. k*B + (p+1)*b - 1`` with ``b = B // n``, and reads only those records.
+    Concatenating batch ``k`` of processes ``0..n-1`` (in that order) gives global batch
+    ``k`` exactly, whatever ``n``, ``worker_count`` and ``read_options`` are: a run on 2
+    processes of 2 devices trains on the same data as one on 1 process of 4 devices.
 
-    The iterator's position is saved by ``state = it.get_state()`` (bytes: JSON) and
-    restored into a fresh iterator made with the same arguments by ``it.set_state(state)``;
-    it then yields exactly the batches the original would have yielded next. grain checks on
-    restore that the sampler (size, sharding, seed, ...), ``repr(source)`` and
-    ``worker_count`` match the saved ones. The iterator also implements orbax's
-    ``save``/``load`` checkpointable protocol.
+    **Position.** ``state = it.get_state()`` is JSON bytes such as ``{"format": ...,
+    "next_batch": k, "num_records": N, "seed": seed, "global_batch_size": B, "shuffle":
+    true}``, with no trace of the process index or count, so it is identical on every
+    process. ``it.set_state(state)`` on a fresh iterator made with the same source, seed,
+    batch size and ``shuffle`` continues with global batch ``k``, also when it has a
+    different ``process_count`` (a checkpoint of 2 processes resumes on 1 or 4). It raises
+    ValueError naming the fields that differ from the saved ones.
 
     Args:
       source: random-access source of ``{"image": uint8 [H, W, C], "label": int32 []}``
-        records with a stable ``repr``.
-      global_batch_size: examples per step over all processes; must be divisible by
+        records; :class:`ArraySource` batches are gathered with one indexing per batch.
+      global_batch_size: ``B``, examples per step over all processes; must be divisible by
         ``process_count``.
       seed: shuffle seed, an integer in ``[0, 2**32)``. Use the same seed on every process.
       process_index: this process's index; default ``jax.process_index()``.
       process_count: number of processes; default ``jax.process_count()``.
       shuffle: shuffle each epoch (True for training).
-      num_epochs: epochs to run; None repeats forever.
-      worker_count: grain worker subprocesses; 0 reads in this process (threads only).
+      num_epochs: None for an endless stream; otherwise the stream ends after
+        ``num_epochs * N // B`` global batches: the last ``num_epochs * N % B`` stream
+        positions, too few for a whole global batch, are dropped.
+      worker_count: grain worker processes (``mp_prefetch``), each preparing whole batches;
+        0 reads in this process, with threads. With grain 0.2.18 and jax imported, workers
+        need absl flags to be parsed (``absl.app.run`` does it; grain issue #1355).
       worker_buffer_size: batches each worker prepares ahead.
-      read_options: grain thread/prefetch options; None for grain's defaults.
+      read_options: grain reading threads and prefetch buffer; the buffer counts *batches*
+        (each read by one thread). None: 16 threads and 32 batches, or no threads for an
+        :class:`ArraySource` (a gather is cheaper than handing it to a thread).
 
     Returns:
-      A ``grain.DataLoaderIterator`` yielding ``{"image": uint8 [b, H, W, C],
-      "label": int32 [b]}`` with ``b = global_batch_size // process_count``.
+      A :class:`TrainIterator` yielding ``{"image": uint8 [b, H, W, C], "label": int32
+      [b]}`` (the source's keys and dtypes, stacked) with ``b = global_batch_size //
+      process_count``.
 
     Raises:
       ValueError: non-positive or non-divisible batch size (naming both numbers), a bad
@@ -720,7 +986,7 @@ def make_train_iterator(
     """
     where = "make_train_iterator"
     process_index, process_count = _process_index_and_count(process_index, process_count, where)
-    batch_size = _per_process_batch_size(global_batch_size, process_count, where)
+    _per_process_batch_size(global_batch_size, process_count, where)
     if not isinstance(seed, int | np.integer) or not 0 <= int(seed) < 2**32:
         raise ValueError(f"{where}: seed must be an integer in [0, 2**32), got {seed!r}")
     if num_epochs is not None and num_epochs <= 0:
@@ -733,33 +999,27 @@ def make_train_iterator(
             f"{where}: {source!r} has {num_records} records, fewer than "
             f"process_count={process_count}"
         )
-    shard_options = grain.sharding.ShardOptions(
-        shard_index=process_index, shard_count=process_count, drop_remainder=True
-    )
-    sampler = grain.samplers.IndexSampler(
-        num_records=num_records,
-        shard_options=shard_options,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
+    global_batch_size = int(global_batch_size)
+    num_batches = None
+    if num_epochs is not None:
+        num_batches = int(num_epochs) * num_records // global_batch_size
+    if read_options is None:
+        if isinstance(source, ArraySource):
+            read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+        else:
+            read_options = grain.ReadOptions(num_threads=16, prefetch_buffer_size=32)
+    return TrainIterator(
+        source,
+        global_batch_size=global_batch_size,
         seed=int(seed),
-    )
-    loader = grain.DataLoader(
-        data_source=source,
-        sampler=sampler,
-        operations=[grain.transforms.Batch(batch_size=batch_size, drop_remainder=True)],
-        worker_count=worker_count,
-        worker_buffer_size=worker_buffer_size,
-        shard_options=shard_options,
+        process_index=process_index,
+        process_count=process_count,
+        shuffle=bool(shuffle),
+        num_batches=num_batches,
+        worker_count=int(worker_count),
+        worker_buffer_size=int(worker_buffer_size),
         read_options=read_options,
     )
-    return iter(loader)
-
-
-def _shard_bounds(num_records: int, process_index: int, process_count: int) -> tuple[int, int]:
-    # Contiguous blocks; the first num_records % process_count blocks get one extra record.
-    base, extra = divmod(num_records, process_count)
-    start = process_index * base + min(process_index, extra)
-    return start, start + base + (process_index < extra)
 
 
 def num_eval_batches(num_records: int, *, global_batch_size: int, process_count: int = 1) -> int:
@@ -768,25 +1028,29 @@ def num_eval_batches(num_records: int, *, global_batch_size: int, process_count:
     Args:
       num_records: ``len(source)``.
       global_batch_size: as given to :func:`make_eval_iterator`.
-      process_count: number of processes.
+      process_count: number of processes (checked to divide the batch; the count does not
+        depend on it).
 
     Returns:
-      ``ceil(ceil(num_records / process_count) / (global_batch_size / process_count))``, the
-      same on every process.
+      ``ceil(num_records / global_batch_size)``, the same on every process.
     """
-    batch_size = _per_process_batch_size(global_batch_size, process_count, "num_eval_batches")
-    return math.ceil(math.ceil(num_records / process_count) / batch_size)
+    _per_process_batch_size(global_batch_size, process_count, "num_eval_batches")
+    return math.ceil(num_records / global_batch_size)
 
 
 class _EvalRecord:
-    """Maps a padded position of this process's shard to a record with a ``mask``."""
+    """Maps a position of this process's share of the padded pass to a record with a
+    ``mask``: position j is global position (j // b) * B + offset + j % b."""
 
-    def __init__(self, source: ImageSource, start: int, stop: int, pad: Record):
-        self._source, self._start, self._stop, self._pad = source, start, stop, pad
+    def __init__(self, source: ImageSource, batch_size: int, global_batch_size: int,
+                 offset: int, pad: Record):  # fmt: skip
+        self._source, self._pad = source, pad
+        self._b, self._global_b, self._offset = batch_size, global_batch_size, offset
 
     def __call__(self, position: int) -> Record:
-        index = self._start + int(position)
-        if index < self._stop:
+        batch, row = divmod(int(position), self._b)
+        index = batch * self._global_b + self._offset + row
+        if index < len(self._source):
             record = self._source[index]
             return {
                 "image": np.asarray(record["image"], np.uint8),
@@ -806,10 +1070,11 @@ def make_eval_iterator(
 ) -> Iterator[Record]:
     """One exact pass over a split: every example exactly once over all processes.
 
-    Process ``i`` of ``n`` reads the ``i``-th contiguous block of the source (block sizes
-    differ by at most one), in order, with no shuffling and no repetition. Every process
-    yields the same number of batches, :func:`num_eval_batches`, so that a multi-host step
-    runs in lockstep: the remaining places of the last batch(es) are padding (zero image,
+    Global batch ``k`` holds records ``k * B .. k * B + B - 1`` in order (``B`` the global
+    batch size); process ``i`` of ``n`` reads rows ``i * b .. (i + 1) * b - 1`` of it
+    (``b = B // n``), so the global batches do not depend on the number of processes. Every
+    process yields the same number of batches, :func:`num_eval_batches`, so that a
+    multi-host step runs in lockstep: places past the last record are padding (zero image,
     label 0) with ``mask`` False. Sum a per-example metric as ``sum(metric * mask)`` and
     divide by ``len(source)``.
 
@@ -837,7 +1102,6 @@ def make_eval_iterator(
     num_records = len(source)
     if num_records <= 0:
         raise ValueError(f"{where}: {source!r} has no records")
-    start, stop = _shard_bounds(num_records, process_index, process_count)
     num_batches = num_eval_batches(
         num_records, global_batch_size=global_batch_size, process_count=process_count
     )
@@ -847,6 +1111,7 @@ def make_eval_iterator(
         "label": np.asarray(0, np.int32),
         "mask": np.asarray(False),
     }
-    ds = grain.MapDataset.range(num_batches * batch_size).map(_EvalRecord(source, start, stop, pad))
+    records = _EvalRecord(source, batch_size, global_batch_size, process_index * batch_size, pad)
+    ds = grain.MapDataset.range(num_batches * batch_size).map(records)
     ds = ds.to_iter_dataset(read_options or grain.ReadOptions())
     return iter(ds.batch(batch_size, drop_remainder=False))

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from vdm_jax import checkpoint, data, evaluation, parallel, sampling, train
 from vdm_jax.model import SCHEDULES, VDM, make_schedule
@@ -141,6 +142,9 @@ CONFIG_FIELDS: dict[str, tuple] = {
     "training.skip_nonfinite_updates": _NON_NEGATIVE_INT,
     "parallel.mode": _choice(*parallel.MODES),
     "parallel.num_devices": ("int", lambda v: v == -1 or v >= 1, "-1 (all) or a positive integer"),
+    "parallel.data": ("int", lambda v: v == -1 or v >= 1, "-1 (the rest) or a positive integer"),
+    "parallel.fsdp": ("int", lambda v: v == -1 or v >= 1, "-1 (the rest) or a positive integer"),
+    "parallel.fsdp_min_size": _POSITIVE_INT,
     "eval.batch_size": _POSITIVE_INT,
     # 'train' or 'test'; tfds data sets also take split expressions such as 'test[:1000]'
     # (checked by opening the split, before anything is written).
@@ -152,7 +156,12 @@ CONFIG_FIELDS: dict[str, tuple] = {
     "sampling.decode": _choice("argmax", "sample"),
 }
 # Fields added after the first release: configs written before them still run.
-_DEFAULTS = {"training.skip_nonfinite_updates": 0}
+_DEFAULTS = {
+    "training.skip_nonfinite_updates": 0,
+    "parallel.data": -1,
+    "parallel.fsdp": 1,
+    "parallel.fsdp_min_size": parallel.DEFAULT_FSDP_MIN_SIZE,
+}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -297,6 +306,8 @@ def _check_workdir_path(workdir: str) -> str:
     """
     if not isinstance(workdir, str | os.PathLike) or not os.fspath(workdir):
         raise ValueError(f"workdir must be a folder path, got {workdir!r}")
+    if _is_remote(workdir):  # e.g. gs://bucket/run: checked when prepared
+        return os.fspath(workdir)
     workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"workdir {workdir} exists and is not a folder")
@@ -308,9 +319,23 @@ def _check_workdir_path(workdir: str) -> str:
     return workdir
 
 
+def _is_remote(path: str | os.PathLike) -> bool:
+    """A URL such as ``gs://bucket/run`` (a cloud bucket every host of a pod can reach)."""
+    return "://" in os.fspath(path)
+
+
 def _prepare_workdir(workdir: str) -> str:
     """Creates ``workdir`` if needed and proves it writable by creating (and removing) a file:
     ``os.access`` is not enough for root or read-only file systems."""
+    if _is_remote(workdir):
+        probe = epath.Path(workdir) / f".write-probe-{os.getpid()}-{jax.process_index()}"
+        try:
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+            probe.unlink()
+        except Exception as e:
+            raise ValueError(f"workdir {workdir} is not writable: {e}") from None
+        return workdir
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
@@ -325,6 +350,9 @@ def _prepare_workdir(workdir: str) -> str:
 
 def _write_atomically(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` so that a crash leaves the old or the new file, whole."""
+    if _is_remote(path):  # an object store replaces an object whole
+        epath.Path(path).write_text(text)
+        return
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -344,9 +372,9 @@ class MetricWriter:
             from tensorboardX import SummaryWriter  # imported lazily: slow import
 
             path = os.path.join(workdir, "metrics.jsonl")
-            self._jsonl = open(path, "a")
+            self._jsonl = _RemoteAppend(path) if _is_remote(path) else open(path, "a")
             # A run killed while writing leaves a partial last line: start on a fresh one.
-            if self._jsonl.tell() > 0:
+            if not _is_remote(path) and self._jsonl.tell() > 0:
                 with open(path, "rb") as f:
                     f.seek(-1, os.SEEK_END)
                     if f.read(1) != b"\n":
@@ -371,6 +399,26 @@ class MetricWriter:
             self._tb.close()
 
 
+class _RemoteAppend:
+    """Appending to an object in a bucket, which cannot be appended to: each flush rewrites
+    it whole (metrics files stay small)."""
+
+    def __init__(self, path: str):
+        self._path = epath.Path(path)
+        self._text = self._path.read_text() if self._path.exists() else ""
+        if self._text and not self._text.endswith("\n"):
+            self._text += "\n"
+
+    def write(self, text: str) -> None:
+        self._text += text
+
+    def flush(self) -> None:
+        self._path.write_text(self._text)
+
+    def close(self) -> None:
+        self.flush()
+
+
 def save_image_grid(images: np.ndarray, path: str, vocab_size: int, scale: int = 4) -> str:
     """Write integer images ``[N, H, W, C]`` (values 0..V-1, C = 1 or 3) as one PNG grid.
 
@@ -391,8 +439,9 @@ def save_image_grid(images: np.ndarray, path: str, vocab_size: int, scale: int =
             i
         ]
     grid = np.repeat(np.repeat(grid, scale, 0), scale, 1)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with epath.Path(path).open("wb") as f:
+        Image.fromarray(grid[..., 0] if c == 1 else grid).save(f, format="PNG")
     return path
 
 
@@ -539,7 +588,7 @@ class _Run:
         check_config(config)
         self.config = config
         path = _check_workdir_path(workdir)
-        if mode != "train" and not os.path.isdir(path):
+        if mode != "train" and not epath.Path(path).is_dir():
             raise ValueError(
                 f"workdir {path} does not exist: train first (--mode=train) or point "
                 "--workdir at a training run"
@@ -563,15 +612,22 @@ class _Run:
             )
         self.model = build_model(config, self.info.vocab_size)
         self.optimizer, self.lr_fn = build_optimizer(config)
+        mesh = parallel.make_mesh(
+            config.parallel.num_devices,
+            data=_option(config, "parallel.data"),
+            fsdp=_option(config, "parallel.fsdp"),
+        )
         self.dp = parallel.DataParallel(
-            config.parallel.mode, parallel.make_mesh(config.parallel.num_devices)
+            config.parallel.mode, mesh, fsdp_min_size=_option(config, "parallel.fsdp_min_size")
         )
         self.dp.check_batch_size(config.training.batch_size)
+        # This process's block of every global batch (the data pipelines' process index).
+        self.data_slot, self.data_slots = self.dp.process_batch_slot()
         self.num_dims = math.prod(self.info.image_shape)
         self.use_labels = config.model.num_classes > 0
         self.key = jax.random.key(config.seed)
         # Tracing the initialisation runs the model's own checks, still before any file.
-        self.abstract_state = jax.eval_shape(self.init_state)
+        self.abstract_state = jax.eval_shape(self._init_state)
         self.workdir = _prepare_workdir(path)
         self.checkpointer = checkpoint.Checkpointer(
             os.path.join(self.workdir, "checkpoints"),
@@ -579,16 +635,27 @@ class _Run:
             max_to_keep=config.training.keep_checkpoints,
         )
 
-    def init_state(self) -> train.TrainState:
+    def _init_state(self) -> train.TrainState:
         example = jnp.zeros((1, *self.info.image_shape), jnp.uint8)
         labels = jnp.zeros((1,), jnp.int32) if self.use_labels else None
-        init = jax.jit(lambda k: train.init_state(self.model, self.optimizer, k, example, labels))
-        return init(jax.random.fold_in(self.key, 0x5EED))
+        key = jax.random.fold_in(self.key, 0x5EED)
+        return train.init_state(self.model, self.optimizer, key, example, labels)
+
+    def _state_sharding(self) -> Any:
+        """Where the state lives between steps (pmap: replicated, stacked by put_state)."""
+        if self.dp.mode == "pmap":
+            return jax.tree.map(lambda _: self.dp.replicated, self.abstract_state)
+        return self.dp.state_sharding(self.abstract_state)
+
+    def init_state(self) -> train.TrainState:
+        """A new state, created in place on the devices (every process computes the same)."""
+        return jax.jit(self._init_state, out_shardings=self._state_sharding())()
 
     def restore(self, need: bool) -> checkpoint.Restored | None:
         abstract = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.dp.replicated),
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
             self.abstract_state,
+            self._state_sharding(),
         )
         restored = self.checkpointer.restore(
             abstract, config=self.config.to_dict(), compatible_keys=RESUME_KEYS
@@ -620,16 +687,21 @@ class _Run:
         for name, num_steps in (("", None), (f"T{cfg.discrete_steps}_", cfg.discrete_steps)):
             if num_steps == 0:
                 continue
-            fn = self.dp.compile_eval_step(parallel.make_eval_step(self.model, num_steps))
+            fn = self.dp.compile_eval_step(
+                parallel.make_eval_step(self.model, num_steps), params=params
+            )
             acc = evaluation.BpdAccumulator()
-            batches = data.make_eval_iterator(source, global_batch_size=batch_size)
+            batches = data.make_eval_iterator(
+                source, global_batch_size=batch_size, process_index=self.data_slot,
+                process_count=self.data_slots,
+            )  # fmt: skip
             for i, batch in enumerate(batches):
                 mask = batch.pop("mask")
                 if not self.use_labels:
                     batch.pop("label", None)
                 key = jax.random.fold_in(jax.random.fold_in(self.key, 0xE7A1), i)
                 terms = fn(params, self.dp.put_global_batch(batch), key)
-                acc.add(parallel.to_host(terms), _global_mask(mask))
+                acc.add(parallel.to_host(terms), _global_mask(mask, self.data_slot))
             result = acc.result(self.num_dims)
             results.update(result.as_dict(prefix=f"{cfg.split}/{name}"))
         logging.info(
@@ -644,7 +716,7 @@ class _Run:
         cfg = self.config.sampling
         shape = (cfg.num_samples, *self.info.image_shape)
         key = jax.random.fold_in(jax.random.fold_in(self.key, 0x5A3F), step)
-        variables = {"params": jax.device_get(params)}
+        variables = {"params": parallel.to_host(params)}
         start = time.time()
         if cfg.sampler == "ancestral":
             images = sampling.ancestral_sample(
@@ -668,13 +740,15 @@ class _Run:
         return save_image_grid(images, path, self.info.vocab_size)
 
 
-def _global_mask(mask: np.ndarray) -> np.ndarray:
-    """Every process's eval masks, concatenated in process order (the global batch order)."""
+def _global_mask(mask: np.ndarray, slot: int) -> np.ndarray:
+    """Every process's eval masks, concatenated in the global batch's order (``slot``: this
+    process's block of it)."""
     if jax.process_count() == 1:
         return mask
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(mask, tiled=True))
+    masks, slots = multihost_utils.process_allgather((mask, np.int32(slot)))
+    return np.concatenate([np.asarray(masks)[i] for i in np.argsort(np.asarray(slots))])
 
 
 # --------------------------------------------------------------------------- the three modes
@@ -717,8 +791,9 @@ def _train(run: _Run, preemption: checkpoint.PreemptionWatcher) -> train.TrainSt
     cfg = config.training
     skip = int(_option(config, "training.skip_nonfinite_updates"))
     iterator = data.make_train_iterator(
-        run.train_source, global_batch_size=cfg.batch_size, seed=config.seed
-    )
+        run.train_source, global_batch_size=cfg.batch_size, seed=config.seed,
+        process_index=run.data_slot, process_count=run.data_slots,
+    )  # fmt: skip
     restored = run.restore(need=False)
     if restored is None:
         state = run.init_state()
@@ -770,6 +845,7 @@ def _loop(run, preemption, iterator, state, pending, writer, skip) -> train.Trai
             term_names,
         ),
         cfg.steps_per_dispatch,
+        state=None if run.dp.mode == "pmap" else (state, _init_guard()),
     )
     carry = run.dp.put_state((state, _init_guard()))
     del state
@@ -833,7 +909,7 @@ def _loop(run, preemption, iterator, state, pending, writer, skip) -> train.Trai
         if sampling_now:
             run.write_samples(run.dp.get_state(carry)[0].ema_params, step)
 
-    final = jax.device_get(run.dp.get_state(carry)[0])
+    final = parallel.to_host(run.dp.get_state(carry)[0])
     del carry
     run.checkpointer.wait_until_finished()
     # From here on the checkpoint is complete: a SIGTERM may end the process at once.

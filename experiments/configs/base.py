@@ -65,7 +65,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.parallel = ml_collections.ConfigDict()
     config.parallel.mode = "jit"  # jit (mesh and shardings) | pmap
-    config.parallel.num_devices = -1  # -1: all
+    config.parallel.num_devices = -1  # -1: all (over all processes)
+    # The mesh: data x fsdp devices, one of them -1 (the rest). fsdp > 1 shards every
+    # parameter of at least fsdp_min_size elements (and its EMA and Adam moments) over the
+    # fsdp axis; 'jit' mode only.
+    config.parallel.data = -1
+    config.parallel.fsdp = 1
+    config.parallel.fsdp_min_size = 2**16
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 256

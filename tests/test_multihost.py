@@ -1,0 +1,214 @@
+"""Many devices and processes: fsdp layouts, and 2 processes on 127.0.0.1 against 1 process.
+
+The multi-process test starts the command line as separate processes (CPU devices, gloo
+collectives over loopback), as a user would start it on each host.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from vdm_jax import checkpoint, parallel, train
+from vdm_jax.model import VDM, make_schedule
+from vdm_jax.nets import ScoreUNet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = [
+    "--config=experiments/configs/digits.py:smoke",
+    "--config.training.num_steps=3",
+    "--config.training.log_every=1",
+    "--config.training.checkpoint_every=3",
+    "--config.training.batch_size=16",
+    "--config.sampling.num_samples=4",
+    "--config.sampling.num_steps=2",
+]
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(workdir, devices, *extra):
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.main", f"--workdir={workdir}", *SMOKE, *extra],
+        cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def _finish(proc, timeout=420):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _restore_host(workdir):
+    """The last checkpoint in ``workdir`` onto this process's first device."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.join(workdir, "checkpoints")
+    step = max(int(name) for name in os.listdir(directory) if name.isdigit())
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "state"))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta.item_metadata
+    )
+    with checkpoint.Checkpointer(
+        directory, save_interval_steps=1, max_to_keep=1, read_only=True
+    ) as ckpt:
+        return ckpt.restore(abstract)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+    single = _cli(tmp_path / "single", 4)
+    port = _free_port()
+    address = f"--coordinator_address=127.0.0.1:{port}"
+    procs = [
+        _cli(tmp_path / "multi", 2, address, "--num_processes=2", f"--process_id={i}")
+        for i in range(2)
+    ]
+    outs = [_finish(p) for p in procs]
+    _finish(single)
+    assert "process 1 of 2: 2 local devices of 4" in outs[1]
+    ours, theirs = _metrics(tmp_path / "multi"), _metrics(tmp_path / "single")
+    assert [m["step"] for m in ours] == [m["step"] for m in theirs] == [1, 2, 3, 3]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"steps_per_sec"}:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    # Only process 0 writes metrics and images; both checkpoints hold the same parameters.
+    assert len(os.listdir(tmp_path / "multi" / "samples")) == 1
+    a, b = _restore_host(tmp_path / "multi"), _restore_host(tmp_path / "single")
+    assert a.step == b.step == 3
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    # The data position is the same for both, so the 2-process run resumes on 1 process.
+    assert a.data_state == b.data_state
+    # The 2-process checkpoint evaluates on one CPU device.
+    out = _finish(
+        subprocess.Popen(
+            [sys.executable, "-m", "experiments.main", f"--workdir={tmp_path / 'multi'}", *SMOKE,
+             "--mode=eval", "--config.parallel.num_devices=1"],
+            cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+    )  # fmt: skip
+    assert "test bpd" in out and len(_metrics(tmp_path / "multi")) == len(ours) + 1
+
+
+def _tiny_vdm():
+    net = ScoreUNet(n_layer=1, n_embd=16, dropout_rate=0.1)
+    return VDM(score_net=net, schedule=make_schedule("learned_linear"), vocab_size=17)
+
+
+def _train_three_steps(dp, state, batches):
+    model = _tiny_vdm()
+    step_fn = dp.compile_train_step(
+        parallel.make_train_step(model, train.make_optimizer(), 0.9), state=state
+    )
+    state = dp.put_state(state)
+    losses = []
+    for batch in batches:
+        state, metrics = step_fn(state, dp.put_batch(batch), jax.random.key(3))
+        losses.append(float(metrics["bpd"]))
+    return state, losses
+
+
+def test_fsdp_shards_the_large_arrays_and_matches_data_parallel():
+    model = _tiny_vdm()
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.integers(0, 17, (16, 8, 8, 1), dtype=np.uint8)} for _ in range(3)]
+    state = train.init_state(model, train.make_optimizer(), jax.random.key(0), batches[0]["image"])
+    dp = parallel.DataParallel("jit", parallel.make_mesh(8))
+    fsdp = parallel.DataParallel("jit", parallel.make_mesh(8, data=1, fsdp=8), fsdp_min_size=1024)
+    dp_state, dp_losses = _train_three_steps(dp, state, batches)
+    fsdp_state, fsdp_losses = _train_three_steps(fsdp, state, batches)
+    np.testing.assert_allclose(fsdp_losses, dp_losses, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(fsdp_state), jax.tree.leaves(dp_state), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+    def per_device_bytes(tree, sharded):
+        leaves = [x for x in jax.tree.leaves(tree) if (x.size >= 1024 and x.ndim >= 2) == sharded]
+        return sum(x.addressable_shards[0].data.nbytes for x in leaves)
+
+    for sharded in (True, False):
+        full = per_device_bytes(dp_state.params, sharded)
+        if sharded:  # the conv kernels: 8x less per device, and their Adam moments too
+            assert full > 0 and per_device_bytes(fsdp_state.params, True) * 8 == full
+            mu = fsdp_state.opt_state
+            assert per_device_bytes(mu, True) * 8 == per_device_bytes(dp_state.opt_state, True)
+        else:  # biases, norms and small layers stay whole on every device
+            assert per_device_bytes(fsdp_state.params, False) == full
+
+
+def test_checkpoint_moves_between_data_parallel_and_fsdp(tmp_path):
+    model = _tiny_vdm()
+    rng = np.random.default_rng(1)
+    batches = [{"image": rng.integers(0, 17, (16, 8, 8, 1), dtype=np.uint8)} for _ in range(2)]
+    state = train.init_state(model, train.make_optimizer(), jax.random.key(0), batches[0]["image"])
+    dp = parallel.DataParallel("jit", parallel.make_mesh(8))
+    trained, _ = _train_three_steps(dp, state, batches[:1])
+    with checkpoint.Checkpointer(tmp_path / "ckpt", save_interval_steps=1, max_to_keep=1) as ckpt:
+        ckpt.save(1, trained, data_state=None, config={}, force=True)
+    fsdp = parallel.DataParallel("jit", parallel.make_mesh(8, data=2, fsdp=4), fsdp_min_size=1024)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        trained, fsdp.state_sharding(trained),
+    )  # fmt: skip
+    with checkpoint.Checkpointer(tmp_path / "ckpt", save_interval_steps=1, max_to_keep=1) as ckpt:
+        restored = ckpt.restore(abstract)
+    kernel = restored.state.params["score_net"]["down_block_0"]["conv1"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    for x, y in zip(jax.tree.leaves(restored.state), jax.tree.leaves(trained), strict=True):
+        np.testing.assert_array_equal(x, y)
+    # Training goes on from the restored layout as it would have gone on without the move.
+    _, moved = _train_three_steps(fsdp, restored.state, batches[1:])
+    _, stayed = _train_three_steps(dp, trained, batches[1:])
+    np.testing.assert_allclose(moved, stayed, rtol=1e-5)
+
+
+def test_mesh_shapes_and_errors():
+    assert parallel.mesh_shape(8) == (8, 1)
+    assert parallel.mesh_shape(8, data=2, fsdp=-1) == (2, 4)
+    assert parallel.mesh_shape(8, data=-1, fsdp=4) == (2, 4)
+    with pytest.raises(ValueError, match=r"at most one of parallel\.data and parallel\.fsdp"):
+        parallel.mesh_shape(8, data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match="do not split into a mesh axis of size 3"):
+        parallel.mesh_shape(8, fsdp=3)
+    with pytest.raises(ValueError, match="data=2 x fsdp=2 needs 4 devices, but 8"):
+        parallel.mesh_shape(8, data=2, fsdp=2)
+    with pytest.raises(ValueError, match=r"parallel\.fsdp must be -1"):
+        parallel.mesh_shape(8, fsdp=0)
+    mesh = parallel.make_mesh(8, fsdp=2)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+    with pytest.raises(ValueError, match="fsdp=2 needs mode='jit'"):
+        parallel.DataParallel("pmap", mesh)
+    spec = parallel.fsdp_partition_spec
+    assert spec((3, 3, 64, 128), 8) == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    assert spec((3, 3, 128, 12), 8, min_size=1) == jax.sharding.PartitionSpec(
+        None, None, "fsdp", None
+    )
+    assert spec((128,), 8, min_size=1) == jax.sharding.PartitionSpec()  # vectors stay whole
+    assert spec((3, 3, 8, 8), 8) == jax.sharding.PartitionSpec()  # small
+    assert spec((7, 9), 8, min_size=1) == jax.sharding.PartitionSpec()  # nothing divisible
+    assert parallel.initialize_distributed() is False  # one process: nothing to start
+    with pytest.raises(ValueError, match="needs coordinator_address, num_processes and"):
+        parallel.initialize_distributed("127.0.0.1:1234")
