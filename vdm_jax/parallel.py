@@ -278,7 +278,9 @@ class DataParallel:
     def get_state(self, state: PyTree) -> PyTree:
         """The state without the pmap device axis (for checkpoints and evaluation)."""
         if self.mode == "pmap":
-            return jax.tree.map(lambda x: x[0], state)
+            # The first device's copy (all are equal). Indexing the stacked array (x[0]) would
+            # run a program over every device, with a cross-device gather, for each leaf.
+            return jax.tree.map(lambda x: x.addressable_shards[0].data[0], state)
         return state
 
     def put_batch(self, batch: dict[str, np.ndarray], stacked: bool = False) -> PyTree:
