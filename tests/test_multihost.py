@@ -212,3 +212,14 @@ def test_mesh_shapes_and_errors():
     assert parallel.initialize_distributed() is False  # one process: nothing to start
     with pytest.raises(ValueError, match="needs coordinator_address, num_processes and"):
         parallel.initialize_distributed("127.0.0.1:1234")
+
+
+def test_initialize_distributed_reads_and_checks_the_environment(monkeypatch):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES must be an integer, got 'two'"):
+        parallel.initialize_distributed()
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\), got 2"):
+        parallel.initialize_distributed()

@@ -72,13 +72,22 @@ def initialize_distributed(
     Raises:
       ValueError: an incomplete or inconsistent set of values, naming them.
     """
-    env = os.environ
+
+    def from_env(name: str) -> int | None:
+        text = os.environ.get(name, "").strip()
+        if not text:
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, got {text!r}") from None
+
     if coordinator_address is None:
-        coordinator_address = env.get("JAX_COORDINATOR_ADDRESS") or None
-    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
-        num_processes = int(env["JAX_NUM_PROCESSES"])
-    if process_id is None and env.get("JAX_PROCESS_ID"):
-        process_id = int(env["JAX_PROCESS_ID"])
+        coordinator_address = os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None:
+        num_processes = from_env("JAX_NUM_PROCESSES")
+    if process_id is None:
+        process_id = from_env("JAX_PROCESS_ID")
     given = (coordinator_address, num_processes, process_id)
     if not auto and all(v is None for v in given):
         return False
