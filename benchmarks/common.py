@@ -319,9 +319,7 @@ def bench_train_steps(
             "dtype": dtype,
             "mode": mode,
             "steps_per_dispatch": k,
-            "batch_pieces": getattr(model.score_net, "_batch_pieces", lambda b: 1)(
-                batch // run["dp"].num_shards
-            ),
+            "batch_pieces": model.score_net._batch_pieces(batch // run["dp"].num_shards),
             "num_devices": run["dp"].num_shards,
             "steps": dispatches * k,
             "params": int(n_params),

@@ -1038,26 +1038,28 @@ def num_eval_batches(num_records: int, *, global_batch_size: int, process_count:
     return math.ceil(num_records / global_batch_size)
 
 
-class _EvalRecord:
-    """Maps a position of this process's share of the padded pass to a record with a
-    ``mask``: position j is global position (j // b) * B + offset + j % b."""
+class _EvalBatchReader:
+    """Maps a batch index ``k`` to this process's slice of global eval batch ``k`` with a
+    ``mask``: records ``k * B + offset + j`` for ``j < b``, padding past the last record."""
 
-    def __init__(self, source: ImageSource, batch_size: int, global_batch_size: int,
-                 offset: int, pad: Record):  # fmt: skip
-        self._source, self._pad = source, pad
-        self._b, self._global_b, self._offset = batch_size, global_batch_size, offset
+    def __init__(self, source: ImageSource, global_batch_size: int, offset: int,
+                 batch_size: int, image_shape: tuple[int, ...]):  # fmt: skip
+        self._source, self._global_b, self._offset = source, global_batch_size, offset
+        self._b, self._image_shape = batch_size, image_shape
 
-    def __call__(self, position: int) -> Record:
-        batch, row = divmod(int(position), self._b)
-        index = batch * self._global_b + self._offset + row
-        if index < len(self._source):
-            record = self._source[index]
-            return {
-                "image": np.asarray(record["image"], np.uint8),
-                "label": np.asarray(record["label"], np.int32),
-                "mask": np.asarray(True),
-            }
-        return self._pad
+    def __call__(self, k: int) -> Record:
+        indices = int(k) * self._global_b + self._offset + np.arange(self._b, dtype=np.int64)
+        mask = indices < len(self._source)
+        batch = {
+            "image": np.zeros((self._b, *self._image_shape), np.uint8),
+            "label": np.zeros((self._b,), np.int32),
+            "mask": mask,
+        }
+        if mask.any():
+            records = _read_records(self._source, indices[mask])
+            batch["image"][mask] = records["image"]
+            batch["label"][mask] = records["label"]
+        return batch
 
 
 def make_eval_iterator(
@@ -1105,13 +1107,9 @@ def make_eval_iterator(
     num_batches = num_eval_batches(
         num_records, global_batch_size=global_batch_size, process_count=process_count
     )
-    example = source[0]
-    pad = {
-        "image": np.zeros(np.shape(example["image"]), np.uint8),
-        "label": np.asarray(0, np.int32),
-        "mask": np.asarray(False),
-    }
-    records = _EvalRecord(source, batch_size, global_batch_size, process_index * batch_size, pad)
-    ds = grain.MapDataset.range(num_batches * batch_size).map(records)
-    ds = ds.to_iter_dataset(read_options or grain.ReadOptions())
-    return iter(ds.batch(batch_size, drop_remainder=False))
+    reader = _EvalBatchReader(
+        source, global_batch_size, process_index * batch_size, batch_size,
+        np.shape(source[0]["image"]),
+    )  # fmt: skip
+    ds = grain.MapDataset.range(num_batches).map(reader)
+    return iter(ds.to_iter_dataset(read_options or grain.ReadOptions()))

@@ -170,13 +170,11 @@ def _sharded_terms(model, params, batch, keys, *, train: bool) -> VLBTerms:
             rngs={"diffusion": k_diffusion, "dropout": k_dropout},
         )
 
-    labels = batch.get("label")
+    images = split(batch["image"])
+    labels = None if batch.get("label") is None else split(batch["label"])
     if num_shards == 1:  # the same computation without a batch axis of size 1
-        split(batch["image"])  # the shape check
-        return one_shard(batch["image"], labels, keys[0])
-    terms = jax.vmap(one_shard)(
-        split(batch["image"]), None if labels is None else split(labels), keys
-    )
+        return one_shard(images[0], None if labels is None else labels[0], keys[0])
+    terms = jax.vmap(one_shard)(images, labels, keys)
     return jax.tree.map(lambda v: v.reshape(-1), terms)
 
 
