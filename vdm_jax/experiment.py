@@ -629,6 +629,7 @@ class _Run:
         # Tracing the initialisation runs the model's own checks, still before any file.
         self.abstract_state = jax.eval_shape(self._init_state)
         self.workdir = _prepare_workdir(path)
+        self._eval_steps: dict[int | None, Any] = {}
         self.checkpointer = checkpoint.Checkpointer(
             os.path.join(self.workdir, "checkpoints"),
             save_interval_steps=config.training.checkpoint_every,
@@ -687,9 +688,11 @@ class _Run:
         for name, num_steps in (("", None), (f"T{cfg.discrete_steps}_", cfg.discrete_steps)):
             if num_steps == 0:
                 continue
-            fn = self.dp.compile_eval_step(
-                parallel.make_eval_step(self.model, num_steps), params=params
-            )
+            if num_steps not in self._eval_steps:  # compiled once per run, not per evaluation
+                self._eval_steps[num_steps] = self.dp.compile_eval_step(
+                    parallel.make_eval_step(self.model, num_steps), params=params
+                )
+            fn = self._eval_steps[num_steps]
             acc = evaluation.BpdAccumulator()
             batches = data.make_eval_iterator(
                 source, global_batch_size=batch_size, process_index=self.data_slot,
