@@ -22,9 +22,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vdm_jax import nets, parallel, sampling, train  # noqa: E402
+from vdm_jax import nets, sampling  # noqa: E402
 from vdm_jax.model import VDM, make_schedule  # noqa: E402
 from vdm_jax.nets import ScoreUNet  # noqa: E402
+from vdm_jax.training import parallel, steps  # noqa: E402
 
 VOCAB_SIZE = 256
 DTYPES = ("float32", "bfloat16")
@@ -245,7 +246,7 @@ def bench_train_steps(
     seed: int = 0,
     flops_source: str = "compiled",
 ) -> dict[str, dict[str, Any]]:
-    """Compile the train step (``vdm_jax.parallel``) in each mode and time it on synthetic data.
+    """Compile the train step (``vdm_jax.training.parallel``) in each mode; time it on fake data.
 
     With several modes, their dispatches alternate (jit, pmap, jit, pmap, ...), so that a
     machine shared with other work slows them alike. Each timed dispatch includes putting a host
@@ -259,11 +260,11 @@ def bench_train_steps(
     """
     k = steps_per_dispatch
     model = build_model(n_layer, n_embd, dtype, dropout_rate, batch_pieces=batch_pieces)
-    optimizer = train.make_optimizer()
+    optimizer = steps.make_optimizer()
     train_step = parallel.make_train_step(model, optimizer, 0.9999)
     host_batches = synthetic_batches(2, batch, resolution, channels, seed, steps=k if k > 1 else 0)
     shape = (1, resolution, resolution, channels)
-    host_state = train.init_state(
+    host_state = steps.init_state(
         model, optimizer, jax.random.key(seed), jnp.zeros(shape, jnp.uint8)
     )
     n_params = sum(x.size for x in jax.tree.leaves(host_state.params))
@@ -348,13 +349,13 @@ def bench_eval(
     num_devices: int | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Compile the evaluation bound (``vdm_jax.parallel.compile_eval_step``) and time it."""
+    """Compile the evaluation bound (``parallel.compile_eval_step``) and time it."""
     model = build_model(n_layer, n_embd, dtype)
     dp = parallel.DataParallel("jit", parallel.make_mesh(num_devices))
     dp.check_batch_size(batch)
     shape = (1, resolution, resolution, channels)
     params = dp.put_params(
-        train.init_state(model, train.make_optimizer(), jax.random.key(seed),
+        steps.init_state(model, steps.make_optimizer(), jax.random.key(seed),
                          jnp.zeros(shape, jnp.uint8)).params
     )  # fmt: skip
     host_batches = synthetic_batches(2, batch, resolution, channels, seed)
@@ -399,8 +400,8 @@ def bench_sampling(
     """Compile ``vdm_jax.sampling.ancestral_sample`` at T = ``num_steps`` and time one call."""
     model = build_model(n_layer, n_embd, dtype)
     shape = (batch, resolution, resolution, channels)
-    params = train.init_state(
-        model, train.make_optimizer(), jax.random.key(seed), jnp.zeros((1, *shape[1:]), jnp.uint8)
+    params = steps.init_state(
+        model, steps.make_optimizer(), jax.random.key(seed), jnp.zeros((1, *shape[1:]), jnp.uint8)
     ).params
     variables = {"params": params}
     key = jax.random.key(seed + 3)

@@ -11,7 +11,7 @@ installing the package (``PYTHONPATH=.`` is optional); needs only jax, flax, opt
 and numpy.
 
 Presets: ``cpu`` (4 blocks, 32 channels, 32x32x3, batch 32, float32; the default on a CPU),
-``cifar10`` (the paper's CIFAR-10 model of experiments/configs/cifar10.py: 32 blocks, 128
+``cifar10`` (the paper's CIFAR-10 model of vdm_jax/configs/cifar10.py: 32 blocks, 128
 channels, batch 128, bfloat16; the default on a GPU or TPU) and ``smoke``. Flags override
 the preset's values. Each section catches its own errors (recorded in the JSON) and the JSON is
 rewritten after every section, so a failure or the time budget keeps what was measured.

@@ -43,15 +43,15 @@ def main(argv=None) -> list[dict]:
     import jax.numpy as jnp
 
     from benchmarks import common
-    from vdm_jax import parallel, train
+    from vdm_jax.training import parallel, steps
 
     model = common.build_model(args.n_layer, args.n_embd, args.dtype)
-    optimizer = train.make_optimizer()
+    optimizer = steps.make_optimizer()
     step_fn = parallel.make_train_step(model, optimizer, 0.9999)
     shape = (args.batch, args.resolution, args.resolution, args.channels)
     example = jnp.zeros((1, *shape[1:]), jnp.uint8)
     abstract = jax.eval_shape(
-        lambda k: train.init_state(model, optimizer, k, example), jax.random.key(0)
+        lambda k: steps.init_state(model, optimizer, k, example), jax.random.key(0)
     )
     n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
     results = []

@@ -1,4 +1,4 @@
-"""Tests for vdm_jax.checkpoint: orbax round trips, resharding, damage fallback, preemption."""
+"""Tests for vdm_jax.training.checkpoint: orbax round trips, resharding, damage, preemption."""
 
 import json
 import logging
@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vdm_jax.checkpoint import (
+from vdm_jax.training.checkpoint import (
     CheckpointCorruptError,
     Checkpointer,
     CheckpointSaveError,
@@ -382,14 +382,14 @@ def test_data_state_from_a_different_process_count(tmp_path, mesh8, caplog):
 
 
 def _decode(entry):
-    from vdm_jax.checkpoint import _decode_entry
+    from vdm_jax.training.checkpoint import _decode_entry
 
     return _decode_entry(entry)
 
 
 def test_allgather_json_single_process():
     # The multi-host path of data_state saving, exercised with one process.
-    from vdm_jax.checkpoint import _all_processes_agree, _allgather_json
+    from vdm_jax.training.checkpoint import _all_processes_agree, _allgather_json
 
     assert _allgather_json({"a": [1, "é"]}) == [{"a": [1, "é"]}]
     assert _allgather_json(None) == [None]
@@ -550,7 +550,7 @@ def test_failed_write_raises_save_error_and_keeps_the_previous_step(tmp_path, me
 
 
 def test_write_error_description_leads_with_the_os_error():
-    from vdm_jax.checkpoint import _describe_write_error
+    from vdm_jax.training.checkpoint import _describe_write_error
 
     tensorstore = ValueError(
         'RESOURCE_EXHAUSTED: Error writing local file "/w/3.orbax-checkpoint-tmp/x": ' + "z" * 400

@@ -1,4 +1,4 @@
-"""Tests for vdm_jax.data: sources (digits, arrays, folders, tfds mock data) and iterators."""
+"""Tests for vdm_jax.training.data: sources (digits, arrays, folders, tfds mock) and iterators."""
 
 import io
 import json
@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vdm_jax import data
+from vdm_jax.training import data
 
 # ---------------------------------------------------------------------------------------------
 # Helpers.

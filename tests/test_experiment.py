@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments.configs import cifar10, digits
-from vdm_jax import experiment
+from vdm_jax.configs import cifar10, digits
+from vdm_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +31,7 @@ def _listing(path):
 
 
 def test_train_and_evaluate_on_digits_writes_everything(tmp_path):
-    state = experiment.train_and_evaluate(_smoke(), str(tmp_path))
+    state = trainer.train_and_evaluate(_smoke(), str(tmp_path))
     assert int(state.step) == 4
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "bpd" in r] == [2, 4]
@@ -44,21 +44,17 @@ def test_train_and_evaluate_on_digits_writes_everything(tmp_path):
 
 
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path):
-    whole = experiment.train_and_evaluate(_smoke(**{"training.num_steps": 6}), str(tmp_path / "a"))
-    experiment.train_and_evaluate(_smoke(**{"training.num_steps": 2}), str(tmp_path / "b"))
-    resumed = experiment.train_and_evaluate(
-        _smoke(**{"training.num_steps": 6}), str(tmp_path / "b")
-    )
+    whole = trainer.train_and_evaluate(_smoke(**{"training.num_steps": 6}), str(tmp_path / "a"))
+    trainer.train_and_evaluate(_smoke(**{"training.num_steps": 2}), str(tmp_path / "b"))
+    resumed = trainer.train_and_evaluate(_smoke(**{"training.num_steps": 6}), str(tmp_path / "b"))
     assert int(resumed.step) == int(whole.step) == 6
     jax.tree.map(np.testing.assert_array_equal, resumed.params, whole.params)
     jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, whole.opt_state)
 
 
 def test_pmap_mode_trains_too(tmp_path):
-    jit_state = experiment.train_and_evaluate(
-        _smoke(**{"training.num_steps": 2}), str(tmp_path / "j")
-    )
-    pmap_state = experiment.train_and_evaluate(
+    jit_state = trainer.train_and_evaluate(_smoke(**{"training.num_steps": 2}), str(tmp_path / "j"))
+    pmap_state = trainer.train_and_evaluate(
         _smoke(**{"training.num_steps": 2, "parallel.mode": "pmap"}), str(tmp_path / "p")
     )
     jax.tree.map(
@@ -73,17 +69,17 @@ def test_train_on_tfds_mock_data(tmp_path):
     config.training.num_steps = 2
     config.eval.discrete_steps = 10
     with tfds.testing.mock_data(num_examples=20):
-        experiment.train_and_evaluate(config, str(tmp_path))
+        trainer.train_and_evaluate(config, str(tmp_path))
     final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["test/num_examples"] == 20
     assert np.isfinite(final["test/T10_bpd"])
 
 
 def test_incompatible_resume_stops_and_keeps_the_checkpoints(tmp_path):
-    experiment.train_and_evaluate(_smoke(), str(tmp_path))
+    trainer.train_and_evaluate(_smoke(), str(tmp_path))
     before = _listing(tmp_path / "checkpoints")
     with pytest.raises(ValueError, match=r"model\.n_embd=16 \(this run has 32\)"):
-        experiment.train_and_evaluate(_smoke(**{"model.n_embd": 32}), str(tmp_path))
+        trainer.train_and_evaluate(_smoke(**{"model.n_embd": 32}), str(tmp_path))
     assert _listing(tmp_path / "checkpoints") == before
 
 
@@ -101,7 +97,7 @@ def test_incompatible_resume_stops_and_keeps_the_checkpoints(tmp_path):
 )
 def test_bad_config_stops_before_training(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        experiment.train_and_evaluate(_smoke(**overrides), str(tmp_path / "w"))
+        trainer.train_and_evaluate(_smoke(**overrides), str(tmp_path / "w"))
     assert not (tmp_path / "w" / "checkpoints").exists() or not os.listdir(
         tmp_path / "w" / "checkpoints"
     )
@@ -111,20 +107,20 @@ def test_workdir_that_is_a_file(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")
     with pytest.raises(ValueError, match="exists and is not a folder"):
-        experiment.train_and_evaluate(_smoke(), str(path))
+        trainer.train_and_evaluate(_smoke(), str(path))
 
 
 def _cli(*args, cwd=REPO):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the command line sees the machine's real devices
     return subprocess.run(
-        [sys.executable, "-m", "experiments.main", *args],
+        [sys.executable, "-m", "vdm_jax", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
 
 def test_command_line_train_eval_sample_and_errors(tmp_path):
-    config = "--config=experiments/configs/digits.py:smoke"
+    config = "--config=vdm_jax/configs/digits.py:smoke"
     workdir = f"--workdir={tmp_path}"
     trained = _cli(config, workdir, "--config.training.num_steps=2")
     assert trained.returncode == 0, trained.stderr[-3000:]

@@ -14,13 +14,13 @@ import jax
 import numpy as np
 import pytest
 
-from vdm_jax import checkpoint, parallel, train
 from vdm_jax.model import VDM, make_schedule
 from vdm_jax.nets import ScoreUNet
+from vdm_jax.training import checkpoint, parallel, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = [
-    "--config=experiments/configs/digits.py:smoke",
+    "--config=vdm_jax/configs/digits.py:smoke",
     "--config.training.num_steps=3",
     "--config.training.log_every=1",
     "--config.training.checkpoint_every=3",
@@ -44,7 +44,7 @@ def _free_port() -> int:
 
 def _cli(workdir, devices, *extra):
     return subprocess.Popen(
-        [sys.executable, "-m", "experiments.main", f"--workdir={workdir}", *SMOKE, *extra],
+        [sys.executable, "-m", "vdm_jax", f"--workdir={workdir}", *SMOKE, *extra],
         cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
@@ -106,7 +106,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     # The 2-process checkpoint evaluates on one CPU device.
     out = _finish(
         subprocess.Popen(
-            [sys.executable, "-m", "experiments.main", f"--workdir={tmp_path / 'multi'}", *SMOKE,
+            [sys.executable, "-m", "vdm_jax", f"--workdir={tmp_path / 'multi'}", *SMOKE,
              "--mode=eval", "--config.parallel.num_devices=1"],
             cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
@@ -122,7 +122,7 @@ def _tiny_vdm():
 def _train_three_steps(dp, state, batches):
     model = _tiny_vdm()
     step_fn = dp.compile_train_step(
-        parallel.make_train_step(model, train.make_optimizer(), 0.9), state=state
+        parallel.make_train_step(model, steps.make_optimizer(), 0.9), state=state
     )
     state = dp.put_state(state)
     losses = []
@@ -136,7 +136,7 @@ def test_fsdp_shards_the_large_arrays_and_matches_data_parallel():
     model = _tiny_vdm()
     rng = np.random.default_rng(0)
     batches = [{"image": rng.integers(0, 17, (16, 8, 8, 1), dtype=np.uint8)} for _ in range(3)]
-    state = train.init_state(model, train.make_optimizer(), jax.random.key(0), batches[0]["image"])
+    state = steps.init_state(model, steps.make_optimizer(), jax.random.key(0), batches[0]["image"])
     dp = parallel.DataParallel("jit", parallel.make_mesh(8))
     fsdp = parallel.DataParallel("jit", parallel.make_mesh(8, data=1, fsdp=8), fsdp_min_size=1024)
     dp_state, dp_losses = _train_three_steps(dp, state, batches)
@@ -163,7 +163,7 @@ def test_checkpoint_moves_between_data_parallel_and_fsdp(tmp_path):
     model = _tiny_vdm()
     rng = np.random.default_rng(1)
     batches = [{"image": rng.integers(0, 17, (16, 8, 8, 1), dtype=np.uint8)} for _ in range(2)]
-    state = train.init_state(model, train.make_optimizer(), jax.random.key(0), batches[0]["image"])
+    state = steps.init_state(model, steps.make_optimizer(), jax.random.key(0), batches[0]["image"])
     dp = parallel.DataParallel("jit", parallel.make_mesh(8))
     trained, _ = _train_three_steps(dp, state, batches[:1])
     with checkpoint.Checkpointer(tmp_path / "ckpt", save_interval_steps=1, max_to_keep=1) as ckpt:

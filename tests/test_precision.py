@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import train
 from vdm_jax.model import VDM, make_schedule
 from vdm_jax.nets import ScoreUNet
+from vdm_jax.training import steps
 
 VOCAB = 17
 STEPS = 300
@@ -30,12 +30,12 @@ def _data():
 def test_bfloat16_terms_and_gradients_are_float32():
     model = _model(jnp.bfloat16)
     batch = _data()[0]
-    state = train.init_state(model, train.make_optimizer(), jax.random.key(0), batch["image"])
-    terms = train.eval_terms(state.params, batch, jax.random.key(1), model=model)
+    state = steps.init_state(model, steps.make_optimizer(), jax.random.key(0), batch["image"])
+    terms = steps.eval_terms(state.params, batch, jax.random.key(1), model=model)
     assert {t.dtype for t in terms} == {jnp.dtype(jnp.float32)}
     new, metrics = jax.jit(
-        lambda s: train.train_step(
-            s, batch, jax.random.key(2), model=model, optimizer=train.make_optimizer(),
+        lambda s: steps.train_step(
+            s, batch, jax.random.key(2), model=model, optimizer=steps.make_optimizer(),
             ema_decay=0.0,
         )
     )(state)  # fmt: skip
@@ -48,15 +48,15 @@ def test_bfloat16_terms_and_gradients_are_float32():
 
 def _train_and_evaluate(dtype):
     model, batches = _model(dtype), _data()
-    optimizer = train.make_optimizer(learning_rate=3e-3, weight_decay=0.0)
-    state = train.init_state(model, optimizer, jax.random.key(0), batches[0]["image"])
+    optimizer = steps.make_optimizer(learning_rate=3e-3, weight_decay=0.0)
+    state = steps.init_state(model, optimizer, jax.random.key(0), batches[0]["image"])
     step = jax.jit(
-        lambda s, b: train.train_step(
+        lambda s, b: steps.train_step(
             s, b, jax.random.key(1), model=model, optimizer=optimizer, ema_decay=0.0
         ),
         donate_argnums=0,
     )
-    evaluate = jax.jit(lambda p, b, k: train.eval_terms(p, b, k, model=model).bpd)
+    evaluate = jax.jit(lambda p, b, k: steps.eval_terms(p, b, k, model=model).bpd)
 
     def bound(params):  # 16 draws of (t, noise) for each of the 64 examples
         keys = range(16)

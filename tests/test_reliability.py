@@ -1,6 +1,6 @@
 """Reliability of a training run (issue 7): faults, divergence, damaged checkpoints, bad input.
 
-Every case lives in a table or a test below; the module docstring of ``vdm_jax.experiment``
+Every case lives in a table or a test below; the module docstring of ``vdm_jax.training.trainer``
 states the guarantees. Runs use the digits smoke config on one device (tiny model, a few
 steps). Only the kill and command-line tests start subprocesses; they share a persistent
 compilation cache so that each start compiles in well under a second after the first.
@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.configs import digits
-from vdm_jax import checkpoint, data, experiment, parallel
+from vdm_jax.configs import digits
+from vdm_jax.training import checkpoint, data, parallel, trainer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,7 +78,7 @@ def _steps(workdir: Path) -> list[int]:
 
 def _restore(config, workdir, step=None) -> checkpoint.Restored:
     """A checkpoint of a run, restored onto this process's first device."""
-    run = experiment._Run(config, str(workdir), "sample")
+    run = trainer._Run(config, str(workdir), "sample")
     try:
         abstract = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=run.dp.replicated),
@@ -115,7 +115,7 @@ def cli_env(tmp_path_factory):
 
 
 def _flags(workdir, **overrides) -> list[str]:
-    args = ["--config=experiments/configs/digits.py:smoke", f"--workdir={workdir}"]
+    args = ["--config=vdm_jax/configs/digits.py:smoke", f"--workdir={workdir}"]
     settings = {"parallel.num_devices": 1, "training.eval_every": 0, **overrides}
     return args + [f"--config.{k}={v}" for k, v in settings.items()]
 
@@ -124,7 +124,7 @@ def _start(args, env, log_path) -> subprocess.Popen:
     log = open(log_path, "ab")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "experiments.main", *args],
+            [sys.executable, "-m", "vdm_jax", *args],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     finally:
@@ -238,7 +238,7 @@ def test_sigkill_sigterm_and_restart_end_bitwise_equal_to_an_uninterrupted_run(t
 
 def test_sigterm_during_startup_exits_cleanly_and_saves_nothing_new(tmp_path, monkeypatch):
     """A preemption notice before the first step (e.g. while compiling) ends the run at once."""
-    real_restore = experiment._Run.restore
+    real_restore = trainer._Run.restore
     previous = signal.getsignal(signal.SIGTERM)
 
     def restore_and_get_preempted(self, need):
@@ -247,8 +247,8 @@ def test_sigterm_during_startup_exits_cleanly_and_saves_nothing_new(tmp_path, mo
         os.kill(os.getpid(), signal.SIGTERM)
         return real_restore(self, need)
 
-    monkeypatch.setattr(experiment._Run, "restore", restore_and_get_preempted)
-    state = experiment.train_and_evaluate(_config(), str(tmp_path))
+    monkeypatch.setattr(trainer._Run, "restore", restore_and_get_preempted)
+    state = trainer.train_and_evaluate(_config(), str(tmp_path))
     assert int(state.step) == 0
     assert _steps(tmp_path) == []
     assert signal.getsignal(signal.SIGTERM) is previous  # the handler was put back
@@ -256,7 +256,7 @@ def test_sigterm_during_startup_exits_cleanly_and_saves_nothing_new(tmp_path, mo
 
 def test_metrics_after_a_kill_mid_line_start_on_a_fresh_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "bpd": 5.0}\n{"step": 2, "bp')
-    writer = experiment.MetricWriter(str(tmp_path))
+    writer = trainer.MetricWriter(str(tmp_path))
     writer.write(3, {"bpd": 4.0})
     writer.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -275,7 +275,7 @@ def _truncate_array_files(step_dir: Path) -> None:
 
 def test_damaged_latest_checkpoints_fall_back_to_the_last_good_one(tmp_path, caplog):
     config = _config(training__num_steps=6, training__keep_checkpoints=5)
-    whole = experiment.train_and_evaluate(config, str(tmp_path / "a"))
+    whole = trainer.train_and_evaluate(config, str(tmp_path / "a"))
     assert _steps(tmp_path / "a") == [2, 4, 6]
 
     # Newest with truncated array files, the one before without its state folder: step 2 wins.
@@ -285,7 +285,7 @@ def test_damaged_latest_checkpoints_fall_back_to_the_last_good_one(tmp_path, cap
     shutil.rmtree(work / "checkpoints" / "4" / "state")
     good = _snapshot(work / "checkpoints" / "2")
     with caplog.at_level(logging.WARNING):
-        resumed = experiment.train_and_evaluate(config, str(work))
+        resumed = trainer.train_and_evaluate(config, str(work))
     text = caplog.text
     assert "Checkpoint step 6" in text and "Checkpoint step 4" in text, text
     assert "cannot be restored" in text and "moved them aside" in text
@@ -303,7 +303,7 @@ def test_damaged_latest_checkpoints_fall_back_to_the_last_good_one(tmp_path, cap
         _truncate_array_files(broken / "checkpoints" / str(step))
     before = _snapshot(broken)
     with pytest.raises(checkpoint.CheckpointCorruptError, match=r"step 6: .*step 2: .*Nothing"):
-        experiment.train_and_evaluate(config, str(broken))
+        trainer.train_and_evaluate(config, str(broken))
     assert _snapshot(broken) == before
 
 
@@ -316,14 +316,14 @@ def _exploding_optimizer(explode_after):
     after (a real divergence, nothing injected)."""
     import optax
 
-    from vdm_jax import train
+    from vdm_jax.training import steps
 
     def learning_rate(count):
         return jnp.where(count < explode_after, 2e-3, 1e30)
 
     def build(config):
         tx = optax.adamw(
-            learning_rate, b1=0.9, b2=0.99, weight_decay=0.0, mask=train.weight_decay_mask
+            learning_rate, b1=0.9, b2=0.99, weight_decay=0.0, mask=steps.weight_decay_mask
         )
         return tx, learning_rate
 
@@ -335,10 +335,10 @@ def test_divergence_stops_at_the_first_bad_step_and_keeps_the_last_good_checkpoi
 ):
     # Updates 1..4 normal, update 5 with lr 1e30 (parameters ~1e30), update 6 overflows. The
     # guard is read only at steps 4 and 8 (checkpoint/log), yet names step 6.
-    monkeypatch.setattr(experiment, "build_optimizer", _exploding_optimizer(4))
+    monkeypatch.setattr(trainer, "build_optimizer", _exploding_optimizer(4))
     config = _config(training__num_steps=12, training__log_every=8, training__checkpoint_every=4)
-    with pytest.raises(experiment.TrainingDivergedError) as info:
-        experiment.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(trainer.TrainingDivergedError) as info:
+        trainer.train_and_evaluate(config, str(tmp_path))
     message = str(info.value)
     assert message.startswith("training diverged at step 6: non-finite "), message
     assert re.search(r"\bbpd=(nan|inf)", message) and "grad_norm=nan" in message
@@ -371,7 +371,7 @@ def _inject_nan_at(monkeypatch, bad_steps):
 
         return poisoned
 
-    monkeypatch.setattr(experiment.parallel, "make_train_step", make)
+    monkeypatch.setattr(trainer.parallel, "make_train_step", make)
 
 
 def test_skip_nonfinite_updates_keeps_the_parameters_and_counts_skips(tmp_path, monkeypatch):
@@ -381,8 +381,8 @@ def test_skip_nonfinite_updates_keeps_the_parameters_and_counts_skips(tmp_path, 
         training__num_steps=16, training__log_every=4, training__checkpoint_every=2,
         training__keep_checkpoints=10, training__skip_nonfinite_updates=2,
     )  # fmt: skip
-    with pytest.raises(experiment.TrainingDivergedError) as info:
-        experiment.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(trainer.TrainingDivergedError) as info:
+        trainer.train_and_evaluate(config, str(tmp_path))
     message = str(info.value)
     assert message.startswith(
         "training diverged at step 11: 3 non-finite updates in a row (steps 9 to 11), more "
@@ -424,7 +424,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
         training__num_steps=8, training__checkpoint_every=2, training__keep_checkpoints=1
     )
     with pytest.raises(checkpoint.CheckpointSaveError) as info:
-        experiment.train_and_evaluate(config, str(tmp_path))
+        trainer.train_and_evaluate(config, str(tmp_path))
     message = str(info.value)
     assert failed and "the checkpoint for step 6" in message, message
     assert "No space left on device (ENOSPC)" in message
@@ -605,7 +605,7 @@ def test_bad_config_or_data_stops_before_any_file(tmp_path, make_config, message
     config = make_config(tmp_path)
     workdir = tmp_path / "run"
     with pytest.raises(ValueError, match=message):
-        experiment.train_and_evaluate(config, str(workdir))
+        trainer.train_and_evaluate(config, str(workdir))
     assert not workdir.exists()  # not even the workdir was created
 
 
@@ -614,7 +614,7 @@ def test_image_whose_pixels_are_truncated_fails_at_the_first_batch(tmp_path):
     metrics, config or checkpoint file is written."""
     workdir = tmp_path / "run"
     with pytest.raises(ValueError, match=r"cannot decode image file '.*2\.png'.*truncated"):
-        experiment.train_and_evaluate(_truncated_pixels(tmp_path), str(workdir))
+        trainer.train_and_evaluate(_truncated_pixels(tmp_path), str(workdir))
     assert [p.name for p in workdir.iterdir()] == ["checkpoints"]  # no metrics, no config
     assert not any((workdir / "checkpoints").iterdir())
 
@@ -686,7 +686,7 @@ def test_bad_workdirs_stop_and_change_nothing(tmp_path):
     for case, workdir, error, message in cases:
         before = _snapshot(tmp_path)
         with pytest.raises(error, match=message):
-            experiment.train_and_evaluate(config, str(workdir))
+            trainer.train_and_evaluate(config, str(workdir))
         assert _snapshot(tmp_path) == before, case
 
 
@@ -694,7 +694,7 @@ def test_training_data_changed_since_the_checkpoint(tmp_path):
     root = _image_folder(tmp_path / "imgs")
     config = _folder_config(root, training__batch_size=4, eval__batch_size=8)
     workdir = tmp_path / "run"
-    run = experiment._Run(config, str(workdir), "train")
+    run = trainer._Run(config, str(workdir), "train")
     iterator = data.make_train_iterator(run.train_source, global_batch_size=4, seed=config.seed)
     next(iterator)
     run.checkpointer.save(
@@ -708,7 +708,7 @@ def test_training_data_changed_since_the_checkpoint(tmp_path):
         r"training data change since it was written\? .*num_records=8"
     )
     with pytest.raises(ValueError, match=message):
-        experiment.train_and_evaluate(config, str(workdir))
+        trainer.train_and_evaluate(config, str(workdir))
     assert _snapshot(workdir) == before
 
 
@@ -719,7 +719,7 @@ def test_read_only_workdir(tmp_path):
     try:
         before = _snapshot(workdir)
         with pytest.raises(ValueError, match=rf"workdir {workdir} is not writable"):
-            experiment.train_and_evaluate(_config(), str(workdir))
+            trainer.train_and_evaluate(_config(), str(workdir))
         assert _snapshot(workdir) == before
     finally:
         _undo_read_only(workdir)
@@ -727,28 +727,28 @@ def test_read_only_workdir(tmp_path):
 
 def test_eval_and_sample_need_a_trained_workdir(tmp_path):
     with pytest.raises(ValueError, match=r"does not exist: train first"):
-        experiment.evaluate(_config(), str(tmp_path / "nothing"))
+        trainer.evaluate(_config(), str(tmp_path / "nothing"))
     assert not (tmp_path / "nothing").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"no checkpoint in .*: train first"):
-        experiment.sample(_config(), str(tmp_path / "empty"))
+        trainer.sample(_config(), str(tmp_path / "empty"))
 
 
 def test_every_shipped_config_passes_the_checks():
-    from experiments.configs import base, cifar10, imagenet32, imagenet64, mnist
+    from vdm_jax.configs import base, cifar10, imagenet32, imagenet64, mnist
 
     for module in (digits, cifar10, mnist, imagenet32, imagenet64):
         for variant in ("", "smoke"):
-            experiment.check_config(module.get_config(variant))
-    fields = set(experiment._flatten(base.get_config().to_dict()))
-    assert fields == set(experiment.CONFIG_FIELDS)  # the table and the base config agree
+            trainer.check_config(module.get_config(variant))
+    fields = set(trainer._flatten(base.get_config().to_dict()))
+    assert fields == set(trainer.CONFIG_FIELDS)  # the table and the base config agree
 
 
 def _cli_case_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
     """(flags, expected error) for each command-line case."""
     typed_file = tmp / "typed_config.py"  # ml_collections refuses a float for an int field
     typed_file.write_text(
-        "from experiments.configs import digits\n\n"
+        "from vdm_jax.configs import digits\n\n"
         "def get_config():\n"
         "    config = digits.get_config('smoke')\n"
         "    config.training.num_steps = 1e6\n"
@@ -757,7 +757,7 @@ def _cli_case_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
     dict_file = tmp / "dict_config.py"  # a config built from a plain dict takes any type
     dict_file.write_text(
         "import ml_collections\n"
-        "from experiments.configs import digits\n\n"
+        "from vdm_jax.configs import digits\n\n"
         "def get_config():\n"
         "    d = digits.get_config('smoke').to_dict()\n"
         "    d['training']['num_steps'] = 1e6\n"
@@ -770,7 +770,7 @@ def _cli_case_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "bad value": (_flags(w, **{"model.gamma_min": 7.0}),
                       r"model\.gamma_min must be below model\.gamma_max"),
-        "unknown variant": (["--config=experiments/configs/digits.py:tiny", f"--workdir={w}"],
+        "unknown variant": (["--config=vdm_jax/configs/digits.py:tiny", f"--workdir={w}"],
                             r"unknown config variant 'tiny'; known: \['smoke'\]"),
         "missing config file": ([f"--config={tmp}/nowhere.py", f"--workdir={w}"],
                                 r"No such file or directory"),
@@ -792,7 +792,7 @@ def test_command_line_user_errors_print_one_line_and_exit_1(tmp_path, cli_env):
     procs = {}
     for name, (args, _) in cases.items():
         procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "experiments.main", *args], cwd=REPO, env=cli_env,
+            [sys.executable, "-m", "vdm_jax", *args], cwd=REPO, env=cli_env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
     for name, proc in procs.items():

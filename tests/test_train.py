@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import vdm_jax as vdm
-from vdm_jax import parallel, train
 from vdm_jax.model import VDM, make_schedule
+from vdm_jax.training import parallel, steps
 
 VOCAB = 17
 
@@ -23,11 +23,11 @@ def _batches(n, size=16):
 
 
 def test_weight_decay_mask_leaves_biases_norms_and_schedule_alone():
-    model, optimizer = _model(), train.make_optimizer()
-    state = train.init_state(
+    model, optimizer = _model(), steps.make_optimizer()
+    state = steps.init_state(
         model, optimizer, jax.random.key(0), jnp.zeros((1, 8, 8, 1), jnp.uint8)
     )
-    flat = dict(jax.tree_util.tree_flatten_with_path(train.weight_decay_mask(state.params))[0])
+    flat = dict(jax.tree_util.tree_flatten_with_path(steps.weight_decay_mask(state.params))[0])
     by_name = {jax.tree_util.keystr(k): v for k, v in flat.items()}
     assert by_name["['score_net']['conv_in']['kernel']"]
     assert not by_name["['score_net']['conv_in']['bias']"]
@@ -37,10 +37,10 @@ def test_weight_decay_mask_leaves_biases_norms_and_schedule_alone():
 
 
 def test_learning_rate_schedule_and_bad_arguments():
-    lr = train.learning_rate_schedule(1e-3, 10, 100, 0.1)
+    lr = steps.learning_rate_schedule(1e-3, 10, 100, 0.1)
     np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(110)], [0.0, 5e-4, 1e-3, 1e-4], rtol=1e-5)
     with pytest.raises(ValueError, match="learning_rate must be non-negative, got -1"):
-        train.make_optimizer(learning_rate=-1)
+        steps.make_optimizer(learning_rate=-1)
     with pytest.raises(ValueError, match="parallel mode must be one of"):
         parallel.DataParallel("xmap", parallel.make_mesh(1))
     with pytest.raises(ValueError, match="global batch size 12 is not divisible by the 8 devices"):
@@ -49,13 +49,13 @@ def test_learning_rate_schedule_and_bad_arguments():
 
 def _trajectory(mode, batches, steps_per_dispatch=1, num_devices=8):
     model = _model()
-    optimizer = train.make_optimizer(learning_rate=1e-3, warmup_steps=2)
-    state = train.init_state(
+    optimizer = steps.make_optimizer(learning_rate=1e-3, warmup_steps=2)
+    state = steps.init_state(
         model, optimizer, jax.random.key(0), jnp.zeros((1, 8, 8, 1), jnp.uint8)
     )
     dp = parallel.DataParallel(mode, parallel.make_mesh(num_devices))
     step = dp.compile_train_step(
-        parallel.make_train_step(model, optimizer, 0.9, train.learning_rate_schedule(1e-3, 2, 0)),
+        parallel.make_train_step(model, optimizer, 0.9, steps.learning_rate_schedule(1e-3, 2, 0)),
         steps_per_dispatch,
     )
     device_state, losses = dp.put_state(state), []
@@ -108,8 +108,8 @@ def test_one_and_eight_devices_see_the_same_random_numbers_per_shard():
     # count: 1 device running 8 shards equals 8 devices running one each.
     batches = _batches(2)
     model = _model()
-    optimizer = train.make_optimizer(learning_rate=1e-3)
-    state = train.init_state(
+    optimizer = steps.make_optimizer(learning_rate=1e-3)
+    state = steps.init_state(
         model, optimizer, jax.random.key(0), jnp.zeros((1, 8, 8, 1), jnp.uint8)
     )
     step_fn = parallel.make_train_step(model, optimizer, 0.9)
@@ -121,13 +121,13 @@ def test_one_and_eight_devices_see_the_same_random_numbers_per_shard():
 
 def test_ema_and_step_bookkeeping():
     model = _model(dropout=0.0)
-    optimizer = train.make_optimizer(learning_rate=1e-2)
-    state = train.init_state(
+    optimizer = steps.make_optimizer(learning_rate=1e-2)
+    state = steps.init_state(
         model, optimizer, jax.random.key(0), jnp.zeros((1, 8, 8, 1), jnp.uint8)
     )
     batch = {"image": jnp.asarray(_batches(1)[0]["image"])}
     copy = jax.jit(
-        lambda s: train.train_step(
+        lambda s: steps.train_step(
             s, batch, jax.random.key(1), model=model, optimizer=optimizer, ema_decay=0.0
         )
     )
@@ -145,7 +145,7 @@ def test_ema_and_step_bookkeeping():
         "lr",
     }
     averaged = jax.jit(
-        lambda s: train.train_step(
+        lambda s: steps.train_step(
             s, batch, jax.random.key(1), model=model, optimizer=optimizer, ema_decay=0.75
         )
     )(state)[0]

@@ -1,14 +1,16 @@
 """vdm_jax: Variational Diffusion Models (Kingma, Salimans, Poole, Ho 2021) in JAX.
 
-The maths as pure functions (:mod:`vdm_jax.diffusion`, :mod:`vdm_jax.losses`), noise
-schedules as small Flax modules (:mod:`vdm_jax.schedules`), the paper's score network
-(:mod:`vdm_jax.nets`), the model and its bound (:mod:`vdm_jax.model`), samplers and the ODE
-likelihood (:mod:`vdm_jax.sampling`), evaluation (:mod:`vdm_jax.evaluation`) and the pure train
-step (:mod:`vdm_jax.train`). The training system lives in submodules imported on demand:
-:mod:`vdm_jax.data` (grain input), :mod:`vdm_jax.parallel` (jit/pmap), :mod:`vdm_jax.checkpoint`
-(orbax) and :mod:`vdm_jax.experiment` (config-driven runs). Conventions: gamma = -log SNR,
-alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma); losses are per example in nats unless a
-name says bits/dim.
+This namespace is the maths and the models, importable without the training system: the
+forward process and posterior (:mod:`vdm_jax.diffusion`), the bound's terms
+(:mod:`vdm_jax.losses`), noise schedules as small Flax modules (:mod:`vdm_jax.schedules`), the
+paper's score network (:mod:`vdm_jax.nets`), the model and its bound (:mod:`vdm_jax.model`),
+samplers and the ODE likelihood (:mod:`vdm_jax.sampling`) and evaluation over batches
+(:mod:`vdm_jax.evaluation`). The training system (config, train step, data, checkpoints, the
+trainer) is the subpackage :mod:`vdm_jax.training`; the command line is :mod:`vdm_jax.cli`
+(``python -m vdm_jax``) and the bundled configs are :mod:`vdm_jax.configs`.
+
+Conventions: gamma = -log SNR, alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma); losses
+are per example in nats unless a name says bits/dim.
 """
 
 from vdm_jax.diffusion import (
@@ -60,7 +62,6 @@ from vdm_jax.schedules import (
     gamma_and_derivative,
     gamma_with_variance_gradient,
 )
-from vdm_jax.train import TrainState, eval_terms, init_state, make_optimizer, train_step
 
 __version__ = "0.1.0"
 
@@ -75,7 +76,6 @@ __all__ = [
     "ODELikelihood",
     "ResNetBlock",
     "ScoreUNet",
-    "TrainState",
     "VLBTerms",
     "alpha_sigma",
     "ancestral_sample",
@@ -88,15 +88,12 @@ __all__ = [
     "diffusion_loss_discrete",
     "emit_variance_gradient",
     "encode",
-    "eval_terms",
     "evaluate_bpd",
     "fixed_linear",
     "gamma_and_derivative",
     "gamma_with_variance_gradient",
     "independent_pixel_bpd",
-    "init_state",
     "largest_group_count",
-    "make_optimizer",
     "make_schedule",
     "ode_log_likelihood",
     "ode_log_prob_latent",
@@ -111,6 +108,5 @@ __all__ = [
     "snr",
     "solve_probability_flow",
     "timestep_embedding",
-    "train_step",
     "transition",
 ]

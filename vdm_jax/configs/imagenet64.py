@@ -1,6 +1,6 @@
 """Downsampled ImageNet 64x64: 64 full-resolution blocks of 256 channels, no dropout."""
 
-from experiments.configs import base
+from vdm_jax.configs import base
 
 
 def get_config(variant: str = ""):

@@ -673,7 +673,7 @@ def _per_process_batch_size(global_batch_size: int, process_count: int, where: s
     return global_batch_size // process_count
 
 
-_TRAIN_STATE_FORMAT = "vdm_jax.data.make_train_iterator/1"
+_TRAIN_STATE_FORMAT = "vdm_jax.training.data.make_train_iterator/1"
 # The fields a saved position is only valid for; checked by TrainIterator.set_state.
 _TRAIN_STATE_KEYS = ("num_records", "seed", "global_batch_size", "shuffle")
 # Stop of the batch range of an endless iterator: far beyond any run, and small enough that

@@ -3,7 +3,7 @@ continuous time, adamw (lr 2e-4, b2 0.99, weight decay 0.01), EMA 0.9999, batch 
 0.1, 10M steps. The base config already holds these values.
 """
 
-from experiments.configs import base
+from vdm_jax.configs import base
 
 
 def get_config(variant: str = ""):

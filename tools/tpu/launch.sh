@@ -2,12 +2,12 @@
 # Train vdm_jax on a Cloud TPU VM pod slice: one process per TPU host, all started with the
 # same command; JAX's distributed runtime finds the other hosts itself (--multihost).
 #
-#   experiments/tpu/launch.sh create   # create the slice
-#   experiments/tpu/launch.sh setup    # copy this checkout to every host and install it
-#   experiments/tpu/launch.sh start    # start training on every host (in the background)
-#   experiments/tpu/launch.sh logs     # follow host 0's log
-#   experiments/tpu/launch.sh stop     # SIGTERM: every host saves a checkpoint and exits
-#   experiments/tpu/launch.sh delete   # delete the slice
+#   tools/tpu/launch.sh create   # create the slice
+#   tools/tpu/launch.sh setup    # copy this checkout to every host and install it
+#   tools/tpu/launch.sh start    # start training on every host (in the background)
+#   tools/tpu/launch.sh logs     # follow host 0's log
+#   tools/tpu/launch.sh stop     # SIGTERM: every host saves a checkpoint and exits
+#   tools/tpu/launch.sh delete   # delete the slice
 #
 # Settings (environment variables; the defaults are examples to override):
 #   TPU_NAME     the slice's name                        (vdm-jax)
@@ -15,7 +15,7 @@
 #   ACCELERATOR  the slice type                          (v4-32: 4 hosts x 4 chips)
 #   RUNTIME      the TPU VM software version             (tpu-ubuntu2204-base)
 #   PROJECT      the Google Cloud project                (gcloud's default)
-#   CONFIG       the experiment config                   (experiments/configs/cifar10.py)
+#   CONFIG       the experiment config                   (vdm_jax/configs/cifar10.py)
 #   WORKDIR      a gs:// folder every host can write     (required for start)
 #   FLAGS        more flags for experiments.main, e.g. "--config.parallel.fsdp=4"
 #
@@ -28,7 +28,7 @@ TPU_NAME=${TPU_NAME:-vdm-jax}
 ZONE=${ZONE:-us-central2-b}
 ACCELERATOR=${ACCELERATOR:-v4-32}
 RUNTIME=${RUNTIME:-tpu-ubuntu2204-base}
-CONFIG=${CONFIG:-experiments/configs/cifar10.py}
+CONFIG=${CONFIG:-vdm_jax/configs/cifar10.py}
 WORKDIR=${WORKDIR:-}
 FLAGS=${FLAGS:-}
 REMOTE_DIR=vdm_jax
@@ -64,7 +64,7 @@ case "${1:-}" in
       exit 1
     fi
     # nohup: training goes on when the ssh session ends. Every host logs to ~/$LOG.
-    on_all_hosts "cd $REMOTE_DIR && nohup python3 -m experiments.main --multihost \
+    on_all_hosts "cd $REMOTE_DIR && nohup python3 -m vdm_jax --multihost \
       --config=$CONFIG --workdir=$WORKDIR $FLAGS > ~/$LOG 2>&1 < /dev/null &"
     echo "started; follow with: $0 logs"
     ;;

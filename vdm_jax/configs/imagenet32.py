@@ -1,6 +1,6 @@
 """Downsampled ImageNet 32x32: the paper's network at 256 channels, no dropout, batch 512."""
 
-from experiments.configs import base
+from vdm_jax.configs import base
 
 
 def get_config(variant: str = ""):

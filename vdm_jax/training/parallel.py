@@ -1,7 +1,7 @@
 """Compiling the train and eval steps for many devices and hosts: ``jax.jit`` over a mesh, or
 ``pmap``.
 
-Two modes with the same results (see :mod:`vdm_jax.train` for why the random numbers agree):
+Two modes with the same results (:mod:`vdm_jax.training.steps` says why the random numbers agree):
 
 - ``'jit'`` (default): one program over a :class:`jax.sharding.Mesh` with axes
   ``('data', 'fsdp')``. The batch is sharded over both axes. Parameters, their EMA and their
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vdm_jax import train
+from vdm_jax.training import steps
 
 PyTree = Any
 MODES = ("jit", "pmap")
@@ -427,9 +427,9 @@ def _put(tree: PyTree, shardings: PyTree) -> PyTree:
 
 
 def make_train_step(model, optimizer, ema_decay: float, learning_rate_fn=None) -> Callable:
-    """:func:`vdm_jax.train.train_step` with the model and optimizer bound, ready to compile."""
+    """:func:`~vdm_jax.training.steps.train_step` with the model and optimizer bound."""
     return functools.partial(
-        train.train_step,
+        steps.train_step,
         model=model,
         optimizer=optimizer,
         ema_decay=ema_decay,
@@ -438,8 +438,8 @@ def make_train_step(model, optimizer, ema_decay: float, learning_rate_fn=None) -
 
 
 def make_eval_step(model, num_steps: int | None = None) -> Callable:
-    """:func:`vdm_jax.train.eval_terms` with the model bound, ready to compile."""
-    return functools.partial(train.eval_terms, model=model, num_steps=num_steps)
+    """:func:`vdm_jax.training.steps.eval_terms` with the model bound, ready to compile."""
+    return functools.partial(steps.eval_terms, model=model, num_steps=num_steps)
 
 
 def to_host(tree: PyTree) -> PyTree:

@@ -2,7 +2,7 @@
 
 The steps are pure functions of (state, batch, key): no config objects, no I/O, nothing that
 cannot run under ``jax.jit`` with shardings or under ``jax.pmap`` (see
-:mod:`vdm_jax.parallel`, which compiles them).
+:mod:`vdm_jax.training.parallel`, which compiles them).
 
 Randomness: one loop key, folded with the step and then with the index of each data shard
 (``fold_in(fold_in(key, step), shard)``), never split on the host. A global batch is viewed as

@@ -1,11 +1,11 @@
 """Command line: train, evaluate or sample a VDM from a config.
 
-    python -m experiments.main --config=experiments/configs/digits.py --workdir=/tmp/digits
-    python -m experiments.main --config=experiments/configs/cifar10.py:smoke --workdir=DIR \\
+    python -m vdm_jax --config=vdm_jax/configs/digits.py --workdir=/tmp/digits
+    python -m vdm_jax --config=vdm_jax/configs/cifar10.py:smoke --workdir=DIR \\
         --mode=eval --config.eval.discrete_steps=1000
 
 Many processes (hosts): start the same command on every host, with ``--multihost`` on a
-Cloud TPU pod slice (see ``experiments/tpu/``), or with ``--coordinator_address=HOST:PORT
+Cloud TPU pod slice (see ``tools/tpu/``), or with ``--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I`` (or the ``JAX_*`` environment variables) elsewhere.
 
 Also installed as the ``vdm-jax`` console script.
@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (e.g. experiments/configs/digits.py[:smoke]).",
+    "config", None, "Experiment config file (e.g. vdm_jax/configs/digits.py[:smoke]).",
     lock_config=True,
 )  # fmt: skip
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and samples.")
@@ -77,12 +77,12 @@ def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     # Imported here so that --help is fast and flags parse before jax initialises.
-    from vdm_jax import checkpoint, experiment, parallel
+    from vdm_jax.training import checkpoint, parallel, trainer
 
     user_errors = (
         ValueError,  # a bad config value, data set, workdir or incompatible checkpoint
         OSError,  # a file or folder that cannot be read or written (also disk full)
-        FloatingPointError,  # training diverged (experiment.TrainingDivergedError)
+        FloatingPointError,  # training diverged (trainer.TrainingDivergedError)
         checkpoint.CheckpointCorruptError,
         checkpoint.CheckpointSaveError,
     )
@@ -97,11 +97,11 @@ def main(argv):
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value
         )
         if _MODE.value == "train":
-            experiment.train_and_evaluate(config, workdir)
+            trainer.train_and_evaluate(config, workdir)
         elif _MODE.value == "eval":
-            experiment.evaluate(config, workdir)
+            trainer.evaluate(config, workdir)
         else:
-            experiment.sample(config, workdir)
+            trainer.sample(config, workdir)
     except user_errors as e:
         _fail(str(e))
 

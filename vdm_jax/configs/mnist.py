@@ -1,6 +1,6 @@
 """MNIST (28x28, 256 grey levels): the paper's network at a smaller width."""
 
-from experiments.configs import base
+from vdm_jax.configs import base
 
 
 def get_config(variant: str = ""):

@@ -1,10 +1,10 @@
 """The default experiment: the 8x8 digits bundled with scikit-learn (17 grey levels).
 
-Trains in a few minutes on 2 CPU cores. ``--config=experiments/configs/digits.py:smoke``
+Trains in a few minutes on 2 CPU cores. ``--config=vdm_jax/configs/digits.py:smoke``
 runs a few steps only.
 """
 
-from experiments.configs import base
+from vdm_jax.configs import base
 
 
 def get_config(variant: str = ""):

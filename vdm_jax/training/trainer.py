@@ -1,7 +1,7 @@
 """Experiments from a config: :func:`train_and_evaluate`, :func:`evaluate`, :func:`sample`.
 
 This is the only module that reads a whole ml_collections config (see
-``experiments/configs/base.py`` for every field, and :data:`CONFIG_FIELDS` for what each may
+``vdm_jax/configs/base.py`` for every field, and :data:`CONFIG_FIELDS` for what each may
 hold). Output in ``workdir``:
 
 - ``checkpoints/``: orbax checkpoints (state, data iterator, the config they were written with);
@@ -24,7 +24,7 @@ What a run guarantees (tests/test_reliability.py proves each point):
 - **Preemption.** SIGTERM makes the loop save a checkpoint at the next step and return
   normally; the next start resumes from it.
 - **Damaged checkpoints.** A truncated or partly deleted latest checkpoint is skipped with a
-  warning in favour of the previous good one (see :mod:`vdm_jax.checkpoint`).
+  warning in favour of the previous good one (see :mod:`vdm_jax.training.checkpoint`).
 - **Divergence.** A non-finite loss term, gradient norm or parameter stops training with
   :class:`TrainingDivergedError` naming the first bad step and the terms; the check runs on
   the device every step (no host round trip) and is read at each log, checkpoint, evaluation
@@ -33,7 +33,7 @@ What a run guarantees (tests/test_reliability.py proves each point):
   their EMA and the optimizer state stay as they were; the step and the data move on), up to
   N in a row, and reports the count as the metric ``skipped_updates``.
 - **Failed checkpoint writes** (disk full) raise
-  :class:`~vdm_jax.checkpoint.CheckpointSaveError`; earlier checkpoints stay intact.
+  :class:`~vdm_jax.training.checkpoint.CheckpointSaveError`; earlier checkpoints stay intact.
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from vdm_jax import checkpoint, data, evaluation, parallel, sampling, train
+from vdm_jax import evaluation, sampling
 from vdm_jax.model import SCHEDULES, VDM, make_schedule
 from vdm_jax.nets import ScoreUNet
+from vdm_jax.training import checkpoint, data, parallel, steps
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -294,7 +295,7 @@ def build_optimizer(config: ml_collections.ConfigDict):
     )  # fmt: skip
     if not 0.0 <= o.ema_decay < 1.0:
         raise ValueError(f"optimizer.ema_decay must be in [0, 1), got {o.ema_decay}")
-    return train.make_optimizer(**kwargs), train.learning_rate_schedule(
+    return steps.make_optimizer(**kwargs), steps.learning_rate_schedule(
         o.learning_rate, o.warmup_steps, o.decay_steps, o.end_learning_rate_factor
     )
 
@@ -636,11 +637,11 @@ class _Run:
             max_to_keep=config.training.keep_checkpoints,
         )
 
-    def _init_state(self) -> train.TrainState:
+    def _init_state(self) -> steps.TrainState:
         example = jnp.zeros((1, *self.info.image_shape), jnp.uint8)
         labels = jnp.zeros((1,), jnp.int32) if self.use_labels else None
         key = jax.random.fold_in(self.key, 0x5EED)
-        return train.init_state(self.model, self.optimizer, key, example, labels)
+        return steps.init_state(self.model, self.optimizer, key, example, labels)
 
     def _state_sharding(self) -> Any:
         """Where the state lives between steps (pmap: replicated, stacked by put_state)."""
@@ -648,7 +649,7 @@ class _Run:
             return jax.tree.map(lambda _: self.dp.replicated, self.abstract_state)
         return self.dp.state_sharding(self.abstract_state)
 
-    def init_state(self) -> train.TrainState:
+    def init_state(self) -> steps.TrainState:
         """A new state, created in place on the devices (every process computes the same)."""
         return jax.jit(self._init_state, out_shardings=self._state_sharding())()
 
@@ -749,15 +750,15 @@ class _Run:
 # --------------------------------------------------------------------------- the three modes
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train.TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
     """Train (resuming from the latest checkpoint in ``workdir`` if any), evaluate, sample.
 
     Args:
-      config: an experiment config (``experiments/configs``).
+      config: an experiment config (:mod:`vdm_jax.configs`).
       workdir: output folder; created if needed.
 
     Returns:
-      The final :class:`~vdm_jax.train.TrainState` (host arrays, no device axis); after a
+      The final :class:`~vdm_jax.training.steps.TrainState` (host arrays, no device axis); after a
       preemption (SIGTERM), the state that was saved.
 
     Raises:
@@ -765,8 +766,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         or a checkpoint written with an incompatible config; raised before anything is
         written.
       TrainingDivergedError: a non-finite loss, gradient or parameter (see the module doc).
-      vdm_jax.checkpoint.CheckpointCorruptError: checkpoints exist but none can be restored.
-      vdm_jax.checkpoint.CheckpointSaveError: a checkpoint could not be written (disk full).
+      checkpoint.CheckpointCorruptError: checkpoints exist but none can be restored.
+      checkpoint.CheckpointSaveError: a checkpoint could not be written (disk full).
     """
     run = _Run(config, workdir, "train")
     # Installed early, so a SIGTERM during start-up or compilation is not fatal either.
@@ -781,7 +782,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     return state
 
 
-def _train(run: _Run, preemption: checkpoint.PreemptionWatcher) -> train.TrainState:
+def _train(run: _Run, preemption: checkpoint.PreemptionWatcher) -> steps.TrainState:
     config = run.config
     cfg = config.training
     skip = int(_option(config, "training.skip_nonfinite_updates"))
@@ -821,7 +822,7 @@ def _train(run: _Run, preemption: checkpoint.PreemptionWatcher) -> train.TrainSt
         writer.close()
 
 
-def _loop(run, preemption, iterator, state, pending, writer, skip) -> train.TrainState:
+def _loop(run, preemption, iterator, state, pending, writer, skip) -> steps.TrainState:
     config = run.config
     cfg = config.training
     n_params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -6,7 +6,7 @@ step folder ``<directory>/<step>/`` with three items:
 * ``state``: the training-state pytree of ``jax.Array`` (``StandardSave``; orbax writes
   every process's shards, so it works for arrays sharded over many devices and hosts);
 * ``data_state``: the input pipeline's position (``iterator.get_state()``), as JSON, one
-  entry per process (identical entries, as :func:`vdm_jax.data.make_train_iterator` writes,
+  entry per process (identical entries, as :func:`vdm_jax.training.data.make_train_iterator` writes,
   restore on any number of processes);
 * ``config``: the JSON-able config dict the run was started with.
 

@@ -1,1 +1,0 @@
-"""Experiment configs and the command-line entry point of vdm_jax."""

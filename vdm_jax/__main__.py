@@ -1,0 +1,6 @@
+"""``python -m vdm_jax``: the command line (see :mod:`vdm_jax.cli`)."""
+
+from vdm_jax.cli import run
+
+if __name__ == "__main__":
+    run()

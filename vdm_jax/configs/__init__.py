@@ -1,0 +1,1 @@
+"""The bundled experiment configs: ``base`` lists every field; the others override a few."""
