@@ -158,3 +158,32 @@ def test_jit_and_eager_agree(fn):
     eager = fn(z, x, e, gs, gt)
     jitted = jax.jit(fn)(z, x, e, gs, gt)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), eager, jitted)
+
+
+def test_eps_x_v_and_score_conversions_round_trip_and_match_the_definitions():
+    from vdm_jax import diffusion
+
+    key_x, key_eps, key_hat = jax.random.split(jax.random.key(7), 3)
+    gamma = jnp.linspace(-13.3, 5.0, 64)
+    x = jax.random.uniform(key_x, (64, 3, 3, 2), minval=-1.0, maxval=1.0)
+    eps = jax.random.normal(key_eps, x.shape)
+    z = vdm.q_sample(x, gamma, eps)
+    alpha, sigma = vdm.alpha_sigma(gamma[:, None, None, None])
+    v = alpha * eps - sigma * x
+    # The truths convert into each other (definitions of v, x and the score).
+    np.testing.assert_allclose(diffusion.v_from_eps(z, eps, gamma), v, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(diffusion.eps_from_v(z, v, gamma), eps, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(diffusion.x_from_v(z, v, gamma), x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(diffusion.v_from_x(z, x, gamma), v, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(diffusion.eps_from_x(z, x, gamma), eps, rtol=1e-3, atol=1e-3)
+    # Round trips of an arbitrary prediction, through every parameterisation.
+    eps_hat = jax.random.normal(key_hat, x.shape)
+    for kind in diffusion.PARAMETERIZATIONS:
+        back = diffusion.to_eps(diffusion.from_eps(eps_hat, z, gamma, kind), z, gamma, kind)
+        tol = 2e-2 if kind == "x" else 1e-5  # x loses eps's digits where sigma is ~1e-3
+        np.testing.assert_allclose(back, eps_hat, rtol=tol, atol=tol, err_msg=kind)
+    score = diffusion.score_from_eps(eps_hat, gamma)
+    np.testing.assert_allclose(score * sigma, -eps_hat, rtol=1e-6)
+    np.testing.assert_allclose(diffusion.eps_from_score(score, gamma), eps_hat, rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown parameterization 'y'"):
+        diffusion.to_eps(eps_hat, z, gamma, "y")

@@ -227,3 +227,26 @@ def test_variance_gradient_lowers_the_loss_variance_on_gaussian_data(capsys):
     assert floor * 0.95 < var_trained < 0.75 * var_linear
     # The mean is invariant to the shape (the endpoints did not move).
     np.testing.assert_allclose(mean, float(jnp.mean(before)), rtol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["fixed", "monotonic"])
+def test_shifted_schedule_moves_log_snr_by_twice_the_log_resolution_ratio(kind):
+    import math
+
+    base = vdm.FixedLinearSchedule() if kind == "fixed" else vdm.MonotonicSchedule(n_features=8)
+    shifted = vdm.schedules.ShiftedSchedule(base, resolution=128, reference_resolution=64)
+    params = shifted.init(jax.random.key(0), jnp.zeros(()))
+    gamma = shifted.apply(params, GRID)
+    base_gamma = base.apply({"params": params.get("params", {}).get("schedule", {})}, GRID)
+    # log SNR(t) + 2 log(64 / 128): gamma grows by 2 log 2 at every t.
+    np.testing.assert_allclose(gamma - base_gamma, 2 * math.log(2.0), rtol=1e-5)
+    gamma_0, gamma_1 = shifted.apply(params, method="endpoints")
+    assert float(gamma_0) == float(gamma[-2]) and float(gamma_1) == float(gamma[-1])
+    # The variance gradient runs through the wrapper unchanged.
+    t = jnp.linspace(0.05, 0.95, 8)
+    g, dg, _ = shifted.apply(params, t, method=vdm.gamma_with_variance_gradient)
+    g_ref, dg_ref = vdm.gamma_and_derivative(lambda u: shifted.apply(params, u), t)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6)
+    np.testing.assert_allclose(dg, dg_ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="must be positive"):
+        vdm.schedules.ShiftedSchedule(base, 0, 64).init(jax.random.key(0), jnp.zeros(()))

@@ -4,25 +4,36 @@ This namespace is the maths and the models, importable without the training syst
 forward process and posterior (:mod:`vdm_jax.diffusion`), the bound's terms
 (:mod:`vdm_jax.losses`), noise schedules as small Flax modules (:mod:`vdm_jax.schedules`), the
 paper's score network (:mod:`vdm_jax.nets`), the model and its bound (:mod:`vdm_jax.model`),
-samplers and the ODE likelihood (:mod:`vdm_jax.sampling`) and evaluation over batches
-(:mod:`vdm_jax.evaluation`). The training system (config, train step, data, checkpoints, the
-trainer) is the subpackage :mod:`vdm_jax.training`; the command line is :mod:`vdm_jax.cli`
-(``python -m vdm_jax``) and the bundled configs are :mod:`vdm_jax.configs`.
+samplers and the ODE likelihood (:mod:`vdm_jax.sampling`), evaluation over batches
+(:mod:`vdm_jax.evaluation`) and weightings of the bound (:mod:`vdm_jax.weightings`). The
+training system (config, train step, data, checkpoints, the trainer) is the subpackage
+:mod:`vdm_jax.training`; the command line is :mod:`vdm_jax.cli` (``python -m vdm_jax``) and the
+bundled configs are :mod:`vdm_jax.configs`.
 
 Conventions: gamma = -log SNR, alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma); losses
 are per example in nats unless a name says bits/dim.
 """
 
+from vdm_jax import weightings
 from vdm_jax.diffusion import (
     alpha_sigma,
     ancestral_step,
     encode,
+    eps_from_score,
+    eps_from_v,
+    eps_from_x,
+    from_eps,
     posterior,
     predict_x,
     q_sample,
     q_step,
+    score_from_eps,
     snr,
+    to_eps,
     transition,
+    v_from_eps,
+    v_from_x,
+    x_from_v,
 )
 from vdm_jax.evaluation import EvalResult, evaluate_bpd, independent_pixel_bpd
 from vdm_jax.losses import (
@@ -30,8 +41,10 @@ from vdm_jax.losses import (
     decoder_log_probs,
     diffusion_loss_continuous,
     diffusion_loss_discrete,
+    importance_weighted_diffusion_loss,
     prior_kl,
     reconstruction_nll,
+    weighted_diffusion_loss,
 )
 from vdm_jax.model import VDM, VLBTerms, make_schedule
 from vdm_jax.nets import (
@@ -57,6 +70,7 @@ from vdm_jax.schedules import (
     FixedLinearSchedule,
     LearnedLinearSchedule,
     MonotonicSchedule,
+    ShiftedSchedule,
     emit_variance_gradient,
     fixed_linear,
     gamma_and_derivative,
@@ -76,6 +90,7 @@ __all__ = [
     "ODELikelihood",
     "ResNetBlock",
     "ScoreUNet",
+    "ShiftedSchedule",
     "VLBTerms",
     "alpha_sigma",
     "ancestral_sample",
@@ -88,10 +103,15 @@ __all__ = [
     "diffusion_loss_discrete",
     "emit_variance_gradient",
     "encode",
+    "eps_from_score",
+    "eps_from_v",
+    "eps_from_x",
     "evaluate_bpd",
     "fixed_linear",
+    "from_eps",
     "gamma_and_derivative",
     "gamma_with_variance_gradient",
+    "importance_weighted_diffusion_loss",
     "independent_pixel_bpd",
     "largest_group_count",
     "make_schedule",
@@ -105,8 +125,15 @@ __all__ = [
     "q_sample",
     "q_step",
     "reconstruction_nll",
+    "score_from_eps",
     "snr",
     "solve_probability_flow",
     "timestep_embedding",
+    "to_eps",
     "transition",
+    "v_from_eps",
+    "v_from_x",
+    "weighted_diffusion_loss",
+    "weightings",
+    "x_from_v",
 ]

@@ -148,6 +148,92 @@ def predict_x(z_t: Array, eps_hat: Array, gamma_t: Array) -> Array:
     return (z_t - sigma * eps_hat) / alpha
 
 
+# ----------------------------------------------------------------------------------------------
+# Parameterisations of the network's output. With z_t = alpha x + sigma eps and
+# v = alpha eps - sigma x (Salimans & Ho 2022), alpha^2 + sigma^2 = 1 gives
+# eps = sigma z + alpha v, x = alpha z - sigma v and the score grad log q(z_t) = -eps / sigma.
+
+PARAMETERIZATIONS = ("eps", "x", "v")
+
+
+def eps_from_x(z_t: Array, x_hat: Array, gamma_t: Array) -> Array:
+    """eps_hat = (z_t - alpha_t x_hat) / sigma_t; arrays ``[B, ...]``, gamma a prefix shape."""
+    alpha, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(z_t)))
+    return (z_t - alpha * x_hat) / sigma
+
+
+def eps_from_v(z_t: Array, v_hat: Array, gamma_t: Array) -> Array:
+    """eps_hat = sigma_t z_t + alpha_t v_hat; arrays ``[B, ...]``, gamma a prefix shape."""
+    alpha, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(z_t)))
+    return sigma * z_t + alpha * v_hat
+
+
+def x_from_v(z_t: Array, v_hat: Array, gamma_t: Array) -> Array:
+    """x_hat = alpha_t z_t - sigma_t v_hat; arrays ``[B, ...]``, gamma a prefix shape."""
+    alpha, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(z_t)))
+    return alpha * z_t - sigma * v_hat
+
+
+def v_from_eps(z_t: Array, eps_hat: Array, gamma_t: Array) -> Array:
+    """v_hat = (eps_hat - sigma_t z_t) / alpha_t; arrays ``[B, ...]``, gamma a prefix shape."""
+    alpha, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(z_t)))
+    return (eps_hat - sigma * z_t) / alpha
+
+
+def v_from_x(z_t: Array, x_hat: Array, gamma_t: Array) -> Array:
+    """v_hat = (alpha_t z_t - x_hat) / sigma_t; arrays ``[B, ...]``, gamma a prefix shape."""
+    alpha, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(z_t)))
+    return (alpha * z_t - x_hat) / sigma
+
+
+def score_from_eps(eps_hat: Array, gamma_t: Array) -> Array:
+    """The score of q(z_t), grad_z log q(z_t) = -eps_hat / sigma_t; ``eps_hat.shape``."""
+    _, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(eps_hat)))
+    return -eps_hat / sigma
+
+
+def eps_from_score(score: Array, gamma_t: Array) -> Array:
+    """eps_hat = -sigma_t score, the inverse of :func:`score_from_eps`; ``score.shape``."""
+    _, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(score)))
+    return -sigma * score
+
+
+def to_eps(prediction: Array, z_t: Array, gamma_t: Array, parameterization: str) -> Array:
+    """The noise prediction eps_hat from a network's output in any parameterisation.
+
+    Args:
+      prediction: the output, float ``[B, ...]``: eps_hat, x_hat or v_hat.
+      z_t: the latent it was computed from, ``prediction.shape``.
+      gamma_t: scalar or a prefix of ``z_t.shape``.
+      parameterization: ``"eps"``, ``"x"`` or ``"v"``.
+
+    Returns:
+      eps_hat, ``z_t.shape``.
+    """
+    if parameterization == "eps":
+        return prediction
+    if parameterization == "v":
+        return eps_from_v(z_t, prediction, gamma_t)
+    if parameterization == "x":
+        return eps_from_x(z_t, prediction, gamma_t)
+    raise ValueError(
+        f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}"
+    )
+
+
+def from_eps(eps_hat: Array, z_t: Array, gamma_t: Array, parameterization: str) -> Array:
+    """The inverse of :func:`to_eps`: eps_hat expressed as an eps, x or v prediction."""
+    if parameterization == "eps":
+        return eps_hat
+    if parameterization == "v":
+        return v_from_eps(z_t, eps_hat, gamma_t)
+    if parameterization == "x":
+        return predict_x(z_t, eps_hat, gamma_t)
+    raise ValueError(
+        f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}"
+    )
+
+
 def ancestral_step(
     z_t: Array, eps_hat: Array, gamma_s: Array, gamma_t: Array, noise: Array
 ) -> Array:

@@ -94,6 +94,64 @@ def diffusion_loss_continuous(eps: Array, eps_hat: Array, dgamma_dt: Array) -> A
     return 0.5 * jnp.asarray(dgamma_dt) * _sum_per_example(jnp.square(eps - eps_hat))
 
 
+def weighted_diffusion_loss(
+    eps: Array, eps_hat: Array, gamma_t: Array, dgamma_dt: Array, weight
+) -> Array:
+    """The weighted diffusion loss 1/2 w(lambda_t) gamma'(t) ||eps - eps_hat||^2, per example.
+
+    An unbiased one-sample estimate, for t ~ U(0, 1), of Kingma & Gao's (2023) weighted loss
+    L_w = 1/2 E_t[w(lambda_t) (-dlambda/dt) ||eps - eps_hat||^2] with lambda = -gamma (so
+    -dlambda/dt = gamma'(t)). With weight 1 it is :func:`diffusion_loss_continuous` to the
+    last bit. Any schedule with the same endpoints has the same expectation. A noise level
+    drawn from a density p(gamma) instead of a schedule is the case gamma'(t) = 1 / p(gamma)
+    (see :func:`importance_weighted_diffusion_loss`).
+
+    Args:
+      eps, eps_hat: true and predicted noise, float ``[B, ...]``.
+      gamma_t: gamma at the sampled times, scalar or ``[B]``.
+      dgamma_dt: gamma'(t), scalar or ``[B]``.
+      weight: w(lambda_t) as an array (scalar or ``[B]``), or a function of lambda (such as a
+        :class:`vdm_jax.weightings.Weighting`) evaluated at lambda = -gamma_t.
+
+    Returns:
+      float ``[B]``, nats (of the weighted objective; nats of the bound only when w = 1).
+    """
+    if callable(weight):
+        weight = weight(-jnp.asarray(gamma_t))
+    return (
+        0.5
+        * jnp.asarray(weight)
+        * jnp.asarray(dgamma_dt)
+        * _sum_per_example(jnp.square(eps - eps_hat))
+    )
+
+
+def importance_weighted_diffusion_loss(
+    eps: Array, eps_hat: Array, weight: Array, density: Array
+) -> Array:
+    """The weighted loss with noise levels drawn from a density: 1/2 w / p ||eps - eps_hat||^2.
+
+    An unbiased one-sample estimate of L_w = 1/2 E_{lambda ~ p}[w(lambda) / p(lambda)
+    ||eps - eps_hat||^2] when lambda is drawn from p, for any p that is positive on
+    [lambda_min, lambda_max] (Kingma & Gao 2023, importance sampling of the noise level).
+    With weight 1 it estimates the ELBO's diffusion term.
+
+    Args:
+      eps, eps_hat: true and predicted noise, float ``[B, ...]``.
+      weight: w(lambda) at the sampled levels, scalar or ``[B]``.
+      density: p(lambda) at the sampled levels, per unit of lambda (= per unit of gamma),
+        positive, scalar or ``[B]``.
+
+    Returns:
+      float ``[B]``, nats of the weighted objective.
+    """
+    return (
+        0.5
+        * (jnp.asarray(weight) / jnp.asarray(density))
+        * _sum_per_example(jnp.square(eps - eps_hat))
+    )
+
+
 def diffusion_loss_discrete(
     eps: Array, eps_hat: Array, gamma_s: Array, gamma_t: Array, num_steps: int
 ) -> Array:

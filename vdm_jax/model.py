@@ -220,6 +220,9 @@ class VDM(nn.Module):
       antithetic_time_sampling: draw the batch's times as (u + i/B) mod 1 (lower variance).
       variance_gradient: train the schedule's shape to minimise the variance of the diffusion
         loss (paper, appendix I.2); continuous time only.
+      parameterization: what ``score_net`` outputs: ``"eps"`` (the noise, the paper's),
+        ``"v"`` (v = alpha eps - sigma x, Salimans & Ho 2022) or ``"x"`` (the data);
+        :meth:`predict_noise` converts it to eps_hat with :func:`vdm_jax.diffusion.to_eps`.
     """
 
     score_net: nn.Module = ScoreUNet()
@@ -228,8 +231,14 @@ class VDM(nn.Module):
     num_steps: int = 0
     antithetic_time_sampling: bool = True
     variance_gradient: bool = False
+    parameterization: str = "eps"
 
     def __post_init__(self):
+        if self.parameterization not in diffusion.PARAMETERIZATIONS:
+            raise ValueError(
+                f"parameterization must be one of {diffusion.PARAMETERIZATIONS}, got "
+                f"{self.parameterization!r}"
+            )
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
         if self.num_steps < 0:
@@ -252,8 +261,12 @@ class VDM(nn.Module):
     def predict_noise(
         self, z: Array, gamma_t: Array, labels: Array | None = None, *, train: bool = False
     ) -> Array:
-        """eps_hat for latents z ``[B, H, W, C]`` float32 at gamma_t (scalar or ``[B]``)."""
-        return self.score_net(z, gamma_t, labels, train=train)
+        """eps_hat for latents z ``[B, H, W, C]`` float32 at gamma_t (scalar or ``[B]``).
+
+        The network's output is converted from the model's ``parameterization``.
+        """
+        prediction = self.score_net(z, gamma_t, labels, train=train)
+        return diffusion.to_eps(prediction, z, gamma_t, self.parameterization)
 
     def decode_log_probs(self, z_0: Array) -> Array:
         """log p(x|z_0) over the vocabulary: ``z_0.shape + (vocab_size,)``, float32."""

@@ -26,6 +26,7 @@ continuous-time loss; in discrete time the expected loss depends on the shape to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -190,7 +191,57 @@ class MonotonicSchedule(LearnedLinearSchedule):
         return ratio + jax.lax.stop_gradient(exact - ratio)
 
 
-Schedule = FixedLinearSchedule | LearnedLinearSchedule | MonotonicSchedule
+class ShiftedSchedule(nn.Module):
+    """A schedule shifted for resolution (Hoogeboom et al. 2023, simple diffusion).
+
+    log SNR_shifted(t) = log SNR(t) + 2 log(reference_resolution / resolution), i.e.
+    gamma_shifted(t) = gamma(t) - 2 log(reference_resolution / resolution): images larger than
+    the reference get more noise at every t, so that the coarse structure a downsampled copy
+    would see is noised as at the reference resolution. Shape and span are the wrapped
+    schedule's; only gamma(0) moves, so the endpoints stay exact and the variance gradient
+    (:func:`gamma_with_variance_gradient`) works through it.
+
+    Attributes:
+      schedule: any schedule of this module (``start_and_span()`` and ``shape(t)``).
+      resolution: d, the side of the images trained on (pixels), positive.
+      reference_resolution: d_ref, the side the wrapped schedule was designed for.
+    """
+
+    schedule: nn.Module
+    resolution: float
+    reference_resolution: float
+
+    @property
+    def shift(self) -> float:
+        """The change of gamma, -2 log(d_ref / d) (negative for images above the reference)."""
+        if not (self.resolution > 0 and self.reference_resolution > 0):
+            raise ValueError(
+                "resolution and reference_resolution must be positive, got "
+                f"{self.resolution} and {self.reference_resolution}"
+            )
+        return -2.0 * math.log(self.reference_resolution / self.resolution)
+
+    def start_and_span(self) -> tuple[Array, Array]:
+        """(gamma(0), gamma(1) - gamma(0)): the wrapped schedule's, gamma(0) shifted."""
+        gamma_0, span = self.schedule.start_and_span()
+        return gamma_0 + jnp.float32(self.shift), span
+
+    def shape(self, t: Array) -> Array:
+        """The wrapped schedule's normalised shape; ``t.shape``."""
+        return self.schedule.shape(t)
+
+    def endpoints(self) -> tuple[Array, Array]:
+        """(gamma(0), gamma(1)) as float32 scalars, exactly what ``__call__`` gives at 0 and 1."""
+        gamma_0, span = self.start_and_span()
+        return gamma_0, _compose(gamma_0, span, 1.0)
+
+    def __call__(self, t: Array) -> Array:
+        """The shifted gamma(t) for times ``t`` in [0, 1] of any shape; float32, ``t.shape``."""
+        gamma_0, span = self.start_and_span()
+        return _compose(gamma_0, span, self.shape(t))
+
+
+Schedule = FixedLinearSchedule | LearnedLinearSchedule | MonotonicSchedule | ShiftedSchedule
 
 
 def gamma_and_derivative(schedule_fn: Callable[[Array], Array], t: Array) -> tuple[Array, Array]:
