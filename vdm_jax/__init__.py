@@ -5,16 +5,16 @@ forward process and posterior (:mod:`vdm_jax.diffusion`), the bound's terms
 (:mod:`vdm_jax.losses`), noise schedules as small Flax modules (:mod:`vdm_jax.schedules`), the
 paper's score network (:mod:`vdm_jax.nets`), the model and its bound (:mod:`vdm_jax.model`),
 samplers and the ODE likelihood (:mod:`vdm_jax.sampling`), evaluation over batches
-(:mod:`vdm_jax.evaluation`) and weightings of the bound (:mod:`vdm_jax.weightings`). The
-training system (config, train step, data, checkpoints, the trainer) is the subpackage
-:mod:`vdm_jax.training`; the command line is :mod:`vdm_jax.cli` (``python -m vdm_jax``) and the
-bundled configs are :mod:`vdm_jax.configs`.
+(:mod:`vdm_jax.evaluation`), weightings of the bound (:mod:`vdm_jax.weightings`) and the
+Frechet distance (:mod:`vdm_jax.frechet`). The training system (config, train step, data,
+checkpoints, the trainer) is the subpackage :mod:`vdm_jax.training`; the command line is
+:mod:`vdm_jax.cli` (``python -m vdm_jax``) and the bundled configs are :mod:`vdm_jax.configs`.
 
 Conventions: gamma = -log SNR, alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma); losses
 are per example in nats unless a name says bits/dim.
 """
 
-from vdm_jax import weightings
+from vdm_jax import frechet, weightings
 from vdm_jax.diffusion import (
     alpha_sigma,
     ancestral_step,
@@ -108,6 +108,7 @@ __all__ = [
     "eps_from_x",
     "evaluate_bpd",
     "fixed_linear",
+    "frechet",
     "from_eps",
     "gamma_and_derivative",
     "gamma_with_variance_gradient",
