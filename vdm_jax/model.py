@@ -2,7 +2,8 @@
 
 :class:`VDM` takes plain arguments (two Linen modules and a few numbers), so it can be built
 from a config, by hand, or with a network of your own that has the ``ScoreUNet`` signature
-``score_net(z, gamma_t, labels, train=...) -> eps_hat``.
+``score_net(z, gamma_t, labels, train=...) -> eps_hat`` (and, when it takes a scalar
+conditioning input, the keyword ``conditioning=``; it is passed only when given).
 
 RNG streams used by ``VDM.__call__``: ``'diffusion'`` (times and noise) and, when
 ``train=True`` with dropout, ``'dropout'``.
@@ -27,6 +28,7 @@ SCHEDULES = {
     "fixed_linear": schedules.FixedLinearSchedule,
     "learned_linear": schedules.LearnedLinearSchedule,
     "monotonic": schedules.MonotonicSchedule,
+    "monotonic_unnormalised": schedules.UnnormalisedMonotonicSchedule,
 }
 
 
@@ -192,17 +194,18 @@ def make_schedule(
     gamma_max: float = schedules.GAMMA_MAX,
     n_features: int = 1024,
 ) -> nn.Module:
-    """A schedule module by name: 'fixed_linear', 'learned_linear' or 'monotonic'.
+    """A schedule module by name: 'fixed_linear', 'learned_linear', 'monotonic' or
+    'monotonic_unnormalised' (the original code's network, endpoints not pinned).
 
     Args:
       kind: the schedule's name.
       gamma_min, gamma_max: gamma(0) and gamma(1) (initial values when learned).
-      n_features: hidden width of the monotonic network (ignored by the linear ones).
+      n_features: hidden width of the monotonic networks (ignored by the linear ones).
     """
     if kind not in SCHEDULES:
         raise ValueError(f"unknown noise schedule {kind!r}; known: {sorted(SCHEDULES)}")
-    if kind == "monotonic":
-        return schedules.MonotonicSchedule(gamma_min, gamma_max, n_features=n_features)
+    if kind in ("monotonic", "monotonic_unnormalised"):
+        return SCHEDULES[kind](gamma_min, gamma_max, n_features=n_features)
     return SCHEDULES[kind](gamma_min, gamma_max)
 
 
@@ -259,13 +262,25 @@ class VDM(nn.Module):
         return self.schedule.endpoints()
 
     def predict_noise(
-        self, z: Array, gamma_t: Array, labels: Array | None = None, *, train: bool = False
+        self,
+        z: Array,
+        gamma_t: Array,
+        labels: Array | None = None,
+        *,
+        conditioning: Array | None = None,
+        train: bool = False,
     ) -> Array:
         """eps_hat for latents z ``[B, H, W, C]`` float32 at gamma_t (scalar or ``[B]``).
 
         The network's output is converted from the model's ``parameterization``.
+        ``conditioning`` (float ``[B]``, e.g. the augmentation flag) is passed to score
+        networks that take a scalar conditioning input; None leaves it out (zeros for
+        :class:`~vdm_jax.nets.ScoreUNet`).
         """
-        prediction = self.score_net(z, gamma_t, labels, train=train)
+        if conditioning is None:
+            prediction = self.score_net(z, gamma_t, labels, train=train)
+        else:
+            prediction = self.score_net(z, gamma_t, labels, conditioning=conditioning, train=train)
         return diffusion.to_eps(prediction, z, gamma_t, self.parameterization)
 
     def decode_log_probs(self, z_0: Array) -> Array:
@@ -284,6 +299,7 @@ class VDM(nn.Module):
         images: Array,
         labels: Array | None = None,
         *,
+        conditioning: Array | None = None,
         train: bool,
         num_steps: int | None = None,
     ) -> VLBTerms:
@@ -292,6 +308,8 @@ class VDM(nn.Module):
         Args:
           images: integer data ``[B, H, W, C]`` (uint8 for images), values in 0..V-1.
           labels: int ``[B]`` class labels for a class-conditional score network, or None.
+          conditioning: float ``[B]`` scalar conditioning input (the authors' augmentation
+            flag) for a score network that takes one, or None (see :meth:`predict_noise`).
           train: dropout on or off.
           num_steps: overrides the module's T for this call (e.g. 1000 to evaluate the
             discrete-time bound of a model trained in continuous time); 0 is continuous.
@@ -333,7 +351,7 @@ class VDM(nn.Module):
             gamma_t, dgamma_dt = schedules.gamma_and_derivative(self.schedule, t)
 
         z_t = diffusion.q_sample(x, gamma_t, eps)
-        eps_hat = self.predict_noise(z_t, gamma_t, labels, train=train)
+        eps_hat = self.predict_noise(z_t, gamma_t, labels, conditioning=conditioning, train=train)
         if num_steps:
             diff = losses.diffusion_loss_discrete(eps, eps_hat, gamma_s, gamma_t, num_steps)
         else:

@@ -17,7 +17,7 @@ class embedding) sent through a two-layer swish MLP of width ``4 * n_embd``.
 
 With 32x32x3 inputs, ``n_layer=32``, ``n_embd=128``, Fourier features on and no per-block
 attention, :class:`ScoreUNet` has 30,577,667 parameters: the authors' release has 512 more
-because its conditioning MLP takes one extra scalar input, which we do not feed.
+because its conditioning MLP takes one extra scalar input (``conditioning_input=True``).
 
 Mixed precision: ``dtype`` is the computation dtype of convolutions, dense layers, norms and
 the residual stream; parameters are always float32. The sinusoidal embedding, the Fourier
@@ -142,10 +142,12 @@ class GroupNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def _group_norm(channels: int, max_groups: int, dtype: Dtype, name: str | None = None):
+def _group_norm(
+    channels: int, max_groups: int, dtype: Dtype, name: str | None = None, min_group_size: int = 4
+):
     """A GroupNorm layer whose group count suits ``channels`` (see largest_group_count)."""
     return GroupNorm(
-        num_groups=largest_group_count(channels, max_groups),
+        num_groups=largest_group_count(channels, max_groups, min_group_size),
         dtype=dtype,
         param_dtype=_PARAM_DTYPE,
         name=name,
@@ -395,12 +397,14 @@ class ResNetBlock(nn.Module):
       out_channels: output channels; None keeps the input channel count.
       dropout_rate: dropout probability before the second convolution.
       norm_groups: preferred GroupNorm group count (see largest_group_count).
+      norm_min_group_size: fewest channels per group (see largest_group_count).
       dtype: computation dtype (parameters are float32).
     """
 
     out_channels: int | None = None
     dropout_rate: float = 0.0
     norm_groups: int = 32
+    norm_min_group_size: int = 4
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -442,7 +446,10 @@ class ResNetBlock(nn.Module):
                 name=name,
             )
 
-        h = nn.swish(_group_norm(in_channels, self.norm_groups, self.dtype, "norm1")(x))
+        norm = _group_norm(
+            in_channels, self.norm_groups, self.dtype, "norm1", self.norm_min_group_size
+        )
+        h = nn.swish(norm(x))
         h = conv("conv1")(h)
         cond_shift = nn.Dense(
             out_channels,
@@ -453,7 +460,10 @@ class ResNetBlock(nn.Module):
             name="cond_proj",
         )(cond)  # [B, out_channels]
         h = h + cond_shift[:, None, None, :]
-        h = nn.swish(_group_norm(out_channels, self.norm_groups, self.dtype, "norm2")(h))
+        norm = _group_norm(
+            out_channels, self.norm_groups, self.dtype, "norm2", self.norm_min_group_size
+        )
+        h = nn.swish(norm(h))
         if train and self.dropout_rate > 0.0:
             if dropout_keys is None:
                 dropout_keys = jax.random.split(self.make_rng("dropout"), x.shape[0])
@@ -476,10 +486,12 @@ class AttentionBlock(nn.Module):
 
     Attributes:
       norm_groups: preferred GroupNorm group count (see largest_group_count).
+      norm_min_group_size: fewest channels per group (see largest_group_count).
       dtype: computation dtype (parameters are float32).
     """
 
     norm_groups: int = 32
+    norm_min_group_size: int = 4
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -505,7 +517,7 @@ class AttentionBlock(nn.Module):
                 name=name,
             )
 
-        h = _group_norm(channels, self.norm_groups, self.dtype, "norm")(x)
+        h = _group_norm(channels, self.norm_groups, self.dtype, "norm", self.norm_min_group_size)(x)
         seq_shape = (batch, height * width, channels)
         query = dense("query")(h).reshape(seq_shape)
         key = dense("key")(h).reshape(seq_shape)
@@ -529,6 +541,10 @@ class ScoreUNet(nn.Module):
     swish Dense layers of width ``4 * n_embd``. Label ``num_classes`` means "unconditional",
     so one model can be trained with label dropout and sampled with classifier-free guidance.
     Adding (rather than concatenating) keeps the MLP's shapes independent of ``num_classes``.
+    With ``conditioning_input=True`` a float scalar per example (``conditioning``, e.g. a flag
+    saying that the image was augmented) is concatenated to that embedding as one more
+    feature, as in the authors' released network, whose first MLP layer has ``n_embd + 1``
+    inputs.
 
     Attributes:
       n_layer: ResNet blocks before the middle (``n_layer + 1`` after it); paper: 32.
@@ -544,6 +560,10 @@ class ScoreUNet(nn.Module):
       norm_groups: preferred GroupNorm group count; every norm uses the largest divisor of its
         channel count not above it that leaves >= 4 channels per group (so n_embd=8 or 16
         work and keep their conditioning; see :func:`largest_group_count`).
+      norm_min_group_size: fewest channels per GroupNorm group (4). 1 gives exactly
+        ``norm_groups`` groups whenever it divides the width, as the authors' network has (one
+        channel per group at 32 channels).
+      conditioning_input: take the scalar ``conditioning`` input described above.
       dtype: computation dtype (e.g. jnp.bfloat16 for mixed precision); parameters are float32
         and the returned eps_hat is float32.
       batch_pieces: run the network on the batch in this many equal pieces (the largest
@@ -564,6 +584,8 @@ class ScoreUNet(nn.Module):
     fourier_exponents: tuple[int, ...] = (6, 7)
     num_classes: int = 0
     norm_groups: int = 32
+    norm_min_group_size: int = 4
+    conditioning_input: bool = False
     dtype: Dtype = jnp.float32
     batch_pieces: int = 0
 
@@ -586,6 +608,8 @@ class ScoreUNet(nn.Module):
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         if self.norm_groups < 1:
             raise ValueError(f"norm_groups must be >= 1, got {self.norm_groups}")
+        if self.norm_min_group_size < 1:
+            raise ValueError(f"norm_min_group_size must be >= 1, got {self.norm_min_group_size}")
         if not all(isinstance(n, int) for n in self.fourier_exponents):
             raise ValueError(f"fourier_exponents must be integers, got {self.fourier_exponents!r}")
         super().__post_init__()
@@ -597,8 +621,11 @@ class ScoreUNet(nn.Module):
             wanted = 2 if jax.default_backend() == "cpu" and batch >= 4 else 1
         return max(d for d in range(1, min(wanted, batch) + 1) if batch % d == 0)
 
-    def _conditioning(self, gamma_t: jax.Array, labels: jax.Array | None) -> jax.Array:
-        """Conditioning vector [B, 4 * n_embd] (``dtype``) from gamma_t [B] and labels [B]."""
+    def _conditioning(
+        self, gamma_t: jax.Array, labels: jax.Array | None, conditioning: jax.Array | None
+    ) -> jax.Array:
+        """Conditioning vector [B, 4 * n_embd] (``dtype``) from gamma_t, labels, conditioning
+        (each [B]; the last float32, used when ``conditioning_input``)."""
         t = (gamma_t - self.gamma_min) / (self.gamma_max - self.gamma_min)
         emb = timestep_embedding(t, self.n_embd, scale=1000.0)  # float32 [B, n_embd]
         if self.num_classes > 0:
@@ -610,6 +637,8 @@ class ScoreUNet(nn.Module):
                 name="label_embed",
             )(labels)
             emb = emb + label_emb
+        if self.conditioning_input:
+            emb = jnp.concatenate([emb, conditioning[:, None]], axis=-1)
         for i in range(2):
             emb = nn.swish(
                 nn.Dense(
@@ -659,6 +688,28 @@ class ScoreUNet(nn.Module):
             )
         return z, gamma_t, labels
 
+    def _check_conditioning(self, conditioning: jax.Array | None, batch: int) -> jax.Array | None:
+        """Validate the scalar conditioning input; returns float32 [B] (zeros for None), or
+        None without ``conditioning_input``."""
+        if not self.conditioning_input:
+            if conditioning is not None:
+                raise ValueError(
+                    "conditioning must be None when conditioning_input=False, got an array of "
+                    f"shape {jnp.shape(conditioning)}"
+                )
+            return None
+        if conditioning is None:
+            return jnp.zeros((batch,), jnp.float32)
+        conditioning = jnp.asarray(conditioning, jnp.float32)
+        if conditioning.ndim == 0:
+            return jnp.broadcast_to(conditioning, (batch,))
+        if conditioning.shape != (batch,):
+            raise ValueError(
+                f"conditioning must be a scalar or have shape [B]=({batch},), got shape "
+                f"{conditioning.shape}"
+            )
+        return conditioning
+
     @nn.compact
     def __call__(
         self,
@@ -666,6 +717,7 @@ class ScoreUNet(nn.Module):
         gamma_t: jax.Array | float,
         labels: jax.Array | None = None,
         *,
+        conditioning: jax.Array | None = None,
         train: bool,
     ) -> jax.Array:
         """Predict the noise in ``z``.
@@ -679,6 +731,8 @@ class ScoreUNet(nn.Module):
             0; None with ``num_classes > 0`` means all-unconditional. Out-of-range labels are
             not checked (they may be traced): labels above ``num_classes`` give NaN outputs
             and negative ones index from the end (-1 is the unconditional row).
+          conditioning: with ``conditioning_input``, float [B] (or scalar) concatenated to the
+            embedding; None means zeros (e.g. "not augmented"). Must be None otherwise.
           train: if True, apply dropout using the 'dropout' rng; if False, deterministic.
 
         Returns:
@@ -687,19 +741,26 @@ class ScoreUNet(nn.Module):
         """
         z, gamma_t, labels = self._check_inputs(z, gamma_t, labels)
         batch = z.shape[0]
-        cond = self._conditioning(gamma_t, labels)
+        conditioning = self._check_conditioning(conditioning, batch)
+        cond = self._conditioning(gamma_t, labels, conditioning)
 
         def resnet_block(name):
             return ResNetBlock(
                 out_channels=self.n_embd,
                 dropout_rate=self.dropout_rate,
                 norm_groups=self.norm_groups,
+                norm_min_group_size=self.norm_min_group_size,
                 dtype=self.dtype,
                 name=name,
             )
 
         def attention_block(name):
-            return AttentionBlock(norm_groups=self.norm_groups, dtype=self.dtype, name=name)
+            return AttentionBlock(
+                norm_groups=self.norm_groups,
+                norm_min_group_size=self.norm_min_group_size,
+                dtype=self.dtype,
+                name=name,
+            )
 
         conv_in = nn.Conv(
             self.n_embd,
@@ -719,7 +780,9 @@ class ScoreUNet(nn.Module):
         if self.attention_everywhere:
             down_attn = [attention_block(f"down_attn_{i}") for i in range(self.n_layer)]
             up_attn = [attention_block(f"up_attn_{i}") for i in range(self.n_layer + 1)]
-        norm_out = _group_norm(self.n_embd, self.norm_groups, self.dtype, "norm_out")
+        norm_out = _group_norm(
+            self.n_embd, self.norm_groups, self.dtype, "norm_out", self.norm_min_group_size
+        )
         conv_out = nn.Conv(
             z.shape[-1],
             kernel_size=(3, 3),

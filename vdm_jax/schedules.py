@@ -133,11 +133,13 @@ class DenseMonotone(nn.Module):
       features: output width.
       use_bias: whether to add a bias.
       kernel_init: initialiser of the raw kernel (its absolute value is used).
+      bias_init: initialiser of the bias.
     """
 
     features: int
     use_bias: bool = True
     kernel_init: Callable = nn.initializers.normal(stddev=1.0)
+    bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -145,7 +147,7 @@ class DenseMonotone(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
         y = jnp.dot(x, jnp.abs(kernel), precision=jax.lax.Precision.HIGHEST)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+            y = y + self.param("bias", self.bias_init, (self.features,))
         return y
 
 
@@ -241,7 +243,69 @@ class ShiftedSchedule(nn.Module):
         return _compose(gamma_0, span, self.shape(t))
 
 
-Schedule = FixedLinearSchedule | LearnedLinearSchedule | MonotonicSchedule | ShiftedSchedule
+class UnnormalisedMonotonicSchedule(_Schedule):
+    """The original VDM code's network schedule (its ``learnable_nnet``), endpoints not pinned.
+
+    gamma(t) = l1(t) + l3(phi(l2(2t - 1))) / n_features with ``DenseMonotone`` layers l1 (one
+    output, kernel initialised to ``gamma_max - gamma_min`` and bias to ``gamma_min``), l2
+    (width ``n_features``) and l3 (one output, no bias), phi(h) = 2 (sigmoid(h) - 1/2). It is
+    non-decreasing, but gamma(0) and gamma(1) are wherever training moved them. This is the
+    schedule of checkpoints imported from that code, so that they compute the gamma their
+    authors computed; for new models :class:`MonotonicSchedule` (exact learned endpoints) is
+    the better choice.
+
+    Parameters: ``l1`` {kernel [1, 1], bias [1]}, ``l2`` {kernel [1, n], bias [n]}, ``l3``
+    {kernel [n, 1]}, named and shaped as in the original code.
+
+    Attributes:
+      gamma_min, gamma_max: initial gamma(0) and gamma(1) of l1 (defaults -13.3 and 5.0).
+      n_features: width of the hidden layer (1024 in the original code).
+    """
+
+    n_features: int = 1024
+
+    def setup(self):
+        _check_endpoints(self.gamma_min, self.gamma_max)
+        self.l1 = DenseMonotone(
+            1,
+            kernel_init=nn.initializers.constant(self.gamma_max - self.gamma_min),
+            bias_init=nn.initializers.constant(self.gamma_min),
+        )
+        self.l2 = DenseMonotone(self.n_features, kernel_init=nn.initializers.normal(0.01))
+        self.l3 = DenseMonotone(1, use_bias=False, kernel_init=nn.initializers.normal(0.01))
+
+    def _gamma(self, t: Array) -> Array:
+        t = jnp.asarray(t, jnp.float32)
+        column = t.reshape(-1, 1)
+        hidden = 2.0 * (jax.nn.sigmoid(self.l2(2.0 * (column - 0.5))) - 0.5)
+        gamma = self.l1(column) + self.l3(hidden) / self.n_features
+        return gamma.reshape(t.shape)
+
+    def __call__(self, t: Array) -> Array:
+        """gamma(t) for times ``t`` in [0, 1] of any shape; float32, ``t.shape``."""
+        return self._gamma(t)
+
+    def endpoints(self) -> tuple[Array, Array]:
+        """(gamma(0), gamma(1)) as float32 scalars."""
+        ends = self._gamma(jnp.array([0.0, 1.0], jnp.float32))
+        return ends[0], ends[1]
+
+    def start_and_span(self) -> tuple[Array, Array]:
+        gamma_0, gamma_1 = self.endpoints()
+        return gamma_0, gamma_1 - gamma_0
+
+    def shape(self, t: Array) -> Array:
+        gamma_0, span = self.start_and_span()
+        return (self._gamma(t) - gamma_0) / span
+
+
+Schedule = (
+    FixedLinearSchedule
+    | LearnedLinearSchedule
+    | MonotonicSchedule
+    | ShiftedSchedule
+    | UnnormalisedMonotonicSchedule
+)
 
 
 def gamma_and_derivative(schedule_fn: Callable[[Array], Array], t: Array) -> tuple[Array, Array]:

@@ -1,0 +1,234 @@
+"""Checkpoints of the original VDM code: agreement with what that code computes, bad input.
+
+The fixtures (``shared/fixtures/authors_vdm`` beside the checkout, see its README) are two
+small checkpoints written by the original code, with its outputs from their EMA weights.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdm_jax import pretrained
+from vdm_jax.errors import UserError
+from vdm_jax.schedules import UnnormalisedMonotonicSchedule
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "authors_vdm"
+NAMES = ["scalar", "nnet_aug"]
+KINDS = {"learnable_scalar": "learned_linear", "learnable_nnet": "monotonic_unnormalised"}
+
+
+def _fixture(name: str) -> Path:
+    root = FIXTURES / name
+    if not (root / "expected.npz").exists():
+        pytest.skip(f"the original code's checkpoints are not at {root} (shared/fixtures)")
+    return root
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def loaded(request):
+    """(root, expected outputs, model, EMA variables) of one fixture."""
+    root = _fixture(request.param)
+    model, variables = pretrained.load_original_checkpoint(root / "checkpoints-0", params="ema")
+    return root, dict(np.load(root / "expected.npz")), model, variables
+
+
+def test_architecture_is_read_from_the_tree(loaded):
+    root, _, model, _ = loaded
+    made = json.loads((root / "made_with.json").read_text())
+    arch = pretrained.read_original_checkpoint(root).architecture  # the parent folder works too
+    assert (arch.n_layer, arch.n_embd, arch.image_channels) == (made["n_layer"], made["n_embd"], 3)
+    assert arch.attention_everywhere == bool(made["with_attention"])
+    assert arch.with_fourier_features and arch.conditioning_input
+    assert arch.schedule == KINDS[made["gamma_type"]]
+    net = model.score_net
+    assert (net.norm_groups, net.norm_min_group_size, net.fourier_exponents) == (32, 1, (6, 7))
+
+
+def test_gamma_and_eps_hat_equal_the_original_code(loaded):
+    _, expected, model, variables = loaded
+    gamma = model.apply(variables, jnp.asarray(expected["t"]), method=model.gamma)
+    np.testing.assert_allclose(gamma, expected["gamma_t"], rtol=0, atol=1e-5)
+
+    predict = jax.jit(
+        lambda v, z, g, c: model.apply(v, z, g, conditioning=c, method=model.predict_noise)
+    )
+    eps_hat = predict(
+        variables, expected["z"], expected["gamma"], jnp.asarray(expected["conditioning"])
+    )
+    scale = np.abs(expected["eps_hat"]).max()
+    np.testing.assert_allclose(eps_hat, expected["eps_hat"], rtol=0, atol=1e-4 * scale)
+
+
+def _their_gamma(tree, t):
+    """The original code's schedules, evaluated in numpy from its parameter tree."""
+    if set(tree) == {"w", "b"}:
+        return float(tree["b"][0]) + abs(float(tree["w"][0])) * t
+    g = {k: {n: np.asarray(a, np.float64) for n, a in v.items()} for k, v in tree.items()}
+    column = t[:, None]
+    hidden = column @ np.abs(g["l2"]["kernel"]) + g["l2"]["bias"]
+    hidden = 2.0 * (1.0 / (1.0 + np.exp(-hidden)) - 0.5)
+    linear = column @ np.abs(g["l1"]["kernel"]) + g["l1"]["bias"]
+    return (linear + hidden @ np.abs(g["l3"]["kernel"]) / hidden.shape[1])[:, 0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_raw_params_are_read_too(name):
+    root = _fixture(name)
+    raw = flax.serialization.msgpack_restore((root / "checkpoints-0" / "ckpt-1.flax").read_bytes())
+    model, variables = pretrained.load_original_checkpoint(root, params="params")
+    t = np.linspace(0.0, 1.0, 11, dtype=np.float32)
+    gamma = jax.jit(lambda v, t: model.apply(v, t, method=model.gamma))(variables, t)
+    np.testing.assert_allclose(gamma, _their_gamma(raw["params"]["gamma"], t), rtol=0, atol=1e-5)
+    ours, theirs = variables["params"]["score_net"], raw["params"]["score_model"]
+    for our_key, their_key in [
+        (("cond_dense_0", "kernel"), ("dense0", "kernel")),
+        (("norm_out", "scale"), ("GroupNorm_0", "scale")),
+        (("up_block_1", "norm2", "bias"), ("up.block_1", "GroupNorm_1", "bias")),
+        (("up_block_0", "skip_proj", "kernel"), ("up.block_0", "nin_shortcut", "kernel")),
+        (("mid_attn", "query", "kernel"), ("mid.attn_1", "q", "kernel")),
+    ]:
+        np.testing.assert_array_equal(
+            _get(ours, our_key), _get(theirs, their_key), err_msg=str(our_key)
+        )
+    count = sum(np.size(a) for a in jax.tree.leaves(variables))
+    assert count == sum(np.size(a) for a in jax.tree.leaves(raw["params"]))
+    ema = pretrained.load_original_checkpoint(root, params="ema")[1]
+    assert not np.array_equal(
+        _get(ours, ("conv_out", "kernel")), ema["params"]["score_net"]["conv_out"]["kernel"]
+    )
+
+
+def _get(tree, keys):
+    for key in keys:
+        tree = tree[key]
+    return np.asarray(tree)
+
+
+def test_vlb_terms_agree_per_image(loaded):
+    """Our bound's three terms per image, averaged over draws of (t, noise), against theirs.
+
+    The reconstruction and diffusion terms are random: each image's mean must lie within 4
+    standard errors (of the difference of the two means) of theirs. The prior term does not
+    depend on the draw; their float32 evaluation of var_1 - log(var_1) - 1 (about 2e-5 per
+    dimension, formed from numbers near 1) loses about 1e-5 of it, so it is compared with a
+    relative tolerance of 1e-4.
+    """
+    _, expected, model, variables = loaded
+    repeats = 64
+    images = jnp.asarray(expected["images"])
+    conditioning = jnp.asarray(expected["images_conditioning"])
+
+    @jax.jit
+    def draws(keys):
+        def one(key):
+            terms = model.apply(
+                variables, images, conditioning=conditioning, train=False, rngs={"diffusion": key}
+            )
+            return jnp.stack([terms.prior, terms.reconstruction, terms.diffusion])
+
+        return jax.lax.map(one, keys)
+
+    ours = np.asarray(draws(jax.random.split(jax.random.key(0), repeats)), np.float64)  # [R, 3, 16]
+    mean, std = ours.mean(0), ours.std(0, ddof=1)
+    their_mean = expected["vlb_terms_mean"].astype(np.float64)
+    their_se2 = expected["vlb_terms_std"].astype(np.float64) ** 2 / int(expected["repeats"])
+    np.testing.assert_allclose(mean[0], their_mean[0], rtol=1e-4)
+    z = (mean[1:] - their_mean[1:]) / np.sqrt(their_se2[1:] + std[1:] ** 2 / repeats)
+    assert np.all(np.abs(z) < 4.0), f"z-scores (reconstruction, diffusion) per image: {z}"
+
+
+def test_unnormalised_schedule_pieces_compose():
+    schedule = UnnormalisedMonotonicSchedule(n_features=16)
+    t = jnp.linspace(0.0, 1.0, 9)
+
+    @jax.jit
+    def pieces(key):
+        params = schedule.init(key, t)
+        start, span = schedule.apply(params, method=schedule.start_and_span)
+        ends = jnp.stack(schedule.apply(params, method=schedule.endpoints))
+        shape = schedule.apply(params, t, method=schedule.shape)
+        return schedule.apply(params, t), ends, start + span * shape
+
+    gamma, ends, composed = pieces(jax.random.key(0))
+    np.testing.assert_allclose(ends, gamma[jnp.array([0, -1])], atol=1e-5)
+    np.testing.assert_allclose(composed, gamma, atol=1e-5)
+    assert np.all(np.diff(np.asarray(gamma)) > 0)
+    # Initialised as in the original code: l1 alone is the linear schedule from -13.3 to 5.
+    np.testing.assert_allclose(ends, [-13.3, 5.0], atol=0.1)
+
+
+# Bad input: each case one UserError naming the path.
+
+
+def _write_state(folder: Path, state) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ckpt-5.flax").write_bytes(flax.serialization.msgpack_serialize(state))
+    (folder / "checkpoint").write_text('model_checkpoint_path: "ckpt-5"\n')
+    return folder
+
+
+def _state():
+    root = _fixture("scalar")
+    return flax.serialization.msgpack_restore((root / "checkpoints-0" / "ckpt-1.flax").read_bytes())
+
+
+def test_no_checkpoint_in_the_folder(tmp_path):
+    with pytest.raises(UserError, match=f"{tmp_path}: no original VDM checkpoint"):
+        pretrained.load_original_checkpoint(tmp_path)
+    with pytest.raises(UserError, match="no such file or folder"):
+        pretrained.load_original_checkpoint(tmp_path / "missing")
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "ckpt-9"\n')
+    with pytest.raises(UserError, match=r"names 'ckpt-9' but .*ckpt-9\.flax does not exist"):
+        pretrained.load_original_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("content", ["truncated", "text"])
+def test_truncated_or_not_msgpack(tmp_path, content):
+    source = _fixture("scalar") / "checkpoints-0"
+    shutil.copytree(source, tmp_path / "ck")
+    file = tmp_path / "ck" / "ckpt-1.flax"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 3] if content == "truncated" else b"not a checkpoint")
+    with pytest.raises(UserError, match=f"{file}: not a readable msgpack train state"):
+        pretrained.load_original_checkpoint(tmp_path / "ck")
+
+
+def test_trees_that_match_no_layout(tmp_path):
+    state = _state()
+    del state["ema_params"]["score_model"]["mid.block_2"]["conv1"]
+    folder = _write_state(tmp_path / "missing", state)
+    with pytest.raises(
+        UserError,
+        match=r"ckpt-5\.flax: ema_params .*missing key score_model/mid\.block_2/conv1/bias",
+    ):
+        pretrained.load_original_checkpoint(folder)
+
+    state = _state()
+    state["ema_params"]["score_model"]["down.block_0"]["extra"] = {"kernel": np.zeros(3)}
+    folder = _write_state(tmp_path / "unexpected", state)
+    with pytest.raises(UserError, match=r"unexpected key score_model/down\.block_0/extra/kernel"):
+        pretrained.load_original_checkpoint(folder)
+
+    state = _state()
+    state["ema_params"]["score_model"]["up.block_1"]["conv2"]["kernel"] = np.zeros((3, 3, 32, 8))
+    folder = _write_state(tmp_path / "shape", state)
+    with pytest.raises(UserError, match=r"up.block_1/conv2/kernel has shape \(3, 3, 32, 8\)"):
+        pretrained.load_original_checkpoint(folder)
+
+    state = _state()
+    state["ema_params"]["gamma"] = {"scale": np.ones(1)}
+    folder = _write_state(tmp_path / "schedule", state)
+    with pytest.raises(UserError, match=r"gamma/\['scale'\] match none"):
+        pretrained.load_original_checkpoint(folder)
+
+    folder = _write_state(tmp_path / "not_a_state", {"weights": np.zeros(2)})
+    with pytest.raises(UserError, match="not a VDM train state: no 'params' entry"):
+        pretrained.load_original_checkpoint(folder)
+    with pytest.raises(UserError, match="params must be 'ema' or 'params', got 'raw'"):
+        pretrained.load_original_checkpoint(folder, params="raw")
