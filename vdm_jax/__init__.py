@@ -46,7 +46,7 @@ from vdm_jax.losses import (
     reconstruction_nll,
     weighted_diffusion_loss,
 )
-from vdm_jax.model import VDM, VLBTerms, make_schedule
+from vdm_jax.model import VDM, ObjectiveTerms, VLBTerms, make_schedule
 from vdm_jax.nets import (
     AttentionBlock,
     ResNetBlock,
@@ -89,6 +89,7 @@ __all__ = [
     "LearnedLinearSchedule",
     "MonotonicSchedule",
     "ODELikelihood",
+    "ObjectiveTerms",
     "ResNetBlock",
     "ScoreUNet",
     "ShiftedSchedule",

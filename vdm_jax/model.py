@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import diffusion, losses, nets, schedules
+from vdm_jax import diffusion, losses, nets, schedules, weightings
 from vdm_jax.nets import ScoreUNet
 
 Array = jax.Array
@@ -188,6 +188,23 @@ class VLBTerms(NamedTuple):
     bpd: Array
 
 
+class ObjectiveTerms(NamedTuple):
+    """The training objective of a pass, next to its :class:`VLBTerms`.
+
+    Attributes:
+      objective: what training minimises, ``[B]`` float32, nats: prior + reconstruction + the
+        weighted diffusion loss; the same values as the bound for the ELBO weighting with the
+        schedule's uniform t.
+      noise_bins: with adaptive noise levels, each example's bin, int32 ``[B]``; else None.
+      noise_values: with adaptive noise levels, w(lambda) ||eps - eps_hat||^2 per example
+        (no gradient), the statistic the noise-level histogram tracks, ``[B]``; else None.
+    """
+
+    objective: Array
+    noise_bins: Array | None = None
+    noise_values: Array | None = None
+
+
 def make_schedule(
     kind: str,
     gamma_min: float = schedules.GAMMA_MIN,
@@ -223,6 +240,11 @@ class VDM(nn.Module):
       antithetic_time_sampling: draw the batch's times as (u + i/B) mod 1 (lower variance).
       variance_gradient: train the schedule's shape to minimise the variance of the diffusion
         loss (paper, appendix I.2); continuous time only.
+      weighting: the weighting w(lambda) of the trained diffusion loss (a
+        :class:`vdm_jax.weightings.Weighting`; the ELBO's w = 1 by default). It is defined
+        for the continuous-time loss: training with it in discrete time raises, and a
+        discrete-time evaluation reports the bound as the objective. The bound in ``bpd`` is
+        always the unweighted one.
       parameterization: what ``score_net`` outputs: ``"eps"`` (the noise, the paper's),
         ``"v"`` (v = alpha eps - sigma x, Salimans & Ho 2022) or ``"x"`` (the data);
         :meth:`predict_noise` converts it to eps_hat with :func:`vdm_jax.diffusion.to_eps`.
@@ -235,6 +257,7 @@ class VDM(nn.Module):
     antithetic_time_sampling: bool = True
     variance_gradient: bool = False
     parameterization: str = "eps"
+    weighting: weightings.Weighting = weightings.get("elbo")
 
     def __post_init__(self):
         if self.parameterization not in diffusion.PARAMETERIZATIONS:
@@ -302,7 +325,9 @@ class VDM(nn.Module):
         conditioning: Array | None = None,
         train: bool,
         num_steps: int | None = None,
-    ) -> VLBTerms:
+        noise_level_probs: Array | None = None,
+        return_objective: bool = False,
+    ) -> VLBTerms | tuple[VLBTerms, ObjectiveTerms]:
         """The variational bound of a batch, one sample of (t, noise) per example.
 
         Args:
@@ -313,9 +338,15 @@ class VDM(nn.Module):
           train: dropout on or off.
           num_steps: overrides the module's T for this call (e.g. 1000 to evaluate the
             discrete-time bound of a model trained in continuous time); 0 is continuous.
+          noise_level_probs: ``[K]`` bin probabilities of an adaptive noise-level density
+            over [gamma(0), gamma(1)] (:func:`vdm_jax.weightings.histogram_probs`); the noise
+            levels are then drawn from it instead of the schedule's uniform t, and both the
+            bound and the objective are importance-weighted (unbiased). Continuous time only.
+          return_objective: also return the training objective of the same pass.
 
         Returns:
-          :class:`VLBTerms`, each ``[B]``.
+          :class:`VLBTerms`, each ``[B]``; with ``return_objective``, the pair
+          ``(VLBTerms, ObjectiveTerms)``.
         """
         if images.ndim != 4 or not jnp.issubdtype(images.dtype, jnp.integer):
             raise ValueError(
@@ -325,6 +356,17 @@ class VDM(nn.Module):
         num_steps = self.num_steps if num_steps is None else num_steps
         if num_steps < 0:
             raise ValueError(f"num_steps must be 0 (continuous) or positive, got {num_steps}")
+        if train and num_steps and not self.weighting.is_elbo:
+            raise ValueError(
+                f"the {self.weighting.name!r} weighting needs the continuous-time loss "
+                f"(num_steps=0) for training, got num_steps={num_steps}"
+            )
+        adaptive = noise_level_probs is not None
+        if adaptive and (num_steps or self.variance_gradient):
+            raise ValueError(
+                "adaptive noise levels need the continuous-time loss without the variance "
+                f"gradient, got num_steps={num_steps}, variance_gradient={self.variance_gradient}"
+            )
         batch = images.shape[0]
         x = diffusion.encode(images, self.vocab_size)
         gamma_0, gamma_1 = self.endpoints()
@@ -339,8 +381,14 @@ class VDM(nn.Module):
             images, z_0, gamma_0, self.vocab_size, custom_gradient=train
         )
 
+        bins = density = values = None
         t = self._times(batch)
-        if num_steps:
+        if adaptive:
+            gamma_t, density, bins = weightings.sample_from_histogram(
+                noise_level_probs, gamma_0, gamma_1, t
+            )
+            dgamma_dt = 1.0 / density  # the histogram's inverse CDF as a schedule of t
+        elif num_steps:
             t = jnp.ceil(t * num_steps) / num_steps  # i/T, i in 1..T
             t = jnp.maximum(t, 1.0 / num_steps)  # u = 0 exactly would give i = 0
             gamma_t = self.gamma(t)
@@ -354,11 +402,23 @@ class VDM(nn.Module):
         eps_hat = self.predict_noise(z_t, gamma_t, labels, conditioning=conditioning, train=train)
         if num_steps:
             diff = losses.diffusion_loss_discrete(eps, eps_hat, gamma_s, gamma_t, num_steps)
+            trained = diff
+        elif self.weighting.is_elbo:
+            diff = trained = losses.diffusion_loss_continuous(eps, eps_hat, dgamma_dt)
         else:
+            weight = self.weighting(-gamma_t)
             diff = losses.diffusion_loss_continuous(eps, eps_hat, dgamma_dt)
-            if self.variance_gradient:
-                diff = schedules.emit_variance_gradient(diff, channel)
+            trained = losses.weighted_diffusion_loss(eps, eps_hat, gamma_t, dgamma_dt, weight)
+        if self.variance_gradient:
+            trained = schedules.emit_variance_gradient(trained, channel)
+            diff = trained if self.weighting.is_elbo else diff
+        if adaptive:
+            # w ||eps - eps_hat||^2 = 2 trained / gamma'(t), without the importance weight.
+            values = jax.lax.stop_gradient(2.0 * trained * density)
 
         num_dims = x.shape[1] * x.shape[2] * x.shape[3]
         bpd = losses.bits_per_dim(prior + reconstruction + diff, num_dims)
-        return VLBTerms(prior, reconstruction, diff, bpd)
+        terms = VLBTerms(prior, reconstruction, diff, bpd)
+        if not return_objective:
+            return terms
+        return terms, ObjectiveTerms(prior + reconstruction + trained, bins, values)

@@ -1,0 +1,107 @@
+"""The VDM module's weighted objectives and adaptive noise levels (Kingma & Gao 2023)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdm_jax import losses, weightings
+from vdm_jax.model import VDM
+from vdm_jax.schedules import FixedLinearSchedule
+
+VOCAB = 17
+
+
+class _TinyNet(nn.Module):
+    """A cheap eps network with the ScoreUNet signature."""
+
+    @nn.compact
+    def __call__(self, z, gamma_t, labels=None, *, train=False):
+        g = jnp.broadcast_to(jnp.reshape(gamma_t, (-1, 1, 1, 1)), (z.shape[0], 1, 1, 1))
+        return nn.Dense(z.shape[-1])(jnp.concatenate([z, jnp.broadcast_to(g, z.shape)], -1))
+
+
+IMAGES = jax.random.randint(jax.random.key(0), (16, 4, 4, 1), 0, VOCAB).astype(jnp.uint8)
+RNGS = {"diffusion": jax.random.key(1)}
+
+
+class _Both:
+    """The bound and the objective of one pass, as attributes of one object."""
+
+    def __init__(self, pair):
+        terms, objective = pair
+        self.__dict__.update(terms._asdict(), **objective._asdict())
+
+
+def _terms(model, params, **kwargs):
+    pair = model.apply(params, IMAGES, train=False, rngs=RNGS, return_objective=True, **kwargs)
+    return _Both(pair)
+
+
+def _model(**kwargs):
+    return VDM(_TinyNet(), FixedLinearSchedule(), vocab_size=VOCAB, **kwargs)
+
+
+PARAMS = _model().init({"params": jax.random.key(2), **RNGS}, IMAGES, train=False)
+
+
+def test_elbo_objective_is_the_bound_itself():
+    terms = _terms(_model(), PARAMS)
+    np.testing.assert_array_equal(
+        terms.objective, terms.prior + terms.reconstruction + terms.diffusion
+    )
+    np.testing.assert_array_equal(losses.bits_per_dim(terms.objective, 16), terms.bpd)
+    assert terms.noise_bins is None and terms.noise_values is None
+
+
+def test_weighted_objective_keeps_the_bound_of_the_same_pass():
+    weighting = weightings.get("sigmoid", bias=2.0)
+    elbo, weighted = _terms(_model(), PARAMS), _terms(_model(weighting=weighting), PARAMS)
+    np.testing.assert_array_equal(weighted.bpd, elbo.bpd)  # the same t, noise and bound
+    ratio = (weighted.objective - weighted.prior - weighted.reconstruction) / elbo.diffusion
+    assert np.all(np.asarray(ratio) < 1.0) and np.all(np.asarray(ratio) > 0.0)
+    assert not np.allclose(ratio, ratio[0])
+
+
+def test_uniform_adaptive_density_is_the_linear_schedule_and_reports_its_statistics():
+    weighting = weightings.get("v_mse")
+    uniform = jnp.full((8,), 1.0 / 8)
+    plain = _terms(_model(weighting=weighting), PARAMS)
+    adaptive = _terms(_model(weighting=weighting), PARAMS, noise_level_probs=uniform)
+    # A uniform histogram over [gamma_0, gamma_1] is the fixed linear schedule of the same t.
+    np.testing.assert_allclose(adaptive.diffusion, plain.diffusion, rtol=2e-5)
+    np.testing.assert_allclose(adaptive.objective, plain.objective, rtol=2e-5)
+    assert adaptive.noise_bins.shape == (16,) and adaptive.noise_bins.dtype == jnp.int32
+    # The statistic is w ||eps - eps_hat||^2: the weighted loss over 1/2 gamma'(t).
+    weighted = adaptive.objective - adaptive.prior - adaptive.reconstruction
+    np.testing.assert_allclose(adaptive.noise_values, 2 * weighted / 18.3, rtol=1e-4)
+
+    # A skewed histogram draws other levels but estimates the same bound, without bias.
+    def diffusion_terms(probs):
+        def one(key):
+            return (
+                _model()
+                .apply(
+                    PARAMS, IMAGES, train=False, rngs={"diffusion": key}, noise_level_probs=probs
+                )
+                .diffusion
+            )
+
+        return np.asarray(jax.vmap(one)(jax.random.split(jax.random.key(3), 256))).ravel()
+
+    reference = diffusion_terms(uniform)
+    skewed = diffusion_terms(jnp.linspace(1.0, 8.0, 8) / 36.0)
+    stderr = np.hypot(reference.std(), skewed.std()) / np.sqrt(reference.size)
+    assert abs(skewed.mean() - reference.mean()) < 4 * stderr
+    assert not np.allclose(skewed[:16], reference[:16])
+
+
+def test_bad_objective_settings_raise():
+    discrete = _model(weighting=weightings.get("sigmoid"), num_steps=10)
+    with pytest.raises(ValueError, match="continuous-time loss"):
+        discrete.apply(PARAMS, IMAGES, train=True, rngs=RNGS)
+    evaluated = _terms(discrete, PARAMS)  # evaluation in discrete time reports the bound
+    np.testing.assert_array_equal(losses.bits_per_dim(evaluated.objective, 16), evaluated.bpd)
+    with pytest.raises(ValueError, match="adaptive noise levels need"):
+        _terms(_model(variance_gradient=True), PARAMS, noise_level_probs=jnp.ones(4) / 4)
