@@ -58,6 +58,7 @@ from vdm_jax import evaluation, sampling
 from vdm_jax.model import SCHEDULES, VDM, make_schedule
 from vdm_jax.nets import ScoreUNet
 from vdm_jax.training import checkpoint, data, parallel, steps
+from vdm_jax.training.preemption import PreemptionWatcher
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -771,7 +772,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     """
     run = _Run(config, workdir, "train")
     # Installed early, so a SIGTERM during start-up or compilation is not fatal either.
-    preemption = checkpoint.PreemptionWatcher().install()
+    preemption = PreemptionWatcher().install()
     try:
         state = _train(run, preemption)
     except BaseException:
@@ -782,7 +783,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     return state
 
 
-def _train(run: _Run, preemption: checkpoint.PreemptionWatcher) -> steps.TrainState:
+def _train(run: _Run, preemption: PreemptionWatcher) -> steps.TrainState:
     config = run.config
     cfg = config.training
     skip = int(_option(config, "training.skip_nonfinite_updates"))
@@ -865,7 +866,8 @@ def _loop(run, preemption, iterator, state, pending, writer, skip) -> steps.Trai
         carry, metrics = step_fn(carry, run.dp.put_batch(batch, stacked=k > 1), run.key)
         step += k
         stop = preemption.should_stop(step)
-        saving = due(cfg.checkpoint_every) or stop
+        # orbax's policy decides the periodic saves; the last step and a preemption force one.
+        saving = stop or step >= cfg.num_steps or run.checkpointer.should_save(step)
         logging_now = due(cfg.log_every)
         evaluating = due(cfg.eval_every) and step < cfg.num_steps
         sampling_now = due(cfg.sample_every) and step < cfg.num_steps
