@@ -209,9 +209,6 @@ class Checkpointer:
                             step, self._directory, latest)  # fmt: skip
         if (latest is not None and step <= latest) or not (force or self.should_save(step)):
             return False
-        if data_state is not None and not isinstance(data_state, bytes | bytearray | Mapping):
-            raise TypeError(f"Checkpointer.save: data_state must be bytes, a dict or None, "
-                            f"got {type(data_state)}")  # fmt: skip
         items = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data_state=ocp.args.JsonSave(_json(data_state, "data_state")),
@@ -219,30 +216,28 @@ class Checkpointer:
         )
         self.wait_until_finished()  # a failed previous save is reported under its own step
         self._pending_step = step
-        try:
-            return self._manager.save(step, args=items, force=True)
-        except Exception as e:
-            raise self._save_failed(e) from e
+        return self._reporting(self._manager.save, step, args=items, force=True)
 
     def wait_until_finished(self) -> None:
         """Blocks until a pending save is on disk (:class:`CheckpointSaveError` if it failed)."""
-        try:
-            self._manager.wait_until_finished()
-        except Exception as e:
-            raise self._save_failed(e) from e
+        self._reporting(self._manager.wait_until_finished)
 
     def close(self) -> None:
         """Waits for a pending save, then releases orbax's threads (also if the save failed)."""
-        try:
-            self._manager.close()
-        except Exception as e:
-            raise self._save_failed(e) from e
+        self._reporting(self._manager.close)
 
     def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _reporting(self, write: Any, *args: Any, **kwargs: Any) -> Any:
+        """``write(*args, **kwargs)``, its errors raised as :class:`CheckpointSaveError`."""
+        try:
+            return write(*args, **kwargs)
+        except Exception as error:
+            raise self._save_failed(error) from error
 
     def _save_failed(self, error: BaseException) -> CheckpointSaveError:
         step, self._pending_step = self._pending_step, None

@@ -16,24 +16,15 @@ __all__ = ["PreemptionWatcher"]
 
 
 class PreemptionWatcher:
-    """Turns a preemption notice (SIGTERM) into a flag the training loop polls.
+    """Turns a preemption notice (SIGTERM) into a stop step that every process agrees on.
 
-    Single process: :meth:`install` replaces the SIGTERM handler with one that only records
-    the signal, and :meth:`should_stop` is True from then on, so the loop can save a
-    checkpoint and exit cleanly; :meth:`close` (or leaving the ``with`` block) puts the
-    previous handler back. Multi-process, all processes must stop at the same step though
-    the signal may reach only some: with ``jax.distributed``'s preemption service (the
-    default), JAX catches SIGTERM and agrees on a step (``reached_preemption_sync_point``),
-    so no Python handler replaces JAX's; without it, :meth:`should_stop` gathers every
-    process's flag. Either way every process calls :meth:`should_stop` at the same steps::
-
-      with PreemptionWatcher() as preemption:
-          for step in range(start, num_steps + 1):
-              state = train_step(state, next(it))
-              stop = preemption.should_stop(step)
-              ckpt.save(step, state, data_state=it.get_state(), config=cfg, force=stop)
-              if stop:
-                  break
+    :meth:`install` replaces the SIGTERM handler with one that only records the signal;
+    :meth:`should_stop` then says when to save and exit; :meth:`close` (or leaving the
+    ``with`` block) puts the previous handler back. Under ``jax.distributed`` with its
+    preemption service (the default), JAX itself catches SIGTERM and agrees on a step with
+    every process (``reached_preemption_sync_point``), so no Python handler replaces JAX's;
+    without it, :meth:`should_stop` gathers every process's flag. Every process calls
+    :meth:`should_stop` at the same steps, e.g. ``ckpt.save(..., force=w.should_stop(step))``.
     """
 
     def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)):
