@@ -237,23 +237,20 @@ class Checkpointer:
         try:
             return write(*args, **kwargs)
         except Exception as error:
-            raise self._save_failed(error) from error
-
-    def _save_failed(self, error: BaseException) -> CheckpointSaveError:
-        step, self._pending_step = self._pending_step, None
-        try:
-            self._manager.reload()
-            steps = [s for s in self.all_steps() if s != step]
-        except Exception:  # the folder itself may be gone
-            steps = []
-        kept = f"intact (latest: step {steps[-1]})" if steps else "none yet"
-        what = "a checkpoint" if step is None else f"the checkpoint for step {step}"
-        return CheckpointSaveError(
-            f"Could not write {what} in {self._directory}: {_describe(error, write=True)}. "
-            f"Nothing was overwritten; the checkpoints already complete are {kept}, and the "
-            f"unfinished '*{_TMP}' folder is ignored. Free space (or fix the folder) and run "
-            "the same command again to resume."
-        )
+            step, self._pending_step = self._pending_step, None
+            try:
+                self._manager.reload()
+                steps = [s for s in self.all_steps() if s != step]
+            except Exception:  # the folder itself may be gone
+                steps = []
+            kept = f"intact (latest: step {steps[-1]})" if steps else "none yet"
+            what = "a checkpoint" if step is None else f"the checkpoint for step {step}"
+            raise CheckpointSaveError(
+                f"Could not write {what} in {self._directory}: {_describe(error, write=True)}. "
+                f"Nothing was overwritten; the checkpoints already complete are {kept}, and the "
+                f"unfinished '*{_TMP}' folder is ignored. Free space (or fix the folder) and run "
+                "the same command again to resume."
+            ) from error
 
     def restore(
         self,
@@ -285,7 +282,7 @@ class Checkpointer:
                 "real devices, e.g. jax.ShapeDtypeStruct(x.shape, x.dtype, sharding="
                 "NamedSharding(mesh, spec)) (jax.eval_shape gives None, or an AbstractMesh)."
             )
-        self._manager.wait_until_finished()
+        self.wait_until_finished()
         self._manager.reload()
         if unfinished := sorted(p.name for p in self._directory.glob(f"*{_TMP}*")):
             logging.warning("Ignoring unfinished checkpoint saves %s in %s (never restored).",
