@@ -9,6 +9,7 @@ so the density it gives z_0 (starting from the N(0, I) prior, not from q(z_1)) i
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -335,6 +336,10 @@ def test_every_sampler_gives_the_same_samples_for_an_eps_model_and_its_v_twin():
             m, NO_PARAMS, key, shape=shape, num_steps=20, return_latent=True),
         "ode": lambda m: sampling.ode_sample(
             m, NO_PARAMS, key, shape=shape, rtol=1e-6, atol=1e-6, return_latent=True),
+        "dpm": lambda m: sampling.dpm_solver_sample(
+            m, NO_PARAMS, key, shape=shape, num_steps=10, return_latent=True),
+        "dpm_sde": lambda m: sampling.dpm_solver_sample(
+            m, NO_PARAMS, key, shape=shape, num_steps=10, stochastic=True, return_latent=True),
     }  # fmt: skip
     for name, run in runs.items():
         images_eps, z_eps = run(eps_model)
@@ -346,3 +351,31 @@ def test_every_sampler_gives_the_same_samples_for_an_eps_model_and_its_v_twin():
         np.testing.assert_array_equal(images_v, images_eps, err_msg=name)
     with pytest.raises(ValueError, match="parameterization must be one of"):
         VDM(_GaussianEpsNet(), schedule, parameterization="noise")
+
+
+def test_dpm_solver_error_falls_at_second_order_and_its_sde_variant_samples_the_data():
+    shape, key = (256, 2, 2, 1), jax.random.key(4)
+    z_1 = jax.random.normal(jax.random.split(key, 3)[0], shape)
+    exact = M0 + math.sqrt(V0 / V1) * (np.asarray(z_1, np.float64) - M1)  # the flow map
+
+    def rms(sampler, num_steps, **kwargs):
+        _, z_0 = sampler(
+            GAUSS, NO_PARAMS, key, shape=shape, num_steps=num_steps, return_latent=True, **kwargs
+        )
+        return float(np.sqrt(np.mean(np.square(np.asarray(z_0, np.float64) - exact))))
+
+    dpm = [rms(sampling.dpm_solver_sample, n) for n in (8, 16, 32, 64, 128)]
+    ddim = [rms(sampling.ddim_sample, n) for n in (64, 128)]
+    ratios = [a / b for a, b in itertools.pairwise(dpm)]
+    print(f"\nDPM-Solver++(2M) RMS errors at 8..128 steps {dpm}, ratios {ratios}; DDIM {ddim}")
+    # Asymptotically 4 per halving of the step for a second-order method (2 for DDIM's first).
+    assert all(3.5 < r < 4.5 for r in ratios[-2:]), ratios
+    assert 1.7 < ddim[0] / ddim[1] < 2.3
+    assert dpm[3] < 0.05 * ddim[0]
+    # The stochastic variant samples q(z_0) = N(M0, V0), not the flow map.
+    _, z_sde = sampling.dpm_solver_sample(
+        GAUSS, NO_PARAMS, key, shape=(4000, 4, 4, 1), num_steps=200, stochastic=True,
+        return_latent=True,
+    )  # fmt: skip
+    z_sde = np.asarray(z_sde, np.float64)
+    assert abs(z_sde.mean() - M0) < 0.01 and abs(z_sde.var() / V0 - 1.0) < 0.03

@@ -59,6 +59,7 @@ __all__ = [
     "ODELikelihood",
     "ancestral_sample",
     "ddim_sample",
+    "dpm_solver_sample",
     "ode_log_likelihood",
     "ode_log_prob_latent",
     "ode_sample",
@@ -238,6 +239,83 @@ def ddim_sample(
 
     z_1 = jax.random.normal(key_init, shape, jnp.float32)
     z_0 = jax.lax.fori_loop(0, num_steps, body, z_1)
+    return _finish(model, params, z_0, key_decode, decode, return_latent)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("model", "shape", "num_steps", "stochastic", "decode", "return_latent"),
+)
+def dpm_solver_sample(
+    model: nn.Module,
+    params,
+    key: Array,
+    *,
+    shape: tuple[int, int, int, int],
+    num_steps: int,
+    stochastic: bool = False,
+    labels: Array | None = None,
+    decode: str = "argmax",
+    return_latent: bool = False,
+) -> Array | tuple[Array, Array]:
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2) in log-SNR, and its
+    stochastic variant SDE-DPM-Solver++(2M).
+
+    A second-order multistep solver of the probability-flow ODE written for the data
+    prediction x_hat = :func:`vdm_jax.diffusion.predict_x`. With lambda = log(alpha / sigma) =
+    -gamma / 2 on ``num_steps + 1`` levels equally spaced in lambda from gamma(1) to gamma(0)
+    (only the schedule's endpoints matter: the network is conditioned on gamma itself), step
+    i from level s to the less noisy level t, h = lambda_t - lambda_s, is
+
+        z_t = (sigma_t / sigma_s) z_s - alpha_t expm1(-h) D,   D = (1 + 1/(2r)) x_i - x_{i-1} / (2r)
+
+    with r = h_{i-1} / h and x_i, x_{i-1} the data predictions at this level and the previous
+    one (D = x_i at the first step: DDIM). The stochastic variant, from the SDE of the same
+    marginals, is z_t = (sigma_t / sigma_s) e^{-h} z_s - alpha_t expm1(-2h) D +
+    sigma_t sqrt(-expm1(-2h)) noise. One network evaluation per step; the deterministic
+    solver's global error falls as 1 / num_steps^2.
+
+    Args:
+      model, params, key, shape, labels, decode, return_latent: as in
+        :func:`ancestral_sample`. The key is split into three: z_1 ~ N(0, I), the steps'
+        noise (stochastic only) and the decoder.
+      num_steps: steps = network evaluations, >= 1; static.
+      stochastic: the SDE variant; static.
+
+    Returns:
+      images, int32 ``shape`` in 0..V-1; with ``return_latent``, ``(images, z_0)``.
+    """
+    shape = _check_shape(shape)
+    _check_positive("num_steps", num_steps)
+    _check_choice("decode", decode, _DECODE_MODES)
+    key_init, key_steps, key_decode = jax.random.split(key, 3)
+    gamma_0, gamma_1 = _endpoints(model, params)
+    gammas = jnp.linspace(gamma_1, gamma_0, num_steps + 1)  # noisiest first, equal in lambda
+
+    def body(i, carry):
+        z_s, x_prev, h_prev = carry
+        gamma_s, gamma_t = gammas[i], gammas[i + 1]
+        x_hat = diffusion.predict_x(z_s, _eps_hat(model, params, z_s, gamma_s, labels), gamma_s)
+        h = 0.5 * (gamma_s - gamma_t)
+        half_inverse_r = jnp.where(i > 0, 0.5 * h / h_prev, 0.0)
+        d = (1.0 + half_inverse_r) * x_hat - half_inverse_r * x_prev
+        alpha_t, sigma_t = diffusion.alpha_sigma(gamma_t)
+        # sigma_t / sigma_s without forming either ratio's terms by subtraction.
+        sigma_ratio = jnp.exp(0.5 * (jax.nn.log_sigmoid(gamma_t) - jax.nn.log_sigmoid(gamma_s)))
+        if stochastic:
+            noise = jax.random.normal(jax.random.fold_in(key_steps, i), shape, jnp.float32)
+            z_t = (
+                sigma_ratio * jnp.exp(-h) * z_s
+                - alpha_t * jnp.expm1(-2.0 * h) * d
+                + sigma_t * jnp.sqrt(-jnp.expm1(-2.0 * h)) * noise
+            )
+        else:
+            z_t = sigma_ratio * z_s - alpha_t * jnp.expm1(-h) * d
+        return z_t, x_hat, h
+
+    z_1 = jax.random.normal(key_init, shape, jnp.float32)
+    carry = (z_1, jnp.zeros(shape, jnp.float32), jnp.ones((), jnp.float32))
+    z_0, _, _ = jax.lax.fori_loop(0, num_steps, body, carry)
     return _finish(model, params, z_0, key_decode, decode, return_latent)
 
 
