@@ -1,0 +1,475 @@
+"""The run report: what a VDM run learned, as PNG plots and one self-contained HTML page.
+
+The plotting functions take plain records and arrays, so they work for any run:
+
+- :func:`plot_schedule`: gamma(t), with log SNR(t) = -gamma(t) on the right axis, of the
+  learned schedule against the one the run started from, the endpoints gamma(0) and gamma(1)
+  marked; and dgamma/dt, the weight the continuous-time diffusion loss gives each t.
+- :func:`plot_training`: train and test bits/dim with the three terms of the bound (prior,
+  reconstruction, diffusion) over the steps, the learned endpoints, the learning rate and the
+  gradient norm, from the records of ``metrics.jsonl`` (:func:`read_metrics`).
+- :func:`plot_loss_by_time`: the diffusion loss per time bin, its mean and its spread over a
+  batch of test images (:func:`diffusion_loss_by_time`), for the learned schedule and for the
+  linear schedule with the same endpoints. In continuous time the expected loss depends only
+  on the endpoints (the paper's invariance to the noise schedule), so the two means integrate
+  to the same figure; what a learned schedule changes is the variance of the one-sample
+  estimator.
+- :func:`write_html`: one page with every image embedded (base64 ``data:`` URIs, no script,
+  no network), which opens from disk.
+
+Matplotlib is used through :class:`matplotlib.figure.Figure` with the Agg canvas, without
+``pyplot``: nothing here changes the caller's backend or global state.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdm_jax import diffusion, losses, schedules
+from vdm_jax.errors import UserError
+
+# One colour per term of the bound, the same in every figure.
+_TERM_COLOURS = {
+    "bpd": "black",
+    "prior_bpd": "tab:blue",
+    "reconstruction_bpd": "tab:orange",
+    "diffusion_bpd": "tab:green",
+}
+_TERM_LABELS = {
+    "bpd": "bound (sum)",
+    "prior_bpd": "prior",
+    "reconstruction_bpd": "reconstruction",
+    "diffusion_bpd": "diffusion",
+}
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
+    """The records of a ``metrics.jsonl`` file, in file order.
+
+    Each record is a dict with an int ``'step'`` and float metrics: train records carry
+    ``'bpd'``, ``'prior_bpd'``, ``'reconstruction_bpd'``, ``'diffusion_bpd'`` (bits/dim),
+    ``'gamma_0'``, ``'gamma_1'``, ``'grad_norm'`` and ``'lr'``; evaluation records carry the
+    same terms prefixed with the split (``'test/bpd'``, ``'test/bpd_stderr'``, ...). A partial
+    last line (a run killed while writing it) is skipped.
+
+    Raises:
+      UserError: the file does not exist, or a line other than the last is not JSON.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(
+            f"no metrics file at {path}: train first (--mode=train) or point --workdir at a "
+            "training run"
+        )
+    with open(path) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break  # written while the run was killed
+            raise UserError(
+                f"{path}, line {i + 1}, is not a JSON record ({e}): {line[:80]}"
+            ) from None
+    return records
+
+
+def _figure(nrows: int, ncols: int, width: float, height: float):
+    from matplotlib.figure import Figure  # imported here: slow import, only the report needs it
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _save(fig, path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def plot_schedule(
+    t: np.ndarray,
+    gamma: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    initial: np.ndarray | None = None,
+    title: str = "noise schedule",
+) -> str:
+    """Plot a schedule gamma(t) = -log SNR(t) and its derivative; writes a PNG.
+
+    Args:
+      t: increasing times in [0, 1], ``[K]`` (a few hundred points: the derivative is taken
+        by finite differences).
+      gamma: gamma(t) of the schedule, ``[K]``.
+      path: the PNG to write.
+      initial: gamma(t) of the schedule the run started from, ``[K]``, drawn dashed.
+      title: the figure's title.
+
+    Returns:
+      ``path``.
+    """
+    t = np.asarray(t, np.float64)
+    curves = [("learned", np.asarray(gamma, np.float64), "-")]
+    if initial is not None:
+        curves.append(("initial", np.asarray(initial, np.float64), "--"))
+    fig, axes = _figure(1, 2, 10, 3.8)
+    left, right = axes[0]
+    for label, g, style in curves:
+        colour = "tab:purple" if label == "learned" else "grey"
+        left.plot(t, g, style, color=colour, label=label)
+        right.plot(t, np.gradient(g, t), style, color=colour, label=label)
+    g = curves[0][1]
+    # Inside the axes, beside each endpoint: gamma(0) up and right, gamma(1) down and left.
+    for x, y, offset, align in ((t[0], g[0], (8, 4), "left"), (t[-1], g[-1], (-8, -12), "right")):
+        left.plot([x], [y], "o", color="tab:purple")
+        left.annotate(
+            f"gamma({x:g}) = {y:.2f}", (x, y), textcoords="offset points", xytext=offset, ha=align
+        )
+    left.set_xlabel("t")
+    left.set_ylabel("gamma(t) = -log SNR(t)")
+    left.set_title(title)
+    left.grid(alpha=0.3)
+    left.legend(loc="lower right")
+    # log SNR = -gamma: the same curve read on the right axis.
+    snr_axis = left.secondary_yaxis("right", functions=(np.negative, np.negative))
+    snr_axis.set_ylabel("log SNR(t)")
+    right.set_xlabel("t")
+    right.set_ylabel("dgamma/dt")
+    right.set_title("dgamma/dt: the diffusion loss's weight at t")
+    _log_scale_if_wide(right, np.gradient(g, t))
+    right.grid(alpha=0.3)
+    right.legend()
+    return _save(fig, path)
+
+
+def _log_scale_if_wide(ax, values: np.ndarray, ratio: float = 20.0) -> None:
+    """A log y axis when the positive values span more than ``ratio`` (else log ticks on a
+    narrow range only obscure the numbers)."""
+    values = np.asarray(values)
+    if values.size and np.all(values > 0) and values.max() > ratio * values.min():
+        ax.set_yscale("log")
+
+
+def _series(records: Sequence[Mapping[str, float]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the records that carry a finite ``key``."""
+    pairs = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+    if not pairs:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*pairs, strict=True)
+    return np.asarray(steps, np.float64), np.asarray(values, np.float64)
+
+
+def plot_training(
+    records: Sequence[Mapping[str, float]], path: str | os.PathLike, *, split: str = "test"
+) -> str:
+    """Plot a run's metrics over the training steps; writes a PNG.
+
+    Four panels: train bits/dim (lines) and ``split`` bits/dim (dots) with the three terms of
+    the bound, on a log scale; the learned endpoints gamma(0) and gamma(1); the learning rate;
+    the gradient norm (log scale).
+
+    Args:
+      records: the records of ``metrics.jsonl`` (:func:`read_metrics`).
+      path: the PNG to write.
+      split: the evaluation split whose records (``'<split>/bpd'``, ...) are drawn.
+
+    Returns:
+      ``path``.
+
+    Raises:
+      UserError: no record carries a train bits/dim (nothing to plot yet).
+    """
+    if not _series(records, "bpd")[0].size:
+        raise UserError(
+            "the metrics hold no training record yet: let the run reach its first "
+            "training.log_every step"
+        )
+    fig, axes = _figure(2, 2, 11, 7.5)
+    from matplotlib.lines import Line2D
+
+    ax = axes[0, 0]
+    drawn = []
+    for key, colour in _TERM_COLOURS.items():
+        # The sum is drawn wide and underneath: it often coincides with the diffusion term.
+        wide = key == "bpd"
+        style = {"lw": 3.0, "alpha": 0.35, "zorder": 1} if wide else {"lw": 1.2, "zorder": 2}
+        steps, values = _series(records, key)
+        ax.plot(steps, values, "-", color=colour, **style)
+        drawn.append(values)
+        steps, values = _series(records, f"{split}/{key}")
+        ax.plot(steps, values, "o", color=colour, ms=6, mfc="white", zorder=3)
+        drawn.append(values)
+    _log_scale_if_wide(ax, np.concatenate(drawn))
+    # One entry per term (colour) and one per split (line or circle), outside the data.
+    handles = [Line2D([], [], color=c, lw=2) for c in _TERM_COLOURS.values()]
+    handles += [
+        Line2D([], [], color="grey"),
+        Line2D([], [], ls="", marker="o", color="grey", mfc="white"),
+    ]
+    labels = [*_TERM_LABELS.values(), "train", split]
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("bits/dim and the three terms of the bound")
+    ax.set_ylabel("bits/dim")
+
+    ax = axes[0, 1]
+    for key, label in (("gamma_0", "gamma(0)"), ("gamma_1", "gamma(1)")):
+        ax.plot(*_series(records, key), label=label)
+    ax.set_title("learned endpoints")
+    ax.set_ylabel("gamma")
+    ax.legend()
+
+    ax = axes[1, 0]
+    ax.plot(*_series(records, "lr"), color="tab:red")
+    ax.set_title("learning rate")
+
+    ax = axes[1, 1]
+    steps, values = _series(records, "grad_norm")
+    ax.plot(steps, values, color="tab:brown")
+    _log_scale_if_wide(ax, values)
+    ax.set_title("gradient norm")
+    for ax in axes.flat:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossByTime:
+    """The continuous-time diffusion loss at fixed times, over a set of images.
+
+    Attributes:
+      t: the time bins' midpoints, ``[K]``.
+      mean: the loss's mean over the images at each t, ``[K]``, bits/dim.
+      variance: its variance over the images (one noise draw per image), ``[K]``,
+        (bits/dim)^2.
+      num_images: how many images each t was evaluated on.
+    """
+
+    t: np.ndarray
+    mean: np.ndarray
+    variance: np.ndarray
+    num_images: int
+
+    @property
+    def expected(self) -> float:
+        """The midpoint rule for E_t[loss]: the diffusion term of the bound, bits/dim."""
+        return float(np.mean(self.mean))
+
+    @property
+    def estimator_std(self) -> float:
+        """The standard deviation, bits/dim, of the one-sample estimator of the diffusion term
+        (t ~ U(0, 1) and one noise draw per image): sqrt(E_t[E[L^2]] - E_t[E[L]]^2)."""
+        second_moment = np.mean(self.variance + np.square(self.mean))
+        return float(np.sqrt(max(second_moment - self.expected**2, 0.0)))
+
+
+def _loss_at(model, variables, images, labels, t, key, first, linear):
+    """Per-example diffusion loss, nats ``[B]``, at the scalar time t; image ``first + i``
+    draws its noise from ``fold_in(key, first + i)``, whatever the batching. ``linear`` (a
+    traced bool, so both schedules share one compiled function) picks the linear schedule with
+    the model's endpoints."""
+    x = diffusion.encode(images, model.vocab_size)
+    batch = x.shape[0]
+    gamma_t, dgamma_dt = schedules.gamma_and_derivative(
+        lambda s: model.apply(variables, s, method=model.gamma), t
+    )
+    gamma_0, gamma_1 = model.apply(variables, method=model.endpoints)
+    gamma_t = jnp.where(linear, gamma_0 + (gamma_1 - gamma_0) * t, gamma_t)
+    dgamma_dt = jnp.where(linear, gamma_1 - gamma_0, dgamma_dt)
+    gamma_t = jnp.broadcast_to(gamma_t, (batch,))
+    eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), x.shape[1:]))(
+        first + jnp.arange(batch)
+    )
+    z_t = diffusion.q_sample(x, gamma_t, eps)
+    eps_hat = model.apply(variables, z_t, gamma_t, labels, method=model.predict_noise)
+    return losses.diffusion_loss_continuous(eps, eps_hat, jnp.broadcast_to(dgamma_dt, (batch,)))
+
+
+_loss_at_jit = jax.jit(_loss_at, static_argnames=("model",))
+
+
+def diffusion_loss_by_time(
+    model: Any,
+    variables: Any,
+    images: np.ndarray,
+    key: jax.Array,
+    *,
+    labels: np.ndarray | None = None,
+    num_bins: int = 32,
+    linear: bool = False,
+    batch_size: int = 256,
+    progress: Any = None,
+) -> LossByTime:
+    """The diffusion loss 1/2 gamma'(t) ||eps - eps_hat(z_t, gamma_t)||^2 of continuous time at
+    the midpoints of ``num_bins`` equal time bins, for every image.
+
+    Args:
+      model: a :class:`~vdm_jax.model.VDM`.
+      variables: the model's variables, ``{'params': ...}``.
+      images: integer images ``[N, H, W, C]``, values in 0..V-1.
+      key: the noise: image i in bin k uses ``fold_in(fold_in(key, k), i)``, so the result
+        does not depend on ``batch_size`` and a call with ``linear=True`` and the same key sees
+        the same noise.
+      labels: int ``[N]`` labels for a class-conditional model, or None.
+      num_bins: K, the number of time bins.
+      linear: use the linear schedule with the model's endpoints instead of its own.
+      batch_size: images per compiled call.
+      progress: a ``tqdm`` progress bar to advance by one per batch, or None.
+
+    Returns:
+      :class:`LossByTime` in bits/dim.
+    """
+    images = np.asarray(images)
+    n = len(images)
+    if n == 0 or num_bins < 1:
+        raise UserError(f"need images and num_bins >= 1, got {n} images, num_bins={num_bins}")
+    num_dims = math.prod(images.shape[1:])
+    t = (np.arange(num_bins) + 0.5) / num_bins
+    sums = np.zeros((2, num_bins))
+    for k in range(num_bins):
+        bin_key = jax.random.fold_in(key, k)
+        for start in range(0, n, batch_size):
+            chunk = images[start : start + batch_size]
+            size = len(chunk)
+            # Padded to one shape, so that every batch reuses one compiled function.
+            pad = min(batch_size, n) - size
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            chunk_labels = None
+            if labels is not None:
+                chunk_labels = np.concatenate([labels[start : start + size], np.zeros(pad, int)])
+            nats = _loss_at_jit(
+                model,
+                variables,
+                chunk,
+                chunk_labels,
+                jnp.float32(t[k]),
+                bin_key,
+                start,
+                jnp.bool_(linear),
+            )
+            bpd = np.asarray(losses.bits_per_dim(nats, num_dims), np.float64)[:size]
+            sums[:, k] += bpd.sum(), np.square(bpd).sum()
+            if progress is not None:
+                progress.update(1)
+    mean = sums[0] / n
+    return LossByTime(t=t, mean=mean, variance=np.maximum(sums[1] / n - mean**2, 0.0), num_images=n)
+
+
+def plot_loss_by_time(
+    learned: LossByTime, path: str | os.PathLike, *, linear: LossByTime | None = None
+) -> str:
+    """Plot the diffusion loss per time bin, mean and standard deviation over the images.
+
+    Args:
+      learned: the loss under the run's schedule (:func:`diffusion_loss_by_time`).
+      path: the PNG to write.
+      linear: the loss under the linear schedule with the same endpoints, drawn dashed.
+
+    Returns:
+      ``path``.
+    """
+    fig, axes = _figure(1, 2, 10, 3.8)
+    for name, result, style in (
+        ("learned schedule", learned, "-"),
+        ("linear, same endpoints", linear, "--"),
+    ):
+        if result is None:
+            continue
+        label = f"{name}: E_t = {result.expected:.4f}, estimator std {result.estimator_std:.3f}"
+        axes[0, 0].plot(result.t, result.mean, style + "o", ms=3, label=label)
+        axes[0, 1].plot(result.t, np.sqrt(result.variance), style + "o", ms=3, label=name)
+    axes[0, 0].set_title(f"diffusion loss at t, mean over {learned.num_images} test images")
+    axes[0, 0].set_ylabel("bits/dim")
+    axes[0, 0].legend(fontsize=8)
+    axes[0, 1].set_title("its standard deviation over the images")
+    axes[0, 1].set_ylabel("bits/dim")
+    for ax in axes.flat:
+        ax.set_xlabel("t")
+        _log_scale_if_wide(ax, np.concatenate([line.get_ydata() for line in ax.get_lines()]))
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _data_uri(png_path: str) -> str:
+    with open(png_path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+
+
+_STYLE = """
+body { font-family: sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em;
+       color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.8em; }
+table { border-collapse: collapse; } td, th { padding: 0.2em 1em 0.2em 0; text-align: left; }
+th { font-weight: normal; color: #555; } img { max-width: 100%; }
+figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.9em; }
+.samples { display: flex; flex-wrap: wrap; gap: 1em; }
+.samples img { image-rendering: pixelated; width: 260px; }
+pre { background: #f6f6f6; padding: 1em; overflow: auto; font-size: 0.85em; }
+"""
+
+
+def write_html(
+    path: str | os.PathLike,
+    *,
+    title: str,
+    summary: Mapping[str, str],
+    figures: Sequence[tuple[str, str]],
+    samples: Sequence[tuple[str, str]] = (),
+    config_text: str = "",
+) -> str:
+    """Write one self-contained HTML page: every image embedded, no script, no link out.
+
+    Args:
+      path: the HTML file to write.
+      title: the page's title.
+      summary: final figures, name -> formatted value, shown as a table.
+      figures: ``(caption, png_path)`` of the plots, in page order.
+      samples: ``(caption, png_path)`` of sample grids, shown side by side at their pixel size
+        scaled up without smoothing.
+      config_text: the run's config, shown as preformatted text.
+
+    Returns:
+      ``path``.
+    """
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        "<h2>Final figures</h2><table>",
+        *(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in summary.items()),
+        "</table>",
+    ]
+    for caption, png in figures:
+        parts.append(f'<figure><img src="{_data_uri(png)}" alt="{esc(caption)}">')
+        parts.append(f"<figcaption>{esc(caption)}</figcaption></figure>")
+    if samples:
+        parts.append('<h2>Samples written during training</h2><div class="samples">')
+        for caption, png in samples:
+            parts.append(f'<figure><img src="{_data_uri(png)}" alt="{esc(caption)}">')
+            parts.append(f"<figcaption>{esc(caption)}</figcaption></figure>")
+        parts.append("</div>")
+    if config_text:
+        parts.append("<h2>Config</h2><details><summary>the run's config (click to open)</summary>")
+        parts.append(f"<pre>{esc(config_text)}</pre></details>")
+    parts.append("</body></html>")
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts) + "\n")
+    return path
