@@ -1,4 +1,4 @@
-"""Command line: train, evaluate or sample a VDM from a config.
+"""Command line: train, evaluate or sample a VDM from a config::
 
     python -m vdm_jax --config=vdm_jax/configs/digits.py --workdir=/tmp/digits
     python -m vdm_jax --config=vdm_jax/configs/cifar10.py:smoke --workdir=DIR \\

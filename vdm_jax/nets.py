@@ -2,7 +2,7 @@
 
 This is the noise-prediction network of Variational Diffusion Models (Kingma, Salimans,
 Poole, Ho 2021, arXiv 2107.00630), as a Flax Linen module. It works at the resolution of its
-input throughout (no down- or up-sampling):
+input throughout (no down- or up-sampling)::
 
     z [B, H, W, C] --(concat base-2 Fourier features)--> 3x3 conv to n_embd channels
       -> n_layer ResNet blocks                      (each output kept as a skip)

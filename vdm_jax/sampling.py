@@ -20,13 +20,13 @@ the ODE ones diffrax's adaptive solvers.
 
 The probability-flow ODE, in the gamma parameterisation. For q(z_t|x) = N(alpha_t x,
 sigma_t^2 I) with alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 = sigmoid(gamma_t), the forward SDE
-dz = f(t) z dt + g(t) dw has
+dz = f(t) z dt + g(t) dw has::
 
     f(t)   = d log alpha_t / dt = 1/2 d log sigmoid(-gamma_t) / dt = -1/2 gamma'(t) sigma_t^2,
     g^2(t) = d sigma_t^2 / dt - 2 f(t) sigma_t^2
            = gamma'(t) sigma_t^2 alpha_t^2 + gamma'(t) sigma_t^4 = gamma'(t) sigma_t^2,
 
-and with the score -eps_hat / sigma_t the ODE dz/dt = f z - 1/2 g^2 score is
+and with the score -eps_hat / sigma_t the ODE dz/dt = f z - 1/2 g^2 score is::
 
     dz/dt = 1/2 gamma'(t) sigma_t (eps_hat(z, t) - sigma_t z).
 

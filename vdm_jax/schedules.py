@@ -107,7 +107,7 @@ class LearnedLinearSchedule(_Schedule):
     """The linear schedule with learned endpoints, as in the paper's main experiments.
 
     Parameters: ``gamma_min`` (gamma(0)) and ``gamma_range`` (gamma(1) = gamma(0) +
-    |gamma_range|), initialised from the attributes below; monotonic for every parameter value.
+    ``|gamma_range|``), initialised from the attributes below; monotonic for every parameter value.
 
     Attributes:
       gamma_min, gamma_max: initial endpoints (defaults -13.3 and 5.0).
@@ -125,7 +125,7 @@ class LearnedLinearSchedule(_Schedule):
 
 
 class DenseMonotone(nn.Module):
-    """A dense layer whose effective kernel is |kernel|, so it is non-decreasing in its input.
+    """A dense layer whose effective kernel is ``|kernel|``, so it is non-decreasing in its input.
 
     Computed at the highest matmul precision: on TPUs the default would round to bfloat16.
 
@@ -157,13 +157,13 @@ class MonotonicSchedule(LearnedLinearSchedule):
     The shape is f(t) = t + l3(phi(l2(2t - 1))) / n_features, with ``DenseMonotone`` layers
     l2 (width ``n_features``) and l3 (one output, no bias) and phi(h) = 2 sigmoid(h) - 1, so f
     is strictly increasing; it is normalised to shape(t) = (f(t) - f(0)) / (f(1) - f(0)), which
-    is 0 at t = 0 and 1 at t = 1 to the last bit. gamma(t) = gamma_0 + |gamma_range| shape(t)
+    is 0 at t = 0 and 1 at t = 1 to the last bit. gamma(t) = gamma_0 + ``|gamma_range|`` shape(t)
     with the endpoint parameters of :class:`LearnedLinearSchedule`. The reference network's
     endpoints drift during training because it has no such normalisation; here they are
     exactly the learned parameters.
 
     l3's kernel starts at zero, so the schedule starts as the linear one exactly; the
-    derivative of |w| at w = 0 is 1 in JAX, so l3 still receives gradients from the first step.
+    derivative of ``|w|`` at w = 0 is 1 in JAX, so l3 still receives gradients from the first step.
 
     Attributes:
       gamma_min, gamma_max: initial endpoints (defaults -13.3 and 5.0).

@@ -148,7 +148,8 @@ def _min_snr(gamma: float = 5.0) -> Callable[[Array], Array]:
     )
 
 
-# name -> (factory, monotone, docstring line)
+#: The weightings by name: name -> (factory, whether w(lambda) is monotone, a one-line
+#: description).
 WEIGHTINGS: dict[str, tuple[Callable[..., Callable[[Array], Array]], bool, str]] = {
     "elbo": (_elbo, True, "w = 1: the ELBO itself (VDM)."),
     "sigmoid": (
