@@ -244,7 +244,7 @@ def read_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
     """
     file = find_checkpoint_file(path)
     try:
-        data = file.read_bytes()
+        data = _read_with_progress(file)
     except ImportError as e:
         raise _needs_gcsfs(file, e) from None
     try:
@@ -270,6 +270,23 @@ def read_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
         opt_state=state.get("opt_state"),
         architecture=architecture,
     )
+
+
+def _read_with_progress(file: epath.Path, chunk: int = 1 << 24) -> bytes:
+    """The file's bytes, read in chunks under a progress bar (a CIFAR-10 train state is a few
+    hundred MB, often in a bucket); the bar shows only on a terminal."""
+    from tqdm import tqdm
+
+    parts = []
+    with (
+        file.open("rb") as f,
+        tqdm(total=file.stat().length, unit="B", unit_scale=True, desc=file.name,
+             disable=None) as bar,
+    ):  # fmt: skip
+        while block := f.read(chunk):
+            parts.append(block)
+            bar.update(len(block))
+    return b"".join(parts)
 
 
 def _entry(tree: Mapping[str, Any], key: str, where: str, path: str) -> Any:
