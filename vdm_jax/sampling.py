@@ -44,7 +44,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import diffrax
 import flax.linen as nn
@@ -131,6 +131,35 @@ def _gamma_grid(model: nn.Module, params, num_steps: int) -> Array:
     return _gamma(model, params, jnp.arange(num_steps + 1, dtype=jnp.float32) / num_steps)
 
 
+_BARS: dict[int, Any] = {}
+
+
+def _advance(j, total) -> None:
+    """Host side of a sampler's progress bar: opened at step 0, closed after the last."""
+    j, total = int(j), int(total)
+    if j == 0:
+        from tqdm import tqdm
+
+        _BARS[total] = tqdm(total=total, desc="sampling", unit="step", disable=None)
+    bar = _BARS.get(total)
+    if bar is not None:
+        bar.update(1)
+        if j == total - 1:
+            _BARS.pop(total).close()
+
+
+def _ticking(body, num_steps: int, progress: bool):
+    """A ``fori_loop`` body that, with ``progress``, also advances a progress bar."""
+    if not progress:
+        return body
+
+    def ticking(j, carry):
+        jax.debug.callback(_advance, j, num_steps)
+        return body(j, carry)
+
+    return ticking
+
+
 def _finish(model, params, z_0, key, decode, return_latent):
     images = _decode(model, params, z_0, key, decode)
     return (images, z_0) if return_latent else images
@@ -140,9 +169,10 @@ def _finish(model, params, z_0, key, decode, return_latent):
 # Discrete-time samplers
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "shape", "num_steps", "decode", "return_latent")
-)
+_STATIC = ("model", "shape", "num_steps", "decode", "return_latent", "progress")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def ancestral_sample(
     model: nn.Module,
     params,
@@ -153,6 +183,7 @@ def ancestral_sample(
     labels: Array | None = None,
     decode: str = "argmax",
     return_latent: bool = False,
+    progress: bool = False,
 ) -> Array | tuple[Array, Array]:
     """The paper's ancestral sampler of the discrete-time generative model p(z_s|z_t).
 
@@ -171,6 +202,7 @@ def ancestral_sample(
       decode: ``"argmax"`` (the most likely value of p(x|z_0)) or ``"sample"`` (a sample of
         it); static.
       return_latent: also return z_0; static.
+      progress: show a progress bar of the steps (tqdm, on a terminal); static.
 
     Returns:
       images, int32 ``shape`` with values in 0..V-1; with ``return_latent``, the pair
@@ -190,13 +222,11 @@ def ancestral_sample(
         return diffusion.ancestral_step(z_t, eps_hat, gamma_s, gamma_t, noise)
 
     z_1 = jax.random.normal(key_init, shape, jnp.float32)
-    z_0 = jax.lax.fori_loop(0, num_steps, body, z_1)
+    z_0 = jax.lax.fori_loop(0, num_steps, _ticking(body, num_steps, progress), z_1)
     return _finish(model, params, z_0, key_decode, decode, return_latent)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "shape", "num_steps", "decode", "return_latent")
-)
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def ddim_sample(
     model: nn.Module,
     params,
@@ -207,6 +237,7 @@ def ddim_sample(
     labels: Array | None = None,
     decode: str = "argmax",
     return_latent: bool = False,
+    progress: bool = False,
 ) -> Array | tuple[Array, Array]:
     """The deterministic DDIM sampler (eta = 0), usually with far fewer steps than ancestral.
 
@@ -217,7 +248,7 @@ def ddim_sample(
     z_1 (and the decoder with ``decode="sample"``). One network evaluation per step.
 
     Args:
-      model, params, key, shape, num_steps, labels, decode, return_latent: as in
+      model, params, key, shape, num_steps, labels, decode, return_latent, progress: as in
         :func:`ancestral_sample`.
 
     Returns:
@@ -238,13 +269,13 @@ def ddim_sample(
         return alpha_s * x_hat + sigma_s * eps_hat
 
     z_1 = jax.random.normal(key_init, shape, jnp.float32)
-    z_0 = jax.lax.fori_loop(0, num_steps, body, z_1)
+    z_0 = jax.lax.fori_loop(0, num_steps, _ticking(body, num_steps, progress), z_1)
     return _finish(model, params, z_0, key_decode, decode, return_latent)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "shape", "num_steps", "stochastic", "decode", "return_latent"),
+    static_argnames=(*_STATIC, "stochastic"),
 )
 def dpm_solver_sample(
     model: nn.Module,
@@ -257,6 +288,7 @@ def dpm_solver_sample(
     labels: Array | None = None,
     decode: str = "argmax",
     return_latent: bool = False,
+    progress: bool = False,
 ) -> Array | tuple[Array, Array]:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2) in log-SNR, and its
     stochastic variant SDE-DPM-Solver++(2M).
@@ -276,7 +308,7 @@ def dpm_solver_sample(
     solver's global error falls as 1 / num_steps^2.
 
     Args:
-      model, params, key, shape, labels, decode, return_latent: as in
+      model, params, key, shape, labels, decode, return_latent, progress: as in
         :func:`ancestral_sample`. The key is split into three: z_1 ~ N(0, I), the steps'
         noise (stochastic only) and the decoder.
       num_steps: steps = network evaluations, >= 1; static.
@@ -315,7 +347,7 @@ def dpm_solver_sample(
 
     z_1 = jax.random.normal(key_init, shape, jnp.float32)
     carry = (z_1, jnp.zeros(shape, jnp.float32), jnp.ones((), jnp.float32))
-    z_0, _, _ = jax.lax.fori_loop(0, num_steps, body, carry)
+    z_0, _, _ = jax.lax.fori_loop(0, num_steps, _ticking(body, num_steps, progress), carry)
     return _finish(model, params, z_0, key_decode, decode, return_latent)
 
 
