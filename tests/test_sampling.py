@@ -122,6 +122,21 @@ def test_jitted_and_unjitted_samplers_agree():
         np.testing.assert_array_equal(images, images_ref)
 
 
+def test_progress_bar_counts_every_step_and_changes_nothing(monkeypatch):
+    ticks = []
+    advance = sampling._advance
+    monkeypatch.setattr(sampling, "_advance", lambda j, n: (ticks.append(int(j)), advance(j, n)))
+    kwargs = dict(shape=(2, 2, 2, 1), num_steps=6, return_latent=True)
+    for sampler in (sampling.ancestral_sample, sampling.ddim_sample, sampling.dpm_solver_sample):
+        ticks.clear()
+        _, z_quiet = sampler(GAUSS, NO_PARAMS, jax.random.key(3), **kwargs)
+        _, z_shown = sampler(GAUSS, NO_PARAMS, jax.random.key(3), progress=True, **kwargs)
+        jax.effects_barrier()
+        np.testing.assert_array_equal(z_quiet, z_shown)
+        assert sorted(ticks) == list(range(6)), sampler
+    assert not sampling._BARS  # every bar was closed
+
+
 def test_ancestral_sampler_reproduces_the_data_distribution():
     # 64,000 independent values; T = 1000 as in the paper.
     _, z_0 = sampling.ancestral_sample(
