@@ -310,7 +310,7 @@ def _global_batches(src, count, k, state=None, **kwargs):
             it.set_state(state)
         per_process.append([next(it) for _ in range(k)])
     return [
-        {key: np.concatenate([p[i][key] for p in per_process]) for key in ("image", "label")}
+        {key: np.concatenate([p[i][key] for p in per_process]) for key in per_process[0][i]}
         for i in range(k)
     ]
 
@@ -460,6 +460,7 @@ def test_train_resume_across_process_counts(consumed):
         "seed": 3,
         "global_batch_size": 4,
         "shuffle": True,
+        "augment": False,
     }
     saved = json.loads(json.dumps(state))  # as a JSON checkpoint item stores it
     for count in (1, 2, 4):
@@ -490,6 +491,7 @@ def test_train_set_state_mid_run_and_far_ahead():
         (12, {}, r"num_records=11 in the saved state, num_records=12 here"),
         (11, {"global_batch_size": 8}, r"global_batch_size=4 .*global_batch_size=8 here"),
         (11, {"shuffle": False}, r"shuffle=True in the saved state, shuffle=False here"),
+        (11, {"augment": True}, r"augment=False in the saved state, augment=True here"),
         (12, {"seed": 4}, r"num_records=11 .*; seed=3 .*seed=4 here"),
     ],
 )
@@ -653,3 +655,78 @@ def test_eval_global_batches_do_not_depend_on_the_process_count(count):
     for k, (labels, mask) in enumerate(whole):
         np.testing.assert_array_equal(np.concatenate([s[k][0] for s in shares]), labels)
         np.testing.assert_array_equal(np.concatenate([s[k][1] for s in shares]), mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation.
+
+
+def _random_source(n, side=4):
+    """n random square images (no symmetry: the 8 flips and rotations of each differ)."""
+    rng = np.random.default_rng(1)
+    return data.array_source(rng.integers(0, 256, (n, side, side, 1), np.uint8), np.arange(n))
+
+
+def _transform(image, flip, k):
+    return np.rot90(image[:, ::-1] if flip else image, k, axes=(0, 1))
+
+
+def test_augment_flags_match_the_transforms_applied():
+    src = _random_source(2048)  # >= 2048 records: grain's index shuffle is cheap
+    it = _make(src, global_batch_size=256, augment=True)
+    plain = _make(src, global_batch_size=256)
+    counts = np.zeros((2, 4), int)  # (flipped, quarter turns)
+    for _ in range(8):
+        batch, reference = next(it), next(plain)
+        assert batch["conditioning"].dtype == np.float32 and batch["conditioning"].shape == (256,)
+        np.testing.assert_array_equal(batch["label"], reference["label"])  # the same order
+        for image, label, flag in zip(
+            batch["image"], batch["label"], batch["conditioning"], strict=True
+        ):
+            original = src.images[label]
+            found = [
+                (f, k) for f in (0, 1) for k in range(4)
+                if np.array_equal(image, _transform(original, f, k))
+            ]  # fmt: skip
+            assert len(found) == 1
+            ((f, k),) = found
+            counts[f, k] += 1
+            assert flag == float(f or k > 0)
+    # The authors' probabilities: flip 1/2; a rotation 1/2, by 1, 2 or 3 quarter turns.
+    total = counts.sum()
+    np.testing.assert_allclose(counts.sum(1) / total, [0.5, 0.5], atol=0.03)
+    np.testing.assert_allclose(counts.sum(0) / total, [0.5, 1 / 6, 1 / 6, 1 / 6], atol=0.03)
+
+
+@pytest.mark.parametrize("consumed", [0, 5])
+def test_augment_resumes_exactly_on_any_process_count(consumed):
+    src, more = _random_source(13), 4
+    uninterrupted = _global_batches(src, 1, consumed + more, augment=True)
+    assert {"image", "label", "conditioning"} == set(uninterrupted[0])
+    writer = _make(src, 2, 1, augment=True)
+    _take(writer, consumed)
+    state = json.loads(json.dumps(writer.get_state()))
+    assert state["augment"] is True
+    for count in (1, 2, 4):
+        resumed = _global_batches(src, count, more, state=state, augment=True)
+        for want, got in zip(uninterrupted[consumed:], resumed, strict=True):
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=f"{count} {key}")
+
+
+def test_augment_needs_square_images():
+    with pytest.raises(UserError, match=r"square.*\(2, 3, 1\)"):
+        _make(_id_source(5, shape=(2, 3, 1)), augment=True)
+
+
+def test_eval_with_conditioning_is_unaugmented_with_flag_zero():
+    src = _random_source(5)
+    batches = list(
+        data.make_eval_iterator(
+            src, global_batch_size=4, process_index=0, process_count=1, with_conditioning=True
+        )
+    )
+    for b in batches:
+        assert b["conditioning"].dtype == np.float32 and not b["conditioning"].any()
+    images = np.concatenate([b["image"] for b in batches])[:5]
+    np.testing.assert_array_equal(images, src.images)

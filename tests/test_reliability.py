@@ -594,6 +594,9 @@ CONFIG_AND_DATA_CASES = [
     ("test images of another size", _test_split_other_size,
      r"data: the 'test' split's images have shape \(6, 6, 1\) but the training split's have "
      r"\(4, 4, 1\)"),
+    ("augmentation of images that are not square", lambda t: _folder_config(
+        _image_folder(t / "imgs", size=(4, 6)), data__augment=True),
+     r"data\.augment=True rotates images by 90 degrees, but the data's are 4x6"),
 ]  # fmt: skip
 
 

@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.name = "cifar10"
     # tfds data_dir, or the root of an image folder (name='folder').
     config.data.data_dir = config_dict.placeholder(str)
+    # The paper's flips and 90-degree rotations, flagged in the batch as "conditioning".
+    config.data.augment = False
 
     config.model = ml_collections.ConfigDict()
     config.model.n_layer = 32

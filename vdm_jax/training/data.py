@@ -620,7 +620,7 @@ def dataset_info(name: str, *, data_dir: str | os.PathLike | None = None) -> Dat
 # Written into every saved position. Format 1 (numpy permutations per epoch) is another order.
 _STATE_FORMAT = "vdm_jax.training.data/2"
 # The fields a saved position is only valid for; checked by TrainIterator.set_state.
-_STREAM_FIELDS = ("num_records", "seed", "global_batch_size", "shuffle")
+_STREAM_FIELDS = ("num_records", "seed", "global_batch_size", "shuffle", "augment")
 
 
 def _process_index_and_count(
@@ -651,13 +651,14 @@ def _per_process_batch_size(global_batch_size: int, process_count: int, where: s
 def _process_slices(
     positions: grain.MapDataset, batch_size: int, process_index: int, process_count: int
 ) -> grain.MapDataset:
-    """This process's slice of each global batch of a stream of record indices.
+    """This process's slice of each global batch of a stream (of record indices or draws).
 
     Global batch ``k`` is stream positions ``k*B .. k*B+B-1`` (``B = batch_size *
     process_count``); process ``p``'s slice is rows ``p*b .. p*b+b-1`` of it, which is batch
     ``k*n + p`` of the stream batched by ``b``. Element ``k`` of the result is that slice
-    (int64 [b]) for every process, so grain's position ``next_index`` is the global batch
-    index whatever the process count. A last partial global batch is dropped.
+    (the stream's elements stacked, [b]) for every process, so grain's position
+    ``next_index`` is the global batch index whatever the process count. A last partial
+    global batch is dropped.
     """
     batches = positions.batch(batch_size, drop_remainder=True)
     stop = len(batches) // process_count * process_count
@@ -673,6 +674,29 @@ def _read_records(source: ImageSource, indices: np.ndarray) -> Record:
     return {key: np.stack([np.asarray(r[key]) for r in records]) for key in records[0]}
 
 
+def _draw_augmentation(record: int, rng: np.random.Generator) -> dict[str, Any]:
+    """The authors' augmentation draws for one example (google-research/vdm, ``dataset.py``):
+    a left-right flip with probability 1/2, then with probability 1/2 a rotation by ``k * 90``
+    degrees, ``k`` uniform in 1..3. ``rng`` is grain's, seeded by the stream position."""
+    flip = rng.random() < 0.5
+    k = int(rng.integers(1, 4))
+    return {"index": record, "flip": flip, "rotations": k if rng.random() < 0.5 else 0}
+
+
+def _read_augmented(source: ImageSource, draws: Record) -> Record:
+    """Records ``draws["index"]`` flipped and rotated as drawn, with ``"conditioning"``:
+    float32 [b], 1 where any transform was applied (the flag the authors' network takes)."""
+    batch = _read_records(source, draws["index"])
+    images = batch["image"]
+    images[draws["flip"]] = images[draws["flip"], :, ::-1]
+    for k in (1, 2, 3):
+        rotate = draws["rotations"] == k
+        # Counter-clockwise, as tf.image.rot90 in the authors' code.
+        images[rotate] = np.rot90(images[rotate], k, axes=(1, 2))
+    batch["conditioning"] = (draws["flip"] | (draws["rotations"] > 0)).astype(np.float32)
+    return batch
+
+
 class TrainIterator:
     """The iterator :func:`make_train_iterator` returns (see there for the batch order).
 
@@ -680,10 +704,8 @@ class TrainIterator:
     grain's position the fields it is valid for, and ``set_state`` checks them.
 
     Attributes:
-      num_records: ``len(source)``.
-      seed: the shuffle seed.
-      shuffle: whether epochs are shuffled.
-      global_batch_size: ``B``, examples per global batch over all processes.
+      stream: what defines the stream, ``{"num_records": N, "seed": ..., "global_batch_size":
+        B, "shuffle": ..., "augment": ...}``; a position is valid only for the same values.
       num_batches: global batches in the whole stream; None when endless.
     """
 
@@ -691,17 +713,10 @@ class TrainIterator:
         self,
         batches: grain.MapDataset,
         read_options: grain.ReadOptions,
-        *,
-        num_records: int,
-        seed: int,
-        shuffle: bool,
-        global_batch_size: int,
+        stream: Mapping[str, Any],
         endless: bool,
     ):
-        self.num_records = num_records
-        self.seed = seed
-        self.shuffle = shuffle
-        self.global_batch_size = global_batch_size
+        self.stream = {key: stream[key] for key in _STREAM_FIELDS}
         self.num_batches = None if endless else len(batches)
         self._iterator = iter(batches.to_iter_dataset(read_options))
 
@@ -732,21 +747,18 @@ class TrainIterator:
         """The position: a JSON-serialisable dict, the same on every process.
 
         Returns:
-          ``{"format": ..., "next_index": k, "num_records": N, "seed": seed,
-          "global_batch_size": B, "shuffle": shuffle}``: ``next_index`` is grain's position,
-          the index of the next global batch.
+          ``{"format": ..., "next_index": k, **stream}``: ``next_index`` is grain's
+          position, the index of the next global batch; ``stream`` as the attribute.
         """
-        state = {"format": _STATE_FORMAT, **self._iterator.get_state()}
-        return state | {key: getattr(self, key) for key in _STREAM_FIELDS}
+        return {"format": _STATE_FORMAT, **self._iterator.get_state(), **self.stream}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Continues from a position saved by ``get_state``, by any number of processes.
 
         Raises:
           UserError: ``state`` is not a state of this iterator type, or it was saved for a
-            different ``format``, ``num_records``, ``seed``, ``global_batch_size`` or
-            ``shuffle`` (the message names each, e.g. ``num_records=7 in the saved state,
-            num_records=8 here``).
+            different ``format`` or ``stream`` field (the message names each, e.g.
+            ``num_records=7 in the saved state, num_records=8 here``).
         """
         where = "TrainIterator.set_state"
         if not isinstance(state, Mapping) or "format" not in state:
@@ -754,7 +766,7 @@ class TrainIterator:
                 f"{where}: not a position saved by make_train_iterator (a dict with a 'format' "
                 f"field); got {type(state).__name__} {str(state)[:80]}"
             )
-        expected = {"format": _STATE_FORMAT, **{key: getattr(self, key) for key in _STREAM_FIELDS}}
+        expected = {"format": _STATE_FORMAT, **self.stream}
         missing = [key for key in ("next_index", *expected) if key not in state]
         if missing:
             raise UserError(f"{where}: the saved position lacks {missing}")
@@ -774,11 +786,8 @@ class TrainIterator:
         self._iterator.set_state({"next_index": k})
 
     def __repr__(self) -> str:
-        return (
-            f"TrainIterator(num_records={self.num_records}, seed={self.seed}, "
-            f"shuffle={self.shuffle}, global_batch_size={self.global_batch_size}, "
-            f"next_batch_index={self.next_batch_index})"
-        )
+        fields = ", ".join(f"{key}={value!r}" for key, value in self.stream.items())
+        return f"TrainIterator({fields}, next_batch_index={self.next_batch_index})"
 
 
 def make_train_iterator(
@@ -790,6 +799,7 @@ def make_train_iterator(
     process_count: int | None = None,
     shuffle: bool = True,
     num_epochs: int | None = None,
+    augment: bool = False,
     read_options: grain.ReadOptions | None = None,
 ) -> TrainIterator:
     """A shuffled stream of training batches, the same global batches on any number of hosts.
@@ -804,11 +814,19 @@ def make_train_iterator(
     ``k`` whatever ``n`` and ``read_options`` are: a run on 2 processes of 2 devices trains on
     the same data as one on 1 process of 4 devices.
 
+    **Augmentation** (``augment=True``, as the paper's augmented CIFAR-10 model): each example
+    is flipped left-right with probability 1/2, then rotated by 90, 180 or 270 degrees
+    (counter-clockwise, equally likely) with probability 1/2; the batch gets ``"conditioning"``,
+    float32 [b], 1 where a flip or a rotation was applied and 0 where the image is as stored.
+    The draws are grain's ``random_map`` after the repeat, seeded from ``seed`` and the stream
+    position, so they too do not depend on the process count, and a resumed run sees exactly
+    the same images. The record order is the same as without augmentation.
+
     **Position.** ``it.get_state()`` is a JSON-serialisable dict (see
     :meth:`TrainIterator.get_state`) without the process index or count, so it is identical on
     every process. ``it.set_state(state)`` on an iterator made with the same source length,
-    seed, batch size and ``shuffle`` continues with global batch ``k``, also with a different
-    ``process_count`` (a checkpoint of 2 processes resumes on 1 or 4).
+    seed, batch size, ``shuffle`` and ``augment`` continues with global batch ``k``, also with
+    a different ``process_count`` (a checkpoint of 2 processes resumes on 1 or 4).
 
     Args:
       source: random-access source of ``{"image": uint8 [H, W, C], "label": int32 []}``
@@ -821,18 +839,19 @@ def make_train_iterator(
       shuffle: shuffle each epoch (True for training).
       num_epochs: None for an endless stream; otherwise the stream ends after
         ``num_epochs * N // B`` global batches (the last partial global batch is dropped).
+      augment: apply the random flips and rotations (square images only).
       read_options: grain's reading threads and prefetch buffer, counted in *batches* (each
         read by one thread). None: 16 threads and 32 batches, or 1 thread and 2 batches for
         an :class:`ArraySource`.
 
     Returns:
       A :class:`TrainIterator` yielding ``{"image": uint8 [b, H, W, C], "label": int32
-      [b]}``.
+      [b]}``, and ``"conditioning": float32 [b]`` with ``augment``.
 
     Raises:
       UserError: non-positive or non-divisible batch size (naming both numbers), a bad
-        process index or count, a bad seed or num_epochs, or a source with fewer records
-        than processes.
+        process index or count, a bad seed or num_epochs, a source with fewer records
+        than processes, or ``augment`` with images that are not square.
     """
     where = "make_train_iterator"
     process_index, process_count = _process_index_and_count(process_index, process_count, where)
@@ -851,21 +870,31 @@ def make_train_iterator(
     if shuffle:
         stream = stream.shuffle()
     stream = stream.repeat(num_epochs)
+    reader = _read_records
+    if augment:
+        shape = np.shape(source[0]["image"])
+        if shape[0] != shape[1]:
+            raise UserError(
+                f"{where}: augment=True rotates images by 90 degrees, so they must be square; "
+                f"{source!r} has images of shape {shape}"
+            )
+        # Seeded from the pipeline seed and the stream position (the index after repeat).
+        stream, reader = stream.random_map(_draw_augmentation), _read_augmented
     batches = _process_slices(stream, batch_size, process_index, process_count)
     if read_options is None:
         # One thread keeps in-memory gathers (and grain's index shuffle) ahead of the step;
         # files need many to decode in parallel.
         threads = 1 if isinstance(source, ArraySource) else 16
         read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
-    return TrainIterator(
-        batches.map(functools.partial(_read_records, source)),
-        read_options,
-        num_records=num_records,
-        seed=int(seed),
-        shuffle=bool(shuffle),
-        global_batch_size=int(global_batch_size),
-        endless=num_epochs is None,
-    )
+    fields = {
+        "num_records": num_records,
+        "seed": int(seed),
+        "global_batch_size": int(global_batch_size),
+        "shuffle": bool(shuffle),
+        "augment": bool(augment),
+    }
+    batches = batches.map(functools.partial(reader, source))
+    return TrainIterator(batches, read_options, fields, endless=num_epochs is None)
 
 
 def num_eval_batches(num_records: int, *, global_batch_size: int, process_count: int = 1) -> int:
@@ -905,6 +934,7 @@ def make_eval_iterator(
     global_batch_size: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    with_conditioning: bool = False,
     read_options: grain.ReadOptions | None = None,
 ) -> Iterator[Record]:
     """One exact pass over a split: every example exactly once over all processes.
@@ -924,12 +954,14 @@ def make_eval_iterator(
         ``process_count``.
       process_index: this process's index; default ``jax.process_index()``.
       process_count: number of processes; default ``jax.process_count()``.
+      with_conditioning: add ``"conditioning"``, float32 zeros [b]: the augmentation flag of
+        unaugmented images, for a model trained with ``make_train_iterator(augment=True)``.
       read_options: grain thread/prefetch options; None for grain's defaults.
 
     Returns:
       An iterator of ``{"image": uint8 [b, H, W, C], "label": int32 [b], "mask": bool [b]}``
-      with ``b = global_batch_size // process_count``; ``mask`` is True for real examples.
-      Call again for another pass.
+      (and ``"conditioning"`` if asked) with ``b = global_batch_size // process_count``;
+      ``mask`` is True for real examples. Call again for another pass.
 
     Raises:
       UserError: non-positive or non-divisible batch size, a bad process index or count,
@@ -945,5 +977,7 @@ def make_eval_iterator(
     )
     positions = grain.MapDataset.range(num_batches * global_batch_size)
     batches = _process_slices(positions, batch_size, process_index, process_count)
-    reader = functools.partial(_read_padded, source, np.shape(source[0]["image"]))
-    return iter(batches.map(reader).to_iter_dataset(read_options or grain.ReadOptions()))
+    batches = batches.map(functools.partial(_read_padded, source, np.shape(source[0]["image"])))
+    if with_conditioning:
+        batches = batches.map(lambda b: b | {"conditioning": np.zeros(batch_size, np.float32)})
+    return iter(batches.to_iter_dataset(read_options or grain.ReadOptions()))

@@ -107,6 +107,7 @@ CONFIG_FIELDS: dict[str, tuple] = {
     "seed": ("int", lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
     "data.name": _choice(*data.KNOWN_DATASETS),
     "data.data_dir": ("path", lambda v: True, "a path (a non-empty string) or None"),
+    "data.augment": _BOOL,
     "model.n_layer": _POSITIVE_INT,
     "model.n_embd": _POSITIVE_INT,
     "model.dropout_rate": _UNIT,
@@ -159,6 +160,7 @@ CONFIG_FIELDS: dict[str, tuple] = {
 }
 # Fields added after the first release: configs written before them still run.
 _DEFAULTS = {
+    "data.augment": False,
     "training.skip_nonfinite_updates": 0,
     "parallel.data": -1,
     "parallel.fsdp": 1,
@@ -612,6 +614,12 @@ class _Run:
                 f"{self.info.num_classes} classes (labels 0..{self.info.num_classes - 1}); use "
                 f"{self.info.num_classes}, or 0 for an unconditional model"
             )
+        height, width = self.info.image_shape[:2]
+        if _option(config, "data.augment") and height != width:
+            raise ValueError(
+                f"data.augment=True rotates images by 90 degrees, but the data's are {height}x"
+                f"{width}; use square images or data.augment=False"
+            )
         self.model = build_model(config, self.info.vocab_size)
         self.optimizer, self.lr_fn = build_optimizer(config)
         mesh = parallel.make_mesh(
@@ -790,6 +798,7 @@ def _train(run: _Run, preemption: PreemptionWatcher) -> steps.TrainState:
     iterator = data.make_train_iterator(
         run.train_source, global_batch_size=cfg.batch_size, seed=config.seed,
         process_index=run.data_slot, process_count=run.data_slots,
+        augment=_option(config, "data.augment"),
     )  # fmt: skip
     restored = run.restore(need=False)
     if restored is None:
