@@ -3,6 +3,10 @@
 import base64
 import html.parser
 import io
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -10,8 +14,11 @@ import pytest
 from PIL import Image
 
 from vdm_jax import VDM, FixedLinearSchedule, ScoreUNet
+from vdm_jax.configs import digits
 from vdm_jax.errors import UserError
-from vdm_jax.training import report
+from vdm_jax.training import report, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _assert_not_blank(png_bytes: bytes) -> None:
@@ -73,6 +80,43 @@ def test_plots_and_page_from_plain_records(tmp_path):
     text = open(page).read()
     _assert_only_embedded_images(text, 4)
     assert "a &lt;run&gt;" in text and "2.9 bits/dim" in text and "&quot;seed&quot;" in text
+
+
+def test_report_on_a_digits_smoke_run(tmp_path):
+    config = digits.get_config("smoke")
+    trainer.train_and_evaluate(config, str(tmp_path))
+    page = trainer.report(config, str(tmp_path), num_bins=3, num_images=20)
+
+    assert page == str(tmp_path / "report" / "index.html")
+    names = ("schedule.png", "training.png", "loss_by_time.png")
+    for name in names:
+        _assert_not_blank((tmp_path / "report" / name).read_bytes())
+    text = (tmp_path / "report" / "index.html").read_text()
+    # The three plots and the one sample grid, all embedded; nothing loaded from elsewhere.
+    _assert_only_embedded_images(text, 4)
+    assert "test bound (step 4)" in text and "&quot;digits&quot;" in text  # figures, config
+    # The schedule plot and the sample grid also went to TensorBoard.
+    events = b"".join(
+        (tmp_path / "tensorboard" / f).read_bytes() for f in os.listdir(tmp_path / "tensorboard")
+    )
+    assert b"report/schedule" in events and b"report/samples" in events
+
+
+def test_report_errors_name_the_workdir_and_the_remedy(tmp_path):
+    config = digits.get_config("smoke")
+    with pytest.raises(ValueError, match="does not exist: train first"):
+        trainer.report(config, str(tmp_path / "missing"))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 2, "bpd": 3.0}) + "\n")
+    with pytest.raises(ValueError, match=r"no checkpoint in .*train first"):
+        trainer.report(config, str(tmp_path))
+    # The command line prints it as one line.
+    ran = subprocess.run(
+        [sys.executable, "-m", "vdm_jax", "--config=vdm_jax/configs/digits.py:smoke",
+         f"--workdir={tmp_path / 'missing'}", "--mode=report"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 1 and "Traceback" not in ran.stderr
+    assert "error: workdir" in ran.stderr and "does not exist" in ran.stderr
 
 
 def test_read_metrics_skips_a_partial_last_line_only(tmp_path):

@@ -1,8 +1,9 @@
-"""Command line: train, evaluate or sample a VDM from a config::
+"""Command line: train, evaluate, sample or report on a VDM from a config::
 
     python -m vdm_jax --config=vdm_jax/configs/digits.py --workdir=/tmp/digits
     python -m vdm_jax --config=vdm_jax/configs/cifar10.py:smoke --workdir=DIR \\
         --mode=eval --config.eval.discrete_steps=1000
+    python -m vdm_jax --config=vdm_jax/configs/digits.py --workdir=/tmp/digits --mode=report
 
 Many processes (hosts): start the same command on every host, with ``--multihost`` on a
 Cloud TPU pod slice (see ``tools/tpu/``), or with ``--coordinator_address=HOST:PORT
@@ -28,7 +29,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )  # fmt: skip
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to run.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "sample", "report"],
+    "What to run: train (and evaluate and sample at the end), eval, sample, or report (plots "
+    "and an HTML page of a trained run in WORKDIR/report).",
+)  # fmt: skip
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False,
     "Start JAX's distributed runtime, detecting the cluster (Cloud TPU pod slice, SLURM, "
@@ -100,8 +105,10 @@ def main(argv):
             trainer.train_and_evaluate(config, workdir)
         elif _MODE.value == "eval":
             trainer.evaluate(config, workdir)
-        else:
+        elif _MODE.value == "sample":
             trainer.sample(config, workdir)
+        else:
+            trainer.report(config, workdir)
     except user_errors as e:
         _fail(str(e))
 

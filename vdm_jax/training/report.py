@@ -29,6 +29,7 @@ import html
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -473,3 +474,155 @@ def write_html(
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts) + "\n")
     return path
+
+
+def _sample_grids(workdir: str) -> list[tuple[int, str]]:
+    """(step, path) of the PNG grids in ``workdir/samples``, by step then name (a file name
+    holds its step as ``step<N>``)."""
+    folder = os.path.join(workdir, "samples")
+    if not os.path.isdir(folder):
+        return []
+    grids = []
+    for name in os.listdir(folder):
+        found = re.search(r"step(\d+)", name)
+        if name.endswith(".png") and found:
+            grids.append((int(found.group(1)), os.path.join(folder, name)))
+    return sorted(grids)
+
+
+def _summary(records, split, step, learned, linear, num_params) -> dict[str, str]:
+    """The page's table of final figures: the last evaluation and the last train record."""
+    summary = {"checkpoint step": f"{step}", "parameters": f"{num_params:,}"}
+    evals = [r for r in records if f"{split}/bpd" in r]
+    if evals:
+        last = evals[-1]
+        bpd = f"{last[f'{split}/bpd']:.4f} bits/dim"
+        if f"{split}/bpd_stderr" in last:
+            bpd += f" +- {last[f'{split}/bpd_stderr']:.4f}"
+        summary[f"{split} bound (step {last['step']})"] = bpd
+        terms = [f"{last.get(f'{split}/{k}', math.nan):.4f}" for k in list(_TERM_LABELS)[1:]]
+        summary[f"{split} prior / reconstruction / diffusion"] = " / ".join(terms) + " bits/dim"
+        baseline = last.get(f"{split}/independent_pixel_baseline_bpd")
+        if baseline is not None:
+            summary["per-pixel independent baseline"] = f"{baseline:.4f} bits/dim"
+    trains = [r for r in records if "bpd" in r]
+    if trains:
+        last = trains[-1]
+        summary[f"train bound (step {last['step']})"] = f"{last['bpd']:.4f} bits/dim"
+        if "gamma_0" in last:
+            summary["gamma(0), gamma(1)"] = f"{last['gamma_0']:.3f}, {last['gamma_1']:.3f}"
+    for name, result in (("learned schedule", learned), ("linear schedule", linear)):
+        summary[f"diffusion term over the t bins, {name}"] = (
+            f"{result.expected:.4f} bits/dim (one-sample estimator std {result.estimator_std:.4f})"
+        )
+    return summary
+
+
+def write_report(
+    workdir: str,
+    *,
+    model: Any,
+    variables: Any,
+    initial_variables: Any,
+    step: int,
+    images: np.ndarray,
+    key: jax.Array,
+    labels: np.ndarray | None = None,
+    split: str = "test",
+    title: str = "VDM run report",
+    config_json: str = "",
+    num_bins: int = 32,
+    batch_size: int = 256,
+) -> str:
+    """The report of a training run: PNGs and ``index.html`` in ``workdir/report/``.
+
+    Reads ``workdir/metrics.jsonl`` and the sample grids in ``workdir/samples/``; evaluates
+    the diffusion loss per time bin on ``images`` (under a progress bar); writes
+    ``schedule.png``, ``training.png``, ``loss_by_time.png`` and ``index.html``, and adds the
+    schedule plot and the latest sample grid to TensorBoard (``workdir/tensorboard``) as images
+    at ``step``. :func:`vdm_jax.training.trainer.report` calls it with a run's checkpoint.
+
+    Args:
+      workdir: the run's folder.
+      model: the run's :class:`~vdm_jax.model.VDM`.
+      variables: the variables to report on, ``{'params': ema_params}``.
+      initial_variables: the variables the run started from (for the initial schedule).
+      step: the step of ``variables``.
+      images: integer evaluation images ``[N, H, W, C]`` for the per-t loss.
+      key: the per-t loss's noise.
+      labels: int ``[N]`` labels for a class-conditional model, or None.
+      split: the evaluation split of the metrics (``'<split>/bpd'``, ...).
+      title: the page's title.
+      config_json: the run's config, shown on the page.
+      num_bins: time bins of the per-t diffusion loss.
+      batch_size: images per compiled call of the per-t loss.
+
+    Returns:
+      The path of ``index.html``.
+
+    Raises:
+      UserError: no metrics file in ``workdir``, or no training record in it.
+    """
+    from tqdm import tqdm
+
+    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    out = os.path.join(workdir, "report")
+    t = np.linspace(0.0, 1.0, 257)
+    learned_gamma, initial_gamma = (
+        np.asarray(model.apply(v, jnp.asarray(t, jnp.float32), method=model.gamma))
+        for v in (variables, initial_variables)
+    )
+    schedule_png = plot_schedule(
+        t, learned_gamma, os.path.join(out, "schedule.png"), initial=initial_gamma,
+        title=f"{type(model.schedule).__name__} at step {step}",
+    )  # fmt: skip
+    training_png = plot_training(records, os.path.join(out, "training.png"), split=split)
+
+    batch_size = min(batch_size, len(images))
+    per_t = dict(labels=labels, num_bins=num_bins, batch_size=batch_size)
+    total = 2 * num_bins * math.ceil(len(images) / batch_size)
+    with tqdm(total=total, desc="diffusion loss per t", unit="batch", disable=None) as bar:
+        # The same key: both schedules see the same noise, so their difference is the schedule's.
+        learned = diffusion_loss_by_time(model, variables, images, key, progress=bar, **per_t)
+        linear = diffusion_loss_by_time(
+            model, variables, images, key, linear=True, progress=bar, **per_t
+        )
+    loss_png = plot_loss_by_time(learned, os.path.join(out, "loss_by_time.png"), linear=linear)
+
+    grids = _sample_grids(workdir)
+    _to_tensorboard(workdir, step, schedule_png, grids[-1][1] if grids else None)
+    num_params = sum(x.size for x in jax.tree.leaves(variables))
+    return write_html(
+        os.path.join(out, "index.html"),
+        title=title,
+        summary=_summary(records, split, step, learned, linear, num_params),
+        figures=[
+            ("The learned noise schedule against the one the run started from.", schedule_png),
+            (
+                "Training: the bound and its terms, the endpoints, learning rate, gradient norm.",
+                training_png,
+            ),
+            (
+                f"The diffusion loss at {num_bins} times t over {len(images)} {split} images, "
+                "under the learned schedule and the linear one with its endpoints.",
+                loss_png,
+            ),
+        ],
+        samples=[(os.path.basename(p), p) for _, p in grids],
+        config_text=config_json,
+    )
+
+
+def _to_tensorboard(workdir: str, step: int, schedule_png: str, samples_png: str | None) -> None:
+    """The schedule plot and a sample grid as TensorBoard images at ``step``."""
+    from PIL import Image
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    try:
+        for tag, png in (("report/schedule", schedule_png), ("report/samples", samples_png)):
+            if png is not None:
+                image = np.asarray(Image.open(png).convert("RGB"))
+                writer.add_image(tag, image, step, dataformats="HWC")
+    finally:
+        writer.close()

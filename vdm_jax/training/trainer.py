@@ -1,4 +1,5 @@
-"""Experiments from a config: :func:`train_and_evaluate`, :func:`evaluate`, :func:`sample`.
+"""Experiments from a config: :func:`train_and_evaluate`, :func:`evaluate`, :func:`sample`,
+:func:`report`.
 
 This is the only module that reads a whole ml_collections config (see
 ``vdm_jax/configs/base.py`` for every field, and :data:`CONFIG_FIELDS` for what each may
@@ -58,6 +59,7 @@ from vdm_jax import evaluation, sampling
 from vdm_jax.model import SCHEDULES, VDM, make_schedule
 from vdm_jax.nets import ScoreUNet
 from vdm_jax.training import checkpoint, data, parallel, steps
+from vdm_jax.training import report as report_io
 from vdm_jax.training.preemption import PreemptionWatcher
 
 
@@ -977,6 +979,48 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str | None:
     if path:
         logging.info("wrote %s", path)
     return path
+
+
+#: Folded into the run's key for the report's per-t diffusion loss.
+REPORT_STREAM = 0x4E9
+
+
+def report(
+    config: ml_collections.ConfigDict, workdir: str, *, num_images: int = 512, num_bins: int = 32
+) -> str:
+    """Write the report of the run in ``workdir`` (:mod:`vdm_jax.training.report`) from its
+    metrics, its latest checkpoint's EMA parameters and its sample grids; the diffusion loss
+    per t uses ``num_bins`` time bins and the first ``num_images`` images of the evaluation
+    split. Returns the path of ``workdir/report/index.html``.
+
+    Raises:
+      ValueError: a bad config, no workdir, no checkpoint or no metrics in it.
+    """
+    run = _Run(config, workdir, "eval")
+    try:
+        restored = run.restore(need=True)
+        initial = run.init_state().params
+    finally:
+        run.close(quiet=True)
+    source = run.eval_source
+    items = [source[i] for i in range(min(len(source), num_images))]
+    page = report_io.write_report(
+        run.workdir,
+        model=run.model,
+        variables={"params": parallel.to_host(restored.state.ema_params)},
+        initial_variables={"params": parallel.to_host(initial)},
+        step=restored.step,
+        images=np.stack([item["image"] for item in items]),
+        labels=np.asarray([item["label"] for item in items]) if run.use_labels else None,
+        key=jax.random.fold_in(run.key, REPORT_STREAM),
+        split=config.eval.split,
+        title=f"VDM run report: {config.data.name}, {run.workdir}",
+        config_json=config.to_json(indent=2),
+        num_bins=num_bins,
+        batch_size=config.eval.batch_size,
+    )
+    logging.info("wrote the report %s", page)
+    return page
 
 
 def _format_seconds(seconds: float) -> str:
