@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vdm_jax import nets, sampling  # noqa: E402
+from vdm_jax import sampling  # noqa: E402
 from vdm_jax.model import VDM, make_schedule  # noqa: E402
 from vdm_jax.nets import ScoreUNet  # noqa: E402
 from vdm_jax.training import parallel, steps  # noqa: E402
@@ -31,22 +31,50 @@ VOCAB_SIZE = 256
 DTYPES = ("float32", "bfloat16")
 
 
+#: Model fields of the two formulations the benchmarks run. "plain" keeps every field's
+#: default (``jax.nn.dot_product_attention``, the full reconstruction softmax, the whole batch
+#: at once); "cpu" is the faster formulation on CPUs that the digits config also chooses: the
+#: chunked recomputing attention, the windowed reconstruction normaliser and two batch pieces.
+#: Both compute the same function (to float32 rounding).
+FORMULATIONS = {
+    "plain": {},
+    "cpu": {"attention": "chunked", "batch_pieces": 2, "reconstruction_window": 4},
+}
+
+
+def default_formulation() -> str:
+    """The formulation the benchmarks run by default here: "cpu" on a CPU, else "plain"."""
+    return "cpu" if jax.default_backend() == "cpu" else "plain"
+
+
 def build_model(
     n_layer: int,
     n_embd: int,
     dtype: str = "float32",
     dropout_rate: float = 0.1,
     schedule: str = "learned_linear",
-    batch_pieces: int = 0,
+    formulation: str = "plain",
+    **fields: Any,
 ) -> VDM:
-    """The paper's VDM (Fourier features, middle attention, learned linear schedule, V=256)."""
+    """The paper's VDM (Fourier features, middle attention, learned linear schedule, V=256).
+
+    Args:
+      formulation: a key of :data:`FORMULATIONS`.
+      fields: further ``ScoreUNet`` fields, or ``VDM.reconstruction_window``, overriding it.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    pieces = {"batch_pieces": batch_pieces} if batch_pieces else {}  # 0: ScoreUNet's default
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation must be one of {sorted(FORMULATIONS)}, got {formulation!r}")
+    fields = {**FORMULATIONS[formulation], **fields}
+    window = fields.pop("reconstruction_window", 0)
     net = ScoreUNet(
-        n_layer=n_layer, n_embd=n_embd, dropout_rate=dropout_rate, dtype=jnp.dtype(dtype), **pieces
+        n_layer=n_layer, n_embd=n_embd, dropout_rate=dropout_rate, dtype=jnp.dtype(dtype), **fields
     )
-    return VDM(score_net=net, schedule=make_schedule(schedule), vocab_size=VOCAB_SIZE)
+    return VDM(
+        score_net=net, schedule=make_schedule(schedule), vocab_size=VOCAB_SIZE,
+        reconstruction_window=window,
+    )  # fmt: skip
 
 
 def synthetic_batches(
@@ -131,17 +159,28 @@ def cost_flops(compiled) -> float:
 
 
 def step_flops(
-    step_fn, state, batch, key, num_shards: int, source: str = "compiled"
+    n_layer: int,
+    n_embd: int,
+    dtype: str,
+    dropout_rate: float,
+    state,
+    batch,
+    key,
+    num_shards: int,
+    source: str = "compiled",
 ) -> tuple[float, str]:
     """FLOPs of one train step of the global batch, by XLA's cost analysis.
 
-    The step is traced for one device (the whole global batch, ``num_shards`` random-number
-    shards) inside :func:`vdm_jax.nets.flop_count_tracing`, because XLA counts a loop's body
-    once and a conditional's largest branch: the CPU's chunked attention loop would count as
-    one chunk, its recomputed attention weights as useful work, and the reconstruction term's
-    full-softmax fallback though the windowed branch runs.
+    Counted on the "plain" formulation of the model (:data:`FORMULATIONS`), whatever
+    formulation is timed: XLA counts a loop's body once and a conditional's largest branch, so
+    the chunked attention's loop would count as one chunk and its recomputed attention weights
+    as useful work. The plain formulation computes the same function without loops or
+    conditionals; its full reconstruction softmax adds well under 1% to the count. The step is
+    traced for one device (the whole global batch, ``num_shards`` random-number shards).
 
     Args:
+      n_layer, n_embd, dtype, dropout_rate: the model (see :func:`build_model`).
+      state, batch, key: the step's arguments (host arrays).
       source: "compiled" counts the optimised program (``.lower().compile().cost_analysis()``,
         on accelerators compiled without autotuning, which does not change the count);
         "lowered" counts the program before XLA's optimisations (no compilation, seconds;
@@ -150,11 +189,12 @@ def step_flops(
     Returns:
       (FLOPs, the source used: "compiled" or "lowered", the latter also when compiling failed).
     """
+    model = build_model(n_layer, n_embd, dtype, dropout_rate, formulation="plain")
+    step_fn = parallel.make_train_step(model, steps.make_optimizer(), 0.9999)
     device = jax.devices()[0]
     state, batch, key = jax.device_put((state, batch, key), device)
-    with nets.flop_count_tracing():
-        jitted = jax.jit(functools.partial(step_fn, num_shards=num_shards, axis_name=None))
-        lowered = jitted.lower(state, batch, key)
+    jitted = jax.jit(functools.partial(step_fn, num_shards=num_shards, axis_name=None))
+    lowered = jitted.lower(state, batch, key)
     if source == "compiled":
         options = None if jax.default_backend() == "cpu" else {"xla_gpu_autotune_level": 0}
         try:
@@ -228,6 +268,49 @@ def _timed_calls(call, count: int) -> np.ndarray:
     return np.array(times)
 
 
+def compile_train_step(
+    model: VDM,
+    mode: str,
+    host_state: steps.TrainState,
+    host_batch: dict[str, np.ndarray],
+    key: jax.Array,
+    *,
+    steps_per_dispatch: int = 1,
+    num_devices: int | None = None,
+) -> dict[str, Any]:
+    """Our train step (``vdm_jax.training.parallel``) compiled in ``mode``, with its state.
+
+    Returns:
+      a run: {"dp", "state" (on the devices), "compiled", "compile_s", "key",
+      "steps_per_dispatch"}, for :func:`dispatch_train_step`.
+    """
+    k = steps_per_dispatch
+    dp = parallel.DataParallel(mode, parallel.make_mesh(num_devices))
+    dp.check_batch_size(host_batch["image"].shape[-4])
+    train_step = parallel.make_train_step(model, steps.make_optimizer(), 0.9999)
+    state = dp.put_state(host_state)
+    t0 = time.perf_counter()
+    compiled = (
+        dp.compile_train_step(train_step, k)
+        .lower(state, dp.put_batch(host_batch, stacked=k > 1), key)
+        .compile()
+    )
+    return {"dp": dp, "state": state, "compiled": compiled, "key": key,
+            "compile_s": time.perf_counter() - t0, "steps_per_dispatch": k}  # fmt: skip
+
+
+def dispatch_train_step(run: dict[str, Any], host_batch: dict[str, np.ndarray]) -> float:
+    """One call of a run of :func:`compile_train_step`: the batch put on the devices, the
+    step, the metrics waited for, as a training loop does. Returns seconds per step."""
+    dp, k = run["dp"], run["steps_per_dispatch"]
+    t0 = time.perf_counter()
+    run["state"], metrics = run["compiled"](
+        run["state"], dp.put_batch(host_batch, stacked=k > 1), run["key"]
+    )
+    block(metrics)
+    return (time.perf_counter() - t0) / k
+
+
 def bench_train_steps(
     *,
     modes: tuple[str, ...] = ("jit",),
@@ -241,7 +324,8 @@ def bench_train_steps(
     steps_per_dispatch: int = 1,
     num_devices: int | None = None,
     dropout_rate: float = 0.1,
-    batch_pieces: int = 0,
+    formulation: str = "plain",
+    fields: dict[str, Any] | None = None,
     warmup: int = 1,
     seed: int = 0,
     flops_source: str = "compiled",
@@ -253,64 +337,48 @@ def bench_train_steps(
     batch on the devices and waiting for the metrics, as a training loop does. ``step_s`` is
     the median dispatch time divided by ``steps_per_dispatch``.
 
+    ``fields`` are further model fields (see :func:`build_model`), e.g. ``{"remat": True}``.
+
     Returns:
       {mode: dict with images_per_sec, step_s, step_s_mean, step_s_min, compile_s,
       flops_per_step and flops_source (see :func:`step_flops`; "none" skips it), the compiled
       executable's memory, the process's max RSS and the settings}.
     """
     k = steps_per_dispatch
-    model = build_model(n_layer, n_embd, dtype, dropout_rate, batch_pieces=batch_pieces)
-    optimizer = steps.make_optimizer()
-    train_step = parallel.make_train_step(model, optimizer, 0.9999)
+    fields = fields or {}
+    model = build_model(n_layer, n_embd, dtype, dropout_rate, formulation=formulation, **fields)
     host_batches = synthetic_batches(2, batch, resolution, channels, seed, steps=k if k > 1 else 0)
     shape = (1, resolution, resolution, channels)
     host_state = steps.init_state(
-        model, optimizer, jax.random.key(seed), jnp.zeros(shape, jnp.uint8)
+        model, steps.make_optimizer(), jax.random.key(seed), jnp.zeros(shape, jnp.uint8)
     )
     n_params = sum(x.size for x in jax.tree.leaves(host_state.params))
     key = jax.random.key(seed + 1)
-
-    runs = {}
-    for mode in modes:
-        dp = parallel.DataParallel(mode, parallel.make_mesh(num_devices))
-        dp.check_batch_size(batch)
-        state = dp.put_state(host_state)
-        t0 = time.perf_counter()
-        compiled = (
-            dp.compile_train_step(train_step, k)
-            .lower(state, dp.put_batch(host_batches[0], stacked=k > 1), key)
-            .compile()
-        )
-        runs[mode] = {"dp": dp, "state": state, "compiled": compiled, "times": [],
-                      "compile_s": time.perf_counter() - t0}  # fmt: skip
+    runs = {
+        mode: compile_train_step(model, mode, host_state, host_batches[0], key,
+                                 steps_per_dispatch=k, num_devices=num_devices)
+        for mode in modes
+    }  # fmt: skip
     flops_per_step, source = math.nan, "none"
     if flops_source != "none":
         first = jax.tree.map(lambda x: x[0], host_batches[0]) if k > 1 else host_batches[0]
         num_shards = runs[modes[0]]["dp"].num_shards
         flops_per_step, source = step_flops(
-            train_step, host_state, first, key, num_shards, flops_source
+            n_layer, n_embd, dtype, dropout_rate, host_state, first, key, num_shards, flops_source
         )
 
-    def dispatch(run, host):
-        dp = run["dp"]
-        t0 = time.perf_counter()
-        run["state"], metrics = run["compiled"](
-            run["state"], dp.put_batch(host, stacked=k > 1), key
-        )
-        block(metrics)
-        return time.perf_counter() - t0
-
+    times = {mode: [] for mode in modes}
     dispatches = max(1, math.ceil(steps / k))
     for i in range(warmup + dispatches):
-        for run in runs.values():
-            elapsed = dispatch(run, host_batches[i % len(host_batches)])
+        for mode, run in runs.items():
+            elapsed = dispatch_train_step(run, host_batches[i % len(host_batches)])
             if i >= warmup:
-                run["times"].append(elapsed / k)
+                times[mode].append(elapsed)
 
     results = {}
     for mode, run in runs.items():
-        times = np.array(run["times"])
-        step_s = float(np.median(times))
+        t = np.array(times[mode])
+        step_s = float(np.median(t))
         results[mode] = {
             "n_layer": n_layer,
             "n_embd": n_embd,
@@ -319,15 +387,16 @@ def bench_train_steps(
             "batch": batch,
             "dtype": dtype,
             "mode": mode,
+            "formulation": formulation,
+            **fields,
             "steps_per_dispatch": k,
-            "batch_pieces": model.score_net._batch_pieces(batch // run["dp"].num_shards),
             "num_devices": run["dp"].num_shards,
             "steps": dispatches * k,
             "params": int(n_params),
             "images_per_sec": batch / step_s,
             "step_s": step_s,
-            "step_s_mean": float(np.mean(times)),
-            "step_s_min": float(np.min(times)),
+            "step_s_mean": float(np.mean(t)),
+            "step_s_min": float(np.min(t)),
             "compile_s": run["compile_s"],
             "flops_per_step": flops_per_step,
             "flops_source": source,
@@ -347,10 +416,11 @@ def bench_eval(
     batches: int,
     dtype: str = "float32",
     num_devices: int | None = None,
+    formulation: str = "plain",
     seed: int = 0,
 ) -> dict[str, Any]:
     """Compile the evaluation bound (``parallel.compile_eval_step``) and time it."""
-    model = build_model(n_layer, n_embd, dtype)
+    model = build_model(n_layer, n_embd, dtype, formulation=formulation)
     dp = parallel.DataParallel("jit", parallel.make_mesh(num_devices))
     dp.check_batch_size(batch)
     shape = (1, resolution, resolution, channels)
@@ -395,10 +465,19 @@ def bench_sampling(
     batch: int,
     num_steps: int = 1000,
     dtype: str = "float32",
+    formulation: str = "plain",
+    sampler: str = "ancestral",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Compile ``vdm_jax.sampling.ancestral_sample`` at T = ``num_steps`` and time one call."""
-    model = build_model(n_layer, n_embd, dtype)
+    """Compile ``vdm_jax.sampling.<sampler>_sample`` at ``num_steps`` steps and time one call.
+
+    ``sampler`` names any sampler of :mod:`vdm_jax.sampling` that takes ``(model, params, key,
+    *, shape, num_steps)``: "ancestral", "ddim", ...
+    """
+    sample = getattr(sampling, f"{sampler}_sample", None)
+    if sample is None:
+        raise ValueError(f"vdm_jax.sampling has no sampler {sampler!r} ({sampler}_sample)")
+    model = build_model(n_layer, n_embd, dtype, formulation=formulation)
     shape = (batch, resolution, resolution, channels)
     params = steps.init_state(
         model, steps.make_optimizer(), jax.random.key(seed), jnp.zeros((1, *shape[1:]), jnp.uint8)
@@ -406,14 +485,13 @@ def bench_sampling(
     variables = {"params": params}
     key = jax.random.key(seed + 3)
     t0 = time.perf_counter()
-    compiled = sampling.ancestral_sample.lower(
-        model, variables, key, shape=shape, num_steps=num_steps
-    ).compile()
+    compiled = sample.lower(model, variables, key, shape=shape, num_steps=num_steps).compile()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     block(compiled(variables, key))
     run_s = time.perf_counter() - t0
     return {
+        "sampler": sampler,
         "batch": batch,
         "num_steps": num_steps,
         "images_per_sec": batch / run_s,

@@ -76,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="how XLA counts the step's FLOPs (see common.step_flops)",
     )
     p.add_argument("--steps_per_dispatch", type=int, default=1)
+    p.add_argument(
+        "--formulation",
+        default=None,
+        help="the model's fields: cpu or plain (default: cpu on a CPU)",
+    )
     p.add_argument("--num_devices", type=int, default=None, help="default: all")
     p.add_argument(
         "--time_budget",
@@ -107,6 +112,7 @@ def _settings(args, backend: str) -> dict:
     settings["modes"] = [m for m in settings["modes"].split(",") if m]
     settings["steps_per_dispatch"] = args.steps_per_dispatch
     settings["num_devices"] = args.num_devices
+    settings["formulation"] = args.formulation or ("cpu" if backend == "cpu" else "plain")
     return settings
 
 
@@ -187,7 +193,9 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     result = {"environment": env, "settings": s, "train": {}, "skipped": {}}
     skip = {x for x in args.skip.split(",") if x}
-    model_kw = {k: s[k] for k in ("n_layer", "n_embd", "resolution", "channels", "dtype")}
+    model_kw = {
+        k: s[k] for k in ("n_layer", "n_embd", "resolution", "channels", "dtype", "formulation")
+    }
 
     def save():
         result["total_s"] = time.perf_counter() - start

@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py --n_layer 4 --n_embd 32 --resolution 32 --channels 3 \
         --batch 32 --steps 10 [--dtype float32|bfloat16] [--mode jit|pmap] \
-        [--steps_per_dispatch K] [--json out.json]
+        [--steps_per_dispatch K] [--formulation cpu|plain] [--remat] [--json out.json]
 
 Fields: images_per_sec, step_s (median), compile_s, flops_per_step (XLA's cost analysis of the
 compiled step), peak_flops_per_sec (a large matmul in the compute dtype, measured here),
@@ -33,7 +33,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps_per_dispatch", type=int, default=1)
     p.add_argument("--num_devices", type=int, default=None, help="default: all")
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--batch_pieces", type=int, default=0, help="ScoreUNet.batch_pieces (0: auto)")
+    p.add_argument(
+        "--formulation",
+        default=None,
+        help="the model's fields: cpu or plain (default: cpu on a CPU)",
+    )
+    p.add_argument(
+        "--remat", action="store_true", help="ScoreUNet.remat (jax.checkpoint per block)"
+    )
     p.add_argument("--no_peak", action="store_true", help="skip the matmul peak measurement")
     p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before jax starts")
     p.add_argument("--json", default=None, help="also write the result to this file")
@@ -60,7 +67,8 @@ def main(argv=None) -> dict:
         steps_per_dispatch=args.steps_per_dispatch,
         num_devices=args.num_devices,
         dropout_rate=args.dropout,
-        batch_pieces=args.batch_pieces,
+        formulation=args.formulation or common.default_formulation(),
+        fields={"remat": True} if args.remat else None,
     )
     env = common.environment()
     if args.no_peak:

@@ -1,9 +1,11 @@
-"""The benchmark suite's one-step smoke run, as CI runs it, and its light dependencies."""
+"""The benchmark scripts' smoke runs, as CI runs them, and their light dependencies."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Packages a bare accelerator machine may lack: the benchmarks must not import them.
@@ -51,3 +53,57 @@ def test_benchmarks_import_no_training_system_packages():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]"
+
+
+def _run(args, timeout=600, **env):
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env={**_env(), **env}, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_gpu_script_smoke_prints_one_json_line_per_figure(tmp_path):
+    out = tmp_path / "gpu.jsonl"
+    stdout = _run(["benchmarks/gpu.py", "--smoke", "--out", str(out), "--few_step",
+                   "ddim:2,no_such:2"], VDM_ORIGINAL="")  # fmt: skip
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [json.loads(x) for x in stdout.splitlines() if x.startswith("{")] == lines
+    by_figure = {}
+    for line in lines:
+        assert {"figure", "value", "unit", "device_kind", "date"} <= set(line), line
+        by_figure.setdefault(line["figure"], []).append(line)
+    assert by_figure["matmul_peak"][0]["value"] > 0
+    for figure in ("train_images_per_sec", "train_peak_fraction", "train_compile_s",
+                   "train_compiled_peak_bytes"):  # fmt: skip
+        assert sorted(x["dtype"] for x in by_figure[figure]) == ["bfloat16", "float32"]
+        assert all(x["value"] > 0 for x in by_figure[figure]), by_figure[figure]
+    assert by_figure["original_train_images_per_sec"][0]["unit"] == "skipped"
+    sampling = {x["sampler"]: x for x in by_figure["sampling_images_per_sec"]}
+    assert sampling["ancestral"]["value"] > 0 and sampling["ancestral"]["num_steps"] == 4
+    assert sampling["ddim"]["value"] > 0 and sampling["ddim"]["num_steps"] == 2
+    assert sampling["no_such"]["unit"] == "skipped"
+    assert by_figure["eval_images_per_sec"][0]["value"] > 0
+    assert "error" not in {x["unit"] for x in lines}
+
+
+def test_side_by_side_without_the_original_code_says_so():
+    stdout = _run(["benchmarks/side_by_side.py", "--original", "/nonexistent"], timeout=120)
+    assert "skipped: no model_vdm.py at '/nonexistent'" in stdout
+    assert "https://github.com/google-research/vdm" in stdout
+
+
+@pytest.mark.skipif(
+    not os.environ.get("VDM_ORIGINAL"),
+    reason="set VDM_ORIGINAL to a checkout of google-research/vdm to compare with it",
+)
+def test_side_by_side_smoke_against_the_original_code(tmp_path):
+    out = tmp_path / "side.json"
+    stdout = _run(["benchmarks/side_by_side.py", "--smoke", "--json", str(out)],
+                  VDM_ORIGINAL=os.environ["VDM_ORIGINAL"])  # fmt: skip
+    result = json.loads(out.read_text())
+    for key in ("train_speed_jit", "train_speed_pmap", "eval_speed", "sampling_speed",
+                "train_compile_jit", "train_peak_memory_jit"):  # fmt: skip
+        assert result["ratios"][key] > 0, result["ratios"]
+    assert "| train images/s (jit vs jit, batch 4) |" in stdout

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import vdm_jax as vdm
+from vdm_jax.errors import UserError
 from vdm_jax.evaluation import BpdAccumulator, evaluate_bpd
 from vdm_jax.model import VDM, make_schedule
 
@@ -161,7 +162,7 @@ def test_windowed_reconstruction_equals_the_full_decoder(vocab_size):
     from vdm_jax import diffusion, losses
     from vdm_jax.model import reconstruction_nll, window_gamma_limit
 
-    limit = window_gamma_limit(vocab_size)
+    limit = window_gamma_limit(vocab_size, window=4)
     x_int = jax.random.randint(jax.random.key(0), (4, 6, 6, 3), 0, vocab_size)
     eps = jax.random.normal(jax.random.key(1), x_int.shape)
     x = diffusion.encode(x_int, vocab_size)
@@ -174,13 +175,14 @@ def test_windowed_reconstruction_equals_the_full_decoder(vocab_size):
     def total(fn):
         return jax.jit(jax.value_and_grad(lambda g, scale: jnp.sum(terms(fn, g, scale))))
 
-    custom = functools.partial(reconstruction_nll, custom_gradient=True)
-    custom_total, plain_total = total(custom), total(reconstruction_nll)
+    windowed = functools.partial(reconstruction_nll, window=4)
+    custom = functools.partial(windowed, custom_gradient=True)
+    custom_total, plain_total = total(custom), total(windowed)
     theirs_total = total(losses.reconstruction_nll)
     for gamma_0 in (-13.3, limit - 1e-3, limit + 1e-3, -2.0):
         for scale in (1.0, 30.0):
             g = jnp.float32(gamma_0)
-            ours = terms(reconstruction_nll, g, scale)
+            ours = terms(windowed, g, scale)
             theirs = terms(losses.reconstruction_nll, g, scale)
             assert ours.shape == (4,) and ours.dtype == jnp.float32
             np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=2e-4)
@@ -188,3 +190,42 @@ def test_windowed_reconstruction_equals_the_full_decoder(vocab_size):
             for v1, d1 in (custom_total(g, scale), plain_total(g, scale)):
                 np.testing.assert_allclose(v1, v2, rtol=1e-5, atol=4e-4)
                 np.testing.assert_allclose(d1, d2, rtol=1e-4, atol=1e-3)
+
+
+def test_the_reconstruction_window_field_gives_the_same_bound_and_gradient():
+    x_int = _images(4)
+    plain, windowed = _tiny(), _tiny(reconstruction_window=4)
+    params = plain.init({"params": jax.random.key(0), **_rngs(1)}, x_int, train=False)
+    for model, conditional in ((plain, False), (windowed, True)):  # the default: no lax.cond
+        jaxpr = jax.make_jaxpr(lambda p, m=model: m.apply(p, x_int, train=False, rngs=_rngs(2)))
+        assert ("cond[" in str(jaxpr(params))) == conditional
+
+    def bound_and_grad(model):
+        def f(p):
+            return jnp.mean(model.apply(p, x_int, train=True, rngs=_rngs(2)).bpd)
+
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    for a, b in zip(jax.tree.leaves(bound_and_grad(windowed)),
+                    jax.tree.leaves(bound_and_grad(plain)), strict=True):  # fmt: skip
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match=r"reconstruction_window must be >= 0 .*got -1"):
+        _tiny(reconstruction_window=-1)
+
+
+def test_configs_choose_the_formulation_fields():
+    from vdm_jax.configs import base, digits
+    from vdm_jax.training import trainer
+
+    plain = trainer.build_model(base.get_config(), 256)
+    assert (plain.score_net.attention, plain.score_net.batch_pieces, plain.score_net.remat) == (
+        "dot_product", 1, False,
+    )  # fmt: skip
+    assert plain.reconstruction_window == 0
+    config = digits.get_config()
+    config.model.remat = True
+    fast = trainer.build_model(config, 17)
+    assert (fast.score_net.attention, fast.score_net.batch_pieces, fast.score_net.remat) == (
+        "chunked", 2, True,
+    )  # fmt: skip
+    assert fast.reconstruction_window == 4

@@ -253,47 +253,16 @@ def test_fourier_features_and_timestep_embedding():
 
 
 @pytest.mark.parametrize(
-    ("shape", "groups", "dtype"),
-    [((3, 8, 8, 32), 8, jnp.float32), ((2, 5, 7, 6), 3, jnp.float32),
-     ((3, 8, 8, 16), 4, jnp.bfloat16)],
+    ("kind", "dtype", "custom_gradient"),
+    [("chunked", jnp.float32, True), ("chunked", jnp.bfloat16, True),
+     ("chunked", jnp.float32, False), ("dot_product", jnp.float32, False),
+     ("dot_product", jnp.bfloat16, False)],
 )  # fmt: skip
-def test_group_norm_matches_flax(shape, groups, dtype):
-    import flax.linen as nn
-
-    from vdm_jax.nets import GroupNorm
-
-    x = (3.0 * jax.random.normal(jax.random.key(0), shape) + 1.0).astype(dtype)
-    ours, theirs = GroupNorm(groups, dtype=dtype), nn.GroupNorm(groups, epsilon=1e-6, dtype=dtype)
-    params = _perturb(theirs.init(jax.random.key(1), x), scale=0.3)
-    assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(params)
-
-    def loss(module):
-        return lambda x, p: jnp.sum(jnp.sin(module.apply(p, x).astype(jnp.float32)))
-
-    np.testing.assert_allclose(
-        ours.apply(params, x).astype(jnp.float32), theirs.apply(params, x).astype(jnp.float32),
-        rtol=1e-5, atol=1e-5 if dtype == jnp.float32 else 1e-2,
-    )  # fmt: skip
-    if dtype == jnp.float32:
-        for a, b in zip(
-            jax.tree.leaves(jax.grad(loss(ours), argnums=(0, 1))(x, params)),
-            jax.tree.leaves(jax.grad(loss(theirs), argnums=(0, 1))(x, params)),
-            strict=True,
-        ):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
-    with pytest.raises(ValueError, match="num_groups=5 does not divide the 32 channels"):
-        GroupNorm(5).init(jax.random.key(0), jnp.ones((1, 2, 2, 32)))
-
-
-@pytest.mark.parametrize(
-    ("dtype", "custom_gradient"),
-    [(jnp.float32, True), (jnp.bfloat16, True), (jnp.float32, False)],
-)
-def test_dot_product_attention_matches_the_formula(dtype, custom_gradient):
+def test_dot_product_attention_matches_the_formula(kind, dtype, custom_gradient):
     from vdm_jax import nets
 
-    # L = 1024 positions: on the CPU the [L, L] logits of one example fill the chunk budget,
-    # so the 3 examples run as a loop of 3 chunks.
+    # L = 1024 positions: the [L, L] logits of one example fill the chunk budget, so the
+    # chunked formulation runs the 3 examples as a loop of 3 chunks.
     batch, length, channels = 3, 1024, 8
     q, k, v, g = (
         jax.random.normal(jax.random.key(i), (batch, length, channels)).astype(dtype)
@@ -306,7 +275,7 @@ def test_dot_product_attention_matches_the_formula(dtype, custom_gradient):
         return jnp.einsum("bqk,bkc->bqc", weights.astype(v.dtype), v)
 
     def ours(q, k, v):
-        return nets.dot_product_attention(q, k, v, custom_gradient=custom_gradient)
+        return nets.dot_product_attention(q, k, v, kind=kind, custom_gradient=custom_gradient)
 
     def output_and_grads(fn):  # the output and the pullback of g
         def run(q, k, v):
@@ -315,19 +284,47 @@ def test_dot_product_attention_matches_the_formula(dtype, custom_gradient):
 
         return jax.jit(run)
 
-    chunked, theirs = output_and_grads(ours), output_and_grads(reference)
-    assert "while" in chunked.lower(q, k, v).as_text() or jax.default_backend() != "cpu"
-    with nets.flop_count_tracing():  # the same function without the chunk loop
-        unchunked = output_and_grads(ours)
-        assert "while" not in unchunked.lower(q, k, v).as_text()
-        unchunked = unchunked(q, k, v)
+    run = output_and_grads(ours)
+    assert ("while" in run.lower(q, k, v).as_text()) == (kind == "chunked")
     tol = 1e-4 if dtype == jnp.float32 else 3e-2
-    for result in (chunked(q, k, v), unchunked):
-        for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(theirs(q, k, v)), strict=True):
-            assert a.dtype == b.dtype
-            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.max(np.abs(b)))
-    if not custom_gradient:  # forward mode works too (the ODE likelihood needs it)
+    expected = jax.tree.leaves(output_and_grads(reference)(q, k, v))
+    for a, b in zip(jax.tree.leaves(run(q, k, v)), expected, strict=True):
+        assert a.dtype == b.dtype
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.max(np.abs(b)))
+    if not custom_gradient and dtype == jnp.float32:  # forward mode (the ODE likelihood)
         tangent = jax.jit(lambda q: jax.jvp(ours, (q, k, v), (g, g, g))[1])(q)
         expected = jax.jvp(reference, (q, k, v), (g, g, g))[1]
         np.testing.assert_allclose(tangent, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="attention kind must be one of"):
+        nets.dot_product_attention(q, k, v, kind="flash")
+
+
+def test_the_formulation_fields_compute_the_same_network():
+    # The CPU formulation (chunked attention, two batch pieces) and per-block remat against the
+    # defaults, in a training pass with dropout: the same eps_hat and parameter gradients.
+    z, gamma = _inputs(batch=4)
+    plain = ScoreUNet(**TINY, attention_everywhere=True)
+    params = _perturb(_init(plain, z, gamma))
+
+    def loss(model):
+        def f(params):
+            out = model.apply({"params": params}, z, gamma, train=True,
+                              rngs={"dropout": jax.random.key(3)})  # fmt: skip
+            return jnp.sum(jnp.sin(out)), out
+
+        return jax.jit(jax.grad(f, has_aux=True))(params)
+
+    expected = loss(plain)
+    scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(expected))
+    for fields in ({"attention": "chunked", "batch_pieces": 2}, {"remat": True}):
+        other = ScoreUNet(**TINY, attention_everywhere=True, **fields)
+        assert jax.tree.structure(_init(other, z, gamma)) == jax.tree.structure(params)
+        for a, b in zip(jax.tree.leaves(loss(other)), jax.tree.leaves(expected), strict=True):
+            # Absolute tolerance against the largest value of the tree: some gradients are 0
+            # up to float32 rounding (1e-8) in both.
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * scale)
+    for bad, match in (({"attention": "flash"}, "attention must be one of"),
+                       ({"batch_pieces": 0}, "batch_pieces must be >= 1")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            ScoreUNet(**TINY, **bad)

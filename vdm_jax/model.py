@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import diffusion, losses, nets, schedules, weightings
+from vdm_jax import diffusion, losses, schedules, weightings
+from vdm_jax.errors import UserError
 from vdm_jax.nets import ScoreUNet
 
 Array = jax.Array
@@ -34,16 +35,15 @@ SCHEDULES = {
 
 # The reconstruction term's decoder normalises over all V values of a pixel, but at the
 # gamma_0 of a trained model (about -13) only the few bins nearest z_0 / alpha_0 carry any
-# probability. `reconstruction_nll` sums over a window of 2 * _WINDOW + 1 bins around the
+# probability. `reconstruction_nll` with a window w > 0 sums over the 2 w + 1 bins around the
 # nearest one whenever gamma_0 is low enough for every bin outside it to have a logit at least
 # _WINDOW_GAP below the largest: each such term is then below exp(-30) ~ 1e-13 of the sum, far
 # under a float32 ulp (6e-8) even added V times, so the result is the full log-softmax's to
 # float32 rounding, gradient included; above that gamma_0 it computes the full softmax.
-_WINDOW = 4
 _WINDOW_GAP = 30.0
 
 
-def window_gamma_limit(vocab_size: int, window: int = _WINDOW, gap: float = _WINDOW_GAP) -> float:
+def window_gamma_limit(vocab_size: int, window: int = 4, gap: float = _WINDOW_GAP) -> float:
     """The largest gamma_0 at which :func:`reconstruction_nll` may sum over the window only.
 
     A bin m >= window + 1 bins from the nearest one to a = z_0 / alpha_0 lies at least
@@ -60,27 +60,28 @@ def reconstruction_nll(
     z_0: Array,
     gamma_0: Array,
     vocab_size: int,
-    window: int = _WINDOW,
+    window: int = 0,
     *,
     custom_gradient: bool = False,
 ) -> Array:
-    """-log p(x|z_0) per example: :func:`vdm_jax.losses.reconstruction_nll`, made cheap.
+    """-log p(x|z_0) per example: :func:`vdm_jax.losses.reconstruction_nll`, optionally cheaper.
 
     The same categorical decoder, logits -1/2 (z_0 / alpha_0 - e_v)^2 SNR_0 over the V values
-    e_v. On the CPU backend, when ``gamma_0 <= window_gamma_limit(V)`` (a scalar, the model's
-    gamma(0); a ``lax.cond`` decides each call) the normaliser is summed over the
-    ``2 * window + 1`` values around the nearest one instead of all V (see the comment above
-    ``_WINDOW``): equal to float32 rounding, about V / (2 * window + 1) times less work.
-    Otherwise, when V is no larger than the window, and on accelerators (where the full
-    softmax is cheap and a conditional would make the device report its predicate to the host
-    every step) it is the full computation.
+    e_v. With ``window > 0`` and a scalar ``gamma_0`` (the model's gamma(0)), a ``lax.cond``
+    decides each call: when ``gamma_0 <= window_gamma_limit(V, window)`` the normaliser is
+    summed over the ``2 * window + 1`` values around the nearest one instead of all V (see the
+    comment above ``_WINDOW_GAP``): equal to float32 rounding, about V / (2 * window + 1) times
+    less work, which pays on CPUs. Otherwise (``window = 0``, V no larger than the window, a
+    per-example ``gamma_0``, or gamma_0 above the limit) it is the full computation. On
+    accelerators the full softmax is cheap and the conditional makes the device report its
+    predicate to the host every step, so ``window = 0`` suits them.
 
     Args:
       x_int: integer data ``[B, ...]`` in 0..V-1.
       z_0: latent at t = 0, float32, ``x_int.shape``.
-      gamma_0: gamma(0), a float32 scalar.
+      gamma_0: gamma(0), a float32 scalar (or ``[B, ...]``, then always the full computation).
       vocab_size: V.
-      window: bins on each side of the nearest one.
+      window: bins on each side of the nearest one; 0 computes the full softmax.
       custom_gradient: differentiate through a custom VJP that recomputes the branch taken
         (reverse mode only; what ``VDM`` uses for training). Without it, JAX differentiates
         the ``lax.cond``, whose two branches then both return [B, H, W, C, V] residuals.
@@ -88,12 +89,10 @@ def reconstruction_nll(
     Returns:
       float32 ``[B]``, nats.
     """
-    full = functools.partial(losses.reconstruction_nll, vocab_size=vocab_size)
-    cpu = jax.default_backend() == "cpu"
-    if vocab_size <= 2 * window + 1 or jnp.ndim(gamma_0) != 0 or not cpu:
-        return full(x_int, z_0, gamma_0)
-    if nets.counting_flops():  # the branch that runs, without the conditional
-        return _windowed_nll(x_int, z_0, gamma_0, vocab_size, window)
+    if window < 0:
+        raise UserError(f"window must be >= 0 (0: the full softmax), got {window}")
+    if window == 0 or vocab_size <= 2 * window + 1 or jnp.ndim(gamma_0) != 0:
+        return losses.reconstruction_nll(x_int, z_0, gamma_0, vocab_size)
     if custom_gradient:
         return _windowed_or_full(x_int, z_0, gamma_0, vocab_size, window)
     windowed, full_branch = _branches(vocab_size, window)
@@ -220,7 +219,7 @@ def make_schedule(
       n_features: hidden width of the monotonic networks (ignored by the linear ones).
     """
     if kind not in SCHEDULES:
-        raise ValueError(f"unknown noise schedule {kind!r}; known: {sorted(SCHEDULES)}")
+        raise UserError(f"unknown noise schedule {kind!r}; known: {sorted(SCHEDULES)}")
     if kind in ("monotonic", "monotonic_unnormalised"):
         return SCHEDULES[kind](gamma_min, gamma_max, n_features=n_features)
     return SCHEDULES[kind](gamma_min, gamma_max)
@@ -248,6 +247,10 @@ class VDM(nn.Module):
       parameterization: what ``score_net`` outputs: ``"eps"`` (the noise, the paper's),
         ``"v"`` (v = alpha eps - sigma x, Salimans & Ho 2022) or ``"x"`` (the data);
         :meth:`predict_noise` converts it to eps_hat with :func:`vdm_jax.diffusion.to_eps`.
+      reconstruction_window: 0 (default) computes the reconstruction term's normaliser over
+        all V values; w > 0 sums it over the 2 w + 1 values nearest z_0 / alpha_0 whenever
+        gamma(0) is low enough for the result to equal the full one to float32 rounding (see
+        :func:`reconstruction_nll`): faster on CPUs (4 suits V = 256), not on accelerators.
     """
 
     score_net: nn.Module = ScoreUNet()
@@ -258,19 +261,25 @@ class VDM(nn.Module):
     variance_gradient: bool = False
     parameterization: str = "eps"
     weighting: weightings.Weighting = weightings.get("elbo")
+    reconstruction_window: int = 0
 
     def __post_init__(self):
         if self.parameterization not in diffusion.PARAMETERIZATIONS:
-            raise ValueError(
+            raise UserError(
                 f"parameterization must be one of {diffusion.PARAMETERIZATIONS}, got "
                 f"{self.parameterization!r}"
             )
         if self.vocab_size < 2:
-            raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
+            raise UserError(f"vocab_size must be at least 2, got {self.vocab_size}")
         if self.num_steps < 0:
-            raise ValueError(f"num_steps must be 0 (continuous) or positive, got {self.num_steps}")
+            raise UserError(f"num_steps must be 0 (continuous) or positive, got {self.num_steps}")
+        if self.reconstruction_window < 0:
+            raise UserError(
+                f"reconstruction_window must be >= 0 (0: the full softmax), got "
+                f"{self.reconstruction_window}"
+            )
         if self.variance_gradient and self.num_steps:
-            raise ValueError(
+            raise UserError(
                 "variance_gradient needs the continuous-time loss (num_steps=0), got "
                 f"num_steps={self.num_steps}"
             )
@@ -371,15 +380,14 @@ class VDM(nn.Module):
         x = diffusion.encode(images, self.vocab_size)
         gamma_0, gamma_1 = self.endpoints()
         key = self.make_rng("diffusion")
-        # Materialised once: without the barrier XLA fuses the random-number generator into
-        # each of its consumers and runs it several times.
-        eps_0, eps = jax.lax.optimization_barrier(tuple(jax.random.normal(key, (2, *x.shape))))
+        eps_0, eps = jax.random.normal(key, (2, *x.shape))
 
         prior = losses.prior_kl(x, gamma_1)
         z_0 = diffusion.q_sample(x, gamma_0, eps_0)
         reconstruction = reconstruction_nll(
-            images, z_0, gamma_0, self.vocab_size, custom_gradient=train
-        )
+            images, z_0, gamma_0, self.vocab_size, self.reconstruction_window,
+            custom_gradient=train,
+        )  # fmt: skip
 
         bins = density = values = None
         t = self._times(batch)

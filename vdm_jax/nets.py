@@ -29,7 +29,6 @@ Public names: :class:`ScoreUNet`, :class:`ResNetBlock`, :class:`AttentionBlock`,
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -39,14 +38,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdm_jax.errors import UserError
+
 __all__ = [
+    "ATTENTION_KINDS",
     "AttentionBlock",
-    "GroupNorm",
     "ResNetBlock",
     "ScoreUNet",
     "base2_fourier_features",
     "dot_product_attention",
-    "flop_count_tracing",
     "largest_group_count",
     "timestep_embedding",
 ]
@@ -90,64 +90,14 @@ def largest_group_count(channels: int, max_groups: int, min_group_size: int = 4)
     return 1  # unreachable: 1 divides everything
 
 
-class GroupNorm(nn.Module):
-    """Group normalisation over the spatial axes and groups of channels (as ``nn.GroupNorm``).
-
-    The same layer as ``flax.linen.GroupNorm(num_groups, epsilon=1e-6)``: per example and
-    group, ``(x - mean) * rsqrt(var + epsilon) * scale + bias`` with ``var = E[x^2] - E[x]^2``
-    (clipped at 0) and float32 statistics, parameters 'scale' and 'bias' of shape [C]; equal
-    to it to float32 rounding. It is organised for speed on CPUs: the statistics are summed per
-    channel first (a reduction along contiguous channels, rather than over groups of 4 or 8
-    channels), and the normalisation is one multiply-add with per-example, per-channel
-    coefficients.
-
-    Attributes:
-      num_groups: number of groups; must divide the channel count.
-      epsilon: added to the variance.
-      dtype: dtype of the result (statistics are float32).
-      param_dtype: dtype of scale and bias.
-    """
-
-    num_groups: int
-    epsilon: float = 1e-6
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = _PARAM_DTYPE
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Normalise x [B, ..., C]; returns ``dtype`` [B, ..., C]."""
-        channels = x.shape[-1]
-        if channels % self.num_groups:
-            raise ValueError(
-                f"num_groups={self.num_groups} does not divide the {channels} channels"
-            )
-        group_size = channels // self.num_groups
-        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        axes = tuple(range(1, x.ndim - 1))
-        count = math.prod(x.shape[1:-1]) * group_size
-        group_shape = (x.shape[0], self.num_groups, group_size)
-
-        def group_mean(values):  # [B, C] per-channel sums -> [B, C] group means
-            sums = jnp.sum(values.reshape(group_shape), axis=-1, keepdims=True) / count
-            return jnp.broadcast_to(sums, group_shape).reshape(x.shape[0], channels)
-
-        mean = group_mean(jnp.sum(x32, axis=axes))
-        mean_sq = group_mean(jnp.sum(jnp.square(x32), axis=axes))
-        var = jnp.maximum(0.0, mean_sq - jnp.square(mean))
-        mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)  # [B, C]
-        expand = (x.shape[0],) + (1,) * len(axes) + (channels,)
-        y = (x32 - mean.reshape(expand)) * mul.reshape(expand) + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
-
-
 def _group_norm(
     channels: int, max_groups: int, dtype: Dtype, name: str | None = None, min_group_size: int = 4
 ):
-    """A GroupNorm layer whose group count suits ``channels`` (see largest_group_count)."""
-    return GroupNorm(
+    """``flax.linen.GroupNorm`` with a group count that suits ``channels`` (see
+    largest_group_count), epsilon 1e-6, float32 statistics and parameters."""
+    return nn.GroupNorm(
         num_groups=largest_group_count(channels, max_groups, min_group_size),
+        epsilon=1e-6,
         dtype=dtype,
         param_dtype=_PARAM_DTYPE,
         name=name,
@@ -205,43 +155,17 @@ def base2_fourier_features(z: jax.Array, exponents: Sequence[int]) -> jax.Array:
     return jnp.concatenate([jnp.sin(phases), jnp.cos(phases)], axis=-1)
 
 
-# Attention on the CPU runs over the batch in chunks whose [b, L, L] logits fit in this many
-# bytes (a few MiB stay in the caches).
-_CPU_ATTENTION_CHUNK_BYTES = 4 << 20
+#: The attention formulations :func:`dot_product_attention` offers.
+ATTENTION_KINDS = ("dot_product", "chunked")
 
-
-_FLOP_COUNT_TRACING = [False]
-
-
-@contextlib.contextmanager
-def flop_count_tracing():
-    """Within this context the model traces without loops or conditionals, for FLOP counts.
-
-    XLA's cost analysis counts a loop's body once and a conditional's largest branch. Inside
-    this context :func:`dot_product_attention` is the textbook formula (no chunk loop, and no
-    recomputation of the attention weights in the backward pass, which is not useful work)
-    and :func:`vdm_jax.model.reconstruction_nll` takes its windowed branch without the
-    conditional (the branch it runs whenever gamma_0 is below ``window_gamma_limit``, as at
-    initialisation). A program traced here counts the useful work of the normal one; it is
-    meant for ``jax.jit(...).lower(...).compile().cost_analysis()``, not for running. Affects
-    tracing only: functions traced before keep their loops.
-    """
-    previous = _FLOP_COUNT_TRACING[0]
-    _FLOP_COUNT_TRACING[0] = True
-    try:
-        yield
-    finally:
-        _FLOP_COUNT_TRACING[0] = previous
-
-
-def counting_flops() -> bool:
-    """Whether tracing happens inside :func:`flop_count_tracing`."""
-    return _FLOP_COUNT_TRACING[0]
+# The chunked attention runs over the batch in chunks whose [b, L, L] float32 logits fit in
+# this many bytes (a few MiB stay in a CPU's caches).
+_ATTENTION_CHUNK_BYTES = 4 << 20
 
 
 def _attention_batch_chunk(batch: int, length: int) -> int:
-    """Examples per chunk of the CPU's attention loop (a divisor of ``batch``)."""
-    fits = max(1, _CPU_ATTENTION_CHUNK_BYTES // (4 * length * length))
+    """Examples per chunk of the chunked attention's loop (a divisor of ``batch``)."""
+    fits = max(1, _ATTENTION_CHUNK_BYTES // (4 * length * length))
     return max((d for d in range(1, min(fits, batch) + 1) if batch % d == 0), default=1)
 
 
@@ -250,11 +174,9 @@ def _chunked(fn, chunk: int, *arrays):
 
     A loop rather than unrolled chunks: XLA runs the iterations in turn, so each chunk's
     temporaries stay in the caches (unrolled, it interleaves the chunks and is slower).
-    XLA's cost analysis counts a loop body once; :func:`flop_count_tracing` turns the loop
-    off for FLOP counts.
     """
     batch = arrays[0].shape[0]
-    if chunk >= batch or counting_flops():
+    if chunk >= batch:
         return fn(*arrays)
     split = [a.reshape(batch // chunk, chunk, *a.shape[1:]) for a in arrays]
     out = jax.lax.map(lambda xs: fn(*xs), split)
@@ -326,32 +248,42 @@ def _textbook_attention(q, k, v):
 
 
 def dot_product_attention(
-    query: jax.Array, key: jax.Array, value: jax.Array, *, custom_gradient: bool = False
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    kind: str = "dot_product",
+    custom_gradient: bool = False,
 ) -> jax.Array:
     """Single-head attention ``softmax(q k^T / sqrt(C)) v`` of each example.
 
-    The logits and softmax are float32 (the inputs may be bfloat16). On accelerators (and
-    inside :func:`flop_count_tracing`) this is the textbook formula. On the CPU it is organised
-    for the caches: the batch runs a few examples at a time, a loop whose [b, L, L] logits fit
-    in a few MiB. With ``custom_gradient`` (what ``ScoreUNet`` uses for training) the CPU's
-    gradient is a custom VJP that recomputes the attention weights per chunk, as flash
-    attention does, instead of storing [B, L, L] arrays, and places the transposes so that every
-    matmul is a plain one (``_attention_backward``): 2.5x faster than differentiating the
-    formula for the small CPU model's train step (L = 1024, C = 32, batch 32). A custom VJP
-    supports reverse-mode differentiation only (``jax.grad``, ``jax.vjp``); without
-    ``custom_gradient`` every transformation works. The same function either way, to float32
-    rounding.
+    The logits and softmax are float32 (the inputs may be bfloat16). Two formulations of the
+    same function (equal to float32 rounding):
+
+    - ``"dot_product"``: :func:`jax.nn.dot_product_attention`, which XLA fuses and which uses
+      cuDNN's flash attention on GPUs where it applies. Every transformation works.
+    - ``"chunked"``: organised for a CPU's caches: the batch runs a few examples at a time, a
+      loop whose [b, L, L] logits fit in a few MiB. With ``custom_gradient`` (what
+      ``ScoreUNet`` uses for training) the gradient is a custom VJP that recomputes the
+      attention weights per chunk, as flash attention does, instead of storing [B, L, L]
+      arrays, and places the transposes so that every matmul is a plain one
+      (``_attention_backward``). A custom VJP supports reverse-mode differentiation only
+      (``jax.grad``, ``jax.vjp``); without ``custom_gradient`` every transformation works.
 
     Args:
       query, key, value: arrays [B, L, C] of one dtype.
-      custom_gradient: use the CPU's custom VJP (reverse mode only).
+      kind: one of :data:`ATTENTION_KINDS`.
+      custom_gradient: with ``kind="chunked"``, use its custom VJP (reverse mode only).
 
     Returns:
       array [B, L, C] in the inputs' dtype.
     """
+    if kind == "dot_product":
+        out = jax.nn.dot_product_attention(query[:, :, None], key[:, :, None], value[:, :, None])
+        return out[:, :, 0]
+    if kind != "chunked":
+        raise UserError(f"attention kind must be one of {ATTENTION_KINDS}, got {kind!r}")
     batch, length, _ = query.shape
-    if counting_flops() or jax.default_backend() != "cpu":
-        return _textbook_attention(query, key, value)
     chunk = _attention_batch_chunk(batch, length)
     if custom_gradient:
         return _attention(query, key, value, chunk)
@@ -372,17 +304,6 @@ def dropout(x: jax.Array, rate: float, keys: jax.Array) -> jax.Array:
     keep = 1.0 - rate
     mask = jax.vmap(lambda key: jax.random.bernoulli(key, keep, x.shape[1:]))(keys)
     return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
-
-
-def _block_boundary(x: jax.Array) -> jax.Array:
-    """Identity behind an optimisation barrier (JAX puts one on its tangents and cotangents too).
-
-    Placed at the input of every ResNet block, it stops XLA's CPU fusion from merging the
-    elementwise work of neighbouring blocks (GroupNorm gradients through the skip connections)
-    into large fusions that recompute shared producers in every consumer (about 10% of the
-    small model's train step on a 2-core CPU).
-    """
-    return jax.lax.optimization_barrier(x)
 
 
 class ResNetBlock(nn.Module):
@@ -412,8 +333,7 @@ class ResNetBlock(nn.Module):
         self,
         x: jax.Array,
         cond: jax.Array,
-        *,
-        train: bool,
+        train: bool = False,
         dropout_keys: jax.Array | None = None,
     ) -> jax.Array:
         """Apply the block.
@@ -428,7 +348,6 @@ class ResNetBlock(nn.Module):
         Returns:
           array [B, H, W, out_channels] in ``dtype``.
         """
-        x = _block_boundary(x)
         in_channels = x.shape[-1]
         out_channels = in_channels if self.out_channels is None else self.out_channels
         if cond.ndim != 2 or cond.shape[0] != x.shape[0]:
@@ -488,20 +407,24 @@ class AttentionBlock(nn.Module):
       norm_groups: preferred GroupNorm group count (see largest_group_count).
       norm_min_group_size: fewest channels per group (see largest_group_count).
       dtype: computation dtype (parameters are float32).
+      attention: the formulation, one of :data:`ATTENTION_KINDS` (see
+        :func:`dot_product_attention`).
     """
 
     norm_groups: int = 32
     norm_min_group_size: int = 4
     dtype: Dtype = jnp.float32
+    attention: str = "dot_product"
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply the block.
 
         Args:
           x: float array [B, H, W, C].
-          train: whether this is a training pass: on the CPU its gradient then comes from the
-            memory-lean custom VJP of :func:`dot_product_attention` (reverse mode only).
+          train: whether this is a training pass: with ``attention="chunked"`` its gradient
+            then comes from the recomputing custom VJP of :func:`dot_product_attention`
+            (reverse mode only).
 
         Returns:
           array [B, H, W, C] in ``dtype``.
@@ -522,7 +445,9 @@ class AttentionBlock(nn.Module):
         query = dense("query")(h).reshape(seq_shape)
         key = dense("key")(h).reshape(seq_shape)
         value = dense("value")(h).reshape(seq_shape)
-        attended = dot_product_attention(query, key, value, custom_gradient=train)
+        attended = dot_product_attention(
+            query, key, value, kind=self.attention, custom_gradient=train
+        )
         attended = attended.reshape((batch, height, width, channels))
         h = dense("proj_out", kernel_init=nn.initializers.zeros)(attended)
         return x.astype(h.dtype) + h
@@ -566,12 +491,18 @@ class ScoreUNet(nn.Module):
       conditioning_input: take the scalar ``conditioning`` input described above.
       dtype: computation dtype (e.g. jnp.bfloat16 for mixed precision); parameters are float32
         and the returned eps_hat is float32.
+      attention: the self-attention formulation, one of :data:`ATTENTION_KINDS`:
+        ``"dot_product"`` (default; :func:`jax.nn.dot_product_attention`, cuDNN flash
+        attention on GPUs) or ``"chunked"`` (faster on CPUs); see :func:`dot_product_attention`.
       batch_pieces: run the network on the batch in this many equal pieces (the largest
-        divisor of the batch not above it); 0 (default) means 2 on a CPU backend for batches
-        of at least 4, else 1. Results do not depend on it: every layer works per example and
-        dropout draws one key per example. On a CPU, XLA runs the pieces' operations
-        concurrently, which uses both cores of a 2-core machine although its convolution
-        kernels are single-threaded; accelerators want one piece.
+        divisor of the batch not above it); default 1. Results do not depend on it: every
+        layer works per example and dropout draws one key per example. On a CPU, XLA runs the
+        pieces' operations concurrently, which uses both cores of a 2-core machine although
+        its convolution kernels are single-threaded (2 is faster there); accelerators want 1.
+      remat: rematerialise every ResNet and attention block (``jax.checkpoint`` per block,
+        ``flax.linen.remat``): the backward pass recomputes each block's activations from its
+        input instead of storing them, for large batches that would not fit otherwise, at the
+        cost of a second forward pass through the blocks. Same parameters and results.
     """
 
     n_layer: int = 32
@@ -587,39 +518,40 @@ class ScoreUNet(nn.Module):
     norm_min_group_size: int = 4
     conditioning_input: bool = False
     dtype: Dtype = jnp.float32
-    batch_pieces: int = 0
+    attention: str = "dot_product"
+    batch_pieces: int = 1
+    remat: bool = False
 
     def __post_init__(self):
-        """Validate the hyper-parameters (ValueError naming the offending value)."""
-        if self.batch_pieces < 0:
-            raise ValueError(f"batch_pieces must be >= 0, got {self.batch_pieces}")
+        """Validate the hyper-parameters (UserError naming the offending value)."""
+        if self.batch_pieces < 1:
+            raise UserError(f"batch_pieces must be >= 1, got {self.batch_pieces}")
+        if self.attention not in ATTENTION_KINDS:
+            raise UserError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.n_layer < 0:
-            raise ValueError(f"n_layer must be >= 0, got {self.n_layer}")
+            raise UserError(f"n_layer must be >= 0, got {self.n_layer}")
         if self.n_embd < 1:
-            raise ValueError(f"n_embd must be >= 1, got {self.n_embd}")
+            raise UserError(f"n_embd must be >= 1, got {self.n_embd}")
         if not self.gamma_max > self.gamma_min:
-            raise ValueError(
+            raise UserError(
                 f"gamma_max must exceed gamma_min, got gamma_min={self.gamma_min}, "
                 f"gamma_max={self.gamma_max}"
             )
         if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+            raise UserError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+            raise UserError(f"num_classes must be >= 0, got {self.num_classes}")
         if self.norm_groups < 1:
-            raise ValueError(f"norm_groups must be >= 1, got {self.norm_groups}")
+            raise UserError(f"norm_groups must be >= 1, got {self.norm_groups}")
         if self.norm_min_group_size < 1:
-            raise ValueError(f"norm_min_group_size must be >= 1, got {self.norm_min_group_size}")
+            raise UserError(f"norm_min_group_size must be >= 1, got {self.norm_min_group_size}")
         if not all(isinstance(n, int) for n in self.fourier_exponents):
-            raise ValueError(f"fourier_exponents must be integers, got {self.fourier_exponents!r}")
+            raise UserError(f"fourier_exponents must be integers, got {self.fourier_exponents!r}")
         super().__post_init__()
 
     def _batch_pieces(self, batch: int) -> int:
         """How many equal pieces the batch is processed in (a divisor of ``batch``)."""
-        wanted = self.batch_pieces
-        if wanted == 0:  # automatic: two on a CPU, where the pieces run on separate cores
-            wanted = 2 if jax.default_backend() == "cpu" and batch >= 4 else 1
-        return max(d for d in range(1, min(wanted, batch) + 1) if batch % d == 0)
+        return max(d for d in range(1, min(self.batch_pieces, batch) + 1) if batch % d == 0)
 
     def _conditioning(
         self, gamma_t: jax.Array, labels: jax.Array | None, conditioning: jax.Array | None
@@ -744,8 +676,15 @@ class ScoreUNet(nn.Module):
         conditioning = self._check_conditioning(conditioning, batch)
         cond = self._conditioning(gamma_t, labels, conditioning)
 
+        # With remat, each block's activations are recomputed in the backward pass; `train` is
+        # the static argument (positional: jax.checkpoint traces keyword arguments).
+        resnet_cls = nn.remat(ResNetBlock, static_argnums=(3,)) if self.remat else ResNetBlock
+        attention_cls = (
+            nn.remat(AttentionBlock, static_argnums=(2,)) if self.remat else AttentionBlock
+        )
+
         def resnet_block(name):
-            return ResNetBlock(
+            return resnet_cls(
                 out_channels=self.n_embd,
                 dropout_rate=self.dropout_rate,
                 norm_groups=self.norm_groups,
@@ -755,10 +694,11 @@ class ScoreUNet(nn.Module):
             )
 
         def attention_block(name):
-            return AttentionBlock(
+            return attention_cls(
                 norm_groups=self.norm_groups,
                 norm_min_group_size=self.norm_min_group_size,
                 dtype=self.dtype,
+                attention=self.attention,
                 name=name,
             )
 
@@ -801,9 +741,7 @@ class ScoreUNet(nn.Module):
 
             def block(module, h):
                 j = next(block_keys)
-                return module(
-                    h, cond, train=train, dropout_keys=None if keys is None else keys[:, j]
-                )
+                return module(h, cond, train, None if keys is None else keys[:, j])
 
             h = z.astype(jnp.float32)
             if self.with_fourier_features and len(self.fourier_exponents) > 0:
@@ -813,16 +751,16 @@ class ScoreUNet(nn.Module):
             for block_module, attn in zip(down, down_attn, strict=False):
                 h = block(block_module, h)
                 if attn is not None:
-                    h = attn(h, train=train)
+                    h = attn(h, train)
                 skips.append(h)
             h = block(mid[0], h)
-            h = mid[1](h, train=train)
+            h = mid[1](h, train)
             h = block(mid[2], h)
             for block_module, attn in zip(up, up_attn, strict=True):
                 h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)  # [.., 2*n_embd]
                 h = block(block_module, h)
                 if attn is not None:
-                    h = attn(h, train=train)
+                    h = attn(h, train)
             assert not skips
             return conv_out(nn.swish(norm_out(h)))
 

@@ -39,6 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_steps = 0  # T: 0 is continuous time
     config.model.antithetic_time_sampling = True
     config.model.variance_gradient = False  # appendix I.2; continuous time only
+    # dot_product (jax.nn.dot_product_attention: cuDNN flash attention on GPUs) | chunked (CPUs)
+    config.model.attention = "dot_product"
+    config.model.batch_pieces = 1  # run the network on the batch in N pieces (2: 2-core CPUs)
+    config.model.reconstruction_window = 0  # > 0: windowed decoder normaliser (4: CPUs), same value
+    config.model.remat = False  # recompute each block in the backward pass (less memory)
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 2e-4

@@ -57,7 +57,7 @@ from etils import epath
 
 from vdm_jax import evaluation, sampling
 from vdm_jax.model import SCHEDULES, VDM, make_schedule
-from vdm_jax.nets import ScoreUNet
+from vdm_jax.nets import ATTENTION_KINDS, ScoreUNet
 from vdm_jax.training import checkpoint, data, parallel, steps
 from vdm_jax.training import report as report_io
 from vdm_jax.training.preemption import PreemptionWatcher
@@ -126,6 +126,10 @@ CONFIG_FIELDS: dict[str, tuple] = {
     "model.num_steps": _NON_NEGATIVE_INT,
     "model.antithetic_time_sampling": _BOOL,
     "model.variance_gradient": _BOOL,
+    "model.attention": _choice(*ATTENTION_KINDS),
+    "model.batch_pieces": _POSITIVE_INT,
+    "model.reconstruction_window": _NON_NEGATIVE_INT,
+    "model.remat": _BOOL,
     "optimizer.learning_rate": _NON_NEGATIVE,
     "optimizer.b1": _UNIT,
     "optimizer.b2": _UNIT,
@@ -279,6 +283,9 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> VDM:
         norm_groups=m.norm_groups,
         num_classes=m.num_classes,
         dtype=jnp.dtype(m.dtype),
+        attention=m.attention,
+        batch_pieces=m.batch_pieces,
+        remat=m.remat,
     )
     return VDM(
         score_net=net,
@@ -287,6 +294,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> VDM:
         num_steps=m.num_steps,
         antithetic_time_sampling=m.antithetic_time_sampling,
         variance_gradient=m.variance_gradient,
+        reconstruction_window=m.reconstruction_window,
     )
 
 

@@ -1,0 +1,399 @@
+"""Our VDM against the original authors' code, side by side in one process, as ratios.
+
+    python benchmarks/side_by_side.py --original /path/to/google-research-vdm [--json out.json]
+    python benchmarks/side_by_side.py --original ... --sections train --steps 20
+    python benchmarks/side_by_side.py --original ... --smoke     # a tiny model, seconds
+
+The original code is google-research/vdm (``model_vdm.py``; only that file is imported, see
+``benchmarks/original.py``); ``--original`` names a checkout or the folder holding the file
+(default: the ``VDM_ORIGINAL`` environment variable). Without it the script prints why it
+skipped and exits 0.
+
+Both models have the same settings: ``--n_layer`` blocks of ``--n_embd`` channels, Fourier
+features, attention in the middle, a learned linear schedule, continuous time, V = 256,
+dropout 0.1, float32, on synthetic uint8 images. Sections (``--sections``):
+
+- ``train``: the train step of each, compiled once, then one step of each in turn (ours
+  under jit, ours under pmap, theirs under jit) ``--steps`` times after one warm-up; each
+  timed call includes putting the batch on the device and waiting for the result. Medians.
+- ``eval``: the bound of a batch without dropout, alternating batches, medians.
+- ``sampling``: ancestral sampling of ``--sample_batch`` images at ``--sample_steps`` = T for
+  both, alternating ``--sample_repeats`` times, medians.
+
+For each: compile seconds and the compiled programs' peak memory (XLA's memory analysis).
+Ratios are "ours / theirs" in images/s (above 1: ours is faster), "theirs / ours" in compile
+time, and "ours / theirs" in peak memory. ``--formulation`` picks our model's fields
+(``benchmarks.common.FORMULATIONS``; default: "cpu" on a CPU, "plain" elsewhere). The
+1-minute load average is recorded before and after, as the timings depend on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+SECTIONS = ("train", "eval", "sampling")
+SMOKE = dict(
+    n_layer=1,
+    n_embd=32,
+    resolution=8,
+    batch=4,
+    steps=1,
+    eval_batches=1,
+    sample_batch=2,
+    sample_steps=4,
+    sample_repeats=1,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--original",
+        default=os.environ.get("VDM_ORIGINAL"),
+        help="google-research/vdm checkout (or its model_vdm.py); env VDM_ORIGINAL",
+    )
+    p.add_argument("--n_layer", type=int, default=4)
+    p.add_argument("--n_embd", type=int, default=32, help="a multiple of 32 (their GroupNorm)")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10, help="timed train steps of each")
+    p.add_argument("--eval_batches", type=int, default=6)
+    p.add_argument("--sample_batch", type=int, default=4)
+    p.add_argument("--sample_steps", type=int, default=200, help="T of both samplers")
+    p.add_argument("--sample_repeats", type=int, default=2)
+    p.add_argument("--modes", default="jit,pmap", help="our train step's modes")
+    p.add_argument("--formulation", default=None, help="our model's fields: cpu or plain")
+    p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--smoke", action="store_true", help="a tiny model, one step of each")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+    return args
+
+
+def _median(times) -> float:
+    import numpy as np
+
+    return float(np.median(np.asarray(times)))
+
+
+def _alternate(calls: dict, count: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Call each of ``calls`` in turn ``warmup + count`` times; seconds of the timed calls."""
+    times = {name: [] for name in calls}
+    for i in range(warmup + count):
+        for name, call in calls.items():
+            elapsed = call(i)
+            if i >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def _timed(fn):
+    def call(i):
+        t0 = time.perf_counter()
+        fn(i)
+        return time.perf_counter() - t0
+
+    return call
+
+
+def _compiled(jitted, *args):
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def train_section(args, theirs, common, formulation):
+    """Train steps of ours (each mode) and theirs, alternating; medians and ratios."""
+    import jax
+    import jax.numpy as jnp
+
+    from vdm_jax.training import steps
+
+    shape = (args.resolution, args.resolution, 3)
+    model = common.build_model(args.n_layer, args.n_embd, formulation=formulation)
+    host_state = steps.init_state(
+        model, steps.make_optimizer(), jax.random.key(0), jnp.zeros((1, *shape), jnp.uint8)
+    )
+    batches = common.synthetic_batches(2, args.batch, args.resolution, 3)
+    key = jax.random.key(1)
+    modes = [m for m in args.modes.split(",") if m]
+    runs = {m: common.compile_train_step(model, m, host_state, batches[0], key) for m in modes}
+
+    their_step = jax.jit(theirs.train_step)
+    state = theirs.init_state()
+    compiled, their_compile = _compiled(their_step, state, batches[0]["image"], key)
+    holder = {"state": state}
+
+    def their_call(i):
+        t0 = time.perf_counter()
+        images = jax.device_put(batches[i % 2]["image"])
+        holder["state"], bpd = compiled(holder["state"], images, key)
+        common.block(bpd)
+        return time.perf_counter() - t0
+
+    calls = {
+        f"ours_{m}": functools.partial(
+            lambda run, i: common.dispatch_train_step(run, batches[i % 2]), runs[m]
+        )
+        for m in modes
+    }
+    calls["theirs_jit"] = their_call
+    times = _alternate(calls, args.steps)
+    out = {
+        "theirs_jit": {
+            "step_s": _median(times["theirs_jit"]),
+            "compile_s": their_compile,
+            **common.memory_bytes(compiled),
+        }
+    }
+    for m in modes:
+        out[f"ours_{m}"] = {
+            "step_s": _median(times[f"ours_{m}"]),
+            "compile_s": runs[m]["compile_s"],
+            **common.memory_bytes(runs[m]["compiled"]),
+        }
+    for r in out.values():
+        r["images_per_sec"] = args.batch / r["step_s"]
+    their = out["theirs_jit"]
+    ratios = {}
+    for m in modes:
+        ours = out[f"ours_{m}"]
+        ratios[f"train_speed_{m}"] = their["step_s"] / ours["step_s"]
+        ratios[f"train_compile_{m}"] = their["compile_s"] / ours["compile_s"]
+        ratios[f"train_peak_memory_{m}"] = (
+            ours["compiled_peak_bytes"] / their["compiled_peak_bytes"]
+        )
+    return {"times": times, "results": out, "ratios": ratios, "batch": args.batch}
+
+
+def eval_section(args, theirs, common, formulation):
+    """The bound of a batch, ours (jit over the mesh) and theirs (jit), alternating."""
+    import jax
+    import jax.numpy as jnp
+
+    from vdm_jax.training import parallel, steps
+
+    shape = (args.resolution, args.resolution, 3)
+    model = common.build_model(args.n_layer, args.n_embd, formulation=formulation)
+    params = steps.init_state(
+        model, steps.make_optimizer(), jax.random.key(0), jnp.zeros((1, *shape), jnp.uint8)
+    ).params
+    dp = parallel.DataParallel("jit", parallel.make_mesh(None))
+    params = dp.put_params(params)
+    batches = common.synthetic_batches(2, args.batch, args.resolution, 3, seed=1)
+    key = jax.random.key(2)
+    ours, ours_compile = _compiled(
+        dp.compile_eval_step(parallel.make_eval_step(model)),
+        params,
+        dp.put_global_batch(batches[0]),
+        key,
+    )
+    their_params = theirs.init_state()["params"]
+    their, their_compile = _compiled(
+        jax.jit(theirs.eval_bpd), their_params, batches[0]["image"], key
+    )
+    calls = {
+        "ours": _timed(
+            lambda i: common.block(ours(params, dp.put_global_batch(batches[i % 2]), key))
+        ),
+        "theirs": _timed(
+            lambda i: common.block(
+                their(their_params, jax.device_put(batches[i % 2]["image"]), key)
+            )
+        ),
+    }
+    times = _alternate(calls, args.eval_batches)
+    out = {
+        "ours": {
+            "batch_s": _median(times["ours"]),
+            "compile_s": ours_compile,
+            **common.memory_bytes(ours),
+        },
+        "theirs": {
+            "batch_s": _median(times["theirs"]),
+            "compile_s": their_compile,
+            **common.memory_bytes(their),
+        },
+    }
+    for r in out.values():
+        r["images_per_sec"] = args.batch / r["batch_s"]
+    ratios = {
+        "eval_speed": out["theirs"]["batch_s"] / out["ours"]["batch_s"],
+        "eval_compile": their_compile / ours_compile,
+        "eval_peak_memory": out["ours"]["compiled_peak_bytes"]
+        / out["theirs"]["compiled_peak_bytes"],
+    }
+    return {"times": times, "results": out, "ratios": ratios, "batch": args.batch}
+
+
+def sampling_section(args, theirs, common, formulation):
+    """Ancestral sampling at the same T, ours and theirs, alternating."""
+    import jax
+    import jax.numpy as jnp
+
+    from vdm_jax import sampling
+    from vdm_jax.training import steps
+
+    shape = (args.sample_batch, args.resolution, args.resolution, 3)
+    model = common.build_model(args.n_layer, args.n_embd, formulation=formulation)
+    variables = {
+        "params": steps.init_state(
+            model, steps.make_optimizer(), jax.random.key(0), jnp.zeros((1, *shape[1:]), jnp.uint8)
+        ).params
+    }
+    key = jax.random.key(3)
+    t0 = time.perf_counter()
+    ours = sampling.ancestral_sample.lower(
+        model, variables, key, shape=shape, num_steps=args.sample_steps
+    ).compile()
+    ours_compile = time.perf_counter() - t0
+    their_params = theirs.init_state()["params"]
+    their_fn = jax.jit(
+        functools.partial(
+            theirs.ancestral_sample, batch=args.sample_batch, num_steps=args.sample_steps
+        )
+    )
+    their, their_compile = _compiled(their_fn, their_params, key)
+    calls = {
+        "ours": _timed(lambda i: common.block(ours(variables, jax.random.fold_in(key, i)))),
+        "theirs": _timed(lambda i: common.block(their(their_params, jax.random.fold_in(key, i)))),
+    }
+    times = _alternate(calls, args.sample_repeats, warmup=0)
+    out = {
+        "ours": {
+            "seconds": _median(times["ours"]),
+            "compile_s": ours_compile,
+            **common.memory_bytes(ours),
+        },
+        "theirs": {
+            "seconds": _median(times["theirs"]),
+            "compile_s": their_compile,
+            **common.memory_bytes(their),
+        },
+    }
+    for r in out.values():
+        r["images_per_sec"] = args.sample_batch / r["seconds"]
+    ratios = {
+        "sampling_speed": out["theirs"]["seconds"] / out["ours"]["seconds"],
+        "sampling_compile": their_compile / ours_compile,
+        "sampling_peak_memory": out["ours"]["compiled_peak_bytes"]
+        / out["theirs"]["compiled_peak_bytes"],
+    }
+    return {
+        "times": times,
+        "results": out,
+        "ratios": ratios,
+        "batch": args.sample_batch,
+        "num_steps": args.sample_steps,
+    }
+
+
+def table(result: dict) -> str:
+    """Ratios first, then the absolute figures, as Markdown."""
+    lines = ["| figure | ours / original | ours | original |", "| --- | --- | --- | --- |"]
+    train = result.get("train")
+    if train:
+        their = train["results"]["theirs_jit"]
+        for name, r in train["results"].items():
+            if name.startswith("ours_"):
+                mode = name[len("ours_") :]
+                lines.append(
+                    f"| train images/s ({mode} vs jit, batch {train['batch']}) | "
+                    f"{train['ratios'][f'train_speed_{mode}']:.2f}x | "
+                    f"{r['images_per_sec']:.1f} ({r['step_s'] * 1e3:.0f} ms) | "
+                    f"{their['images_per_sec']:.1f} ({their['step_s'] * 1e3:.0f} ms) |"
+                )
+        ours = train["results"][next(n for n in train["results"] if n.startswith("ours_"))]
+        lines.append(
+            f"| train compile s | {their['compile_s'] / ours['compile_s']:.2f}x faster "
+            f"| {ours['compile_s']:.1f} | {their['compile_s']:.1f} |"
+        )
+        lines.append(_memory_row("train", ours, their))
+    for name, label in (("eval", "eval images/s"), ("sampling", "ancestral sampling images/s")):
+        section = result.get(name)
+        if not section:
+            continue
+        ours, their = section["results"]["ours"], section["results"]["theirs"]
+        extra = f", T = {section['num_steps']}" if name == "sampling" else ""
+        lines.append(
+            f"| {label} (batch {section['batch']}{extra}) | "
+            f"{section['ratios'][f'{name}_speed']:.2f}x | {ours['images_per_sec']:.3g} | "
+            f"{their['images_per_sec']:.3g} |"
+        )
+        lines.append(
+            f"| {name} compile s | {their['compile_s'] / ours['compile_s']:.2f}x faster "
+            f"| {ours['compile_s']:.1f} | {their['compile_s']:.1f} |"
+        )
+        lines.append(_memory_row(name, ours, their))
+    return "\n".join(lines)
+
+
+def _memory_row(name, ours, their) -> str:
+    o, t = ours["compiled_peak_bytes"], their["compiled_peak_bytes"]
+    mib = 2.0**20
+    return f"| {name} compiled peak memory | {o / t:.2f}x | {o / mib:.0f} MiB | {t / mib:.0f} MiB |"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import original
+
+    if original.find(args.original) is None:
+        why = (
+            f"skipped: no {original.FILE} at {args.original!r}"
+            if args.original
+            else "skipped: the original code's path is not given"
+        )
+        print(
+            f"{why}; pass --original PATH (or set VDM_ORIGINAL) to a checkout of "
+            "https://github.com/google-research/vdm"
+        )
+        return {"skipped": why}
+    from benchmarks import common  # jax starts here
+
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown sections {sorted(unknown)}; known: {list(SECTIONS)}")
+    formulation = args.formulation or common.default_formulation()
+    theirs = original.OriginalVDM(
+        original.load(args.original),
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+        image_shape=(args.resolution, args.resolution, 3),
+    )
+    settings = {k: v for k, v in vars(args).items() if k not in ("json",)}
+    result = {
+        "environment": common.environment(),
+        "settings": settings,
+        "formulation": formulation,
+        "load_before": os.getloadavg()[0],
+    }
+    run = {"train": train_section, "eval": eval_section, "sampling": sampling_section}
+    for name in sections:
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        result[name] = run[name](args, theirs, common, formulation)
+    result["load_after"] = os.getloadavg()[0]
+    result["ratios"] = {k: v for name in sections for k, v in result[name]["ratios"].items()}
+    print(table(result))
+    print(
+        f"\n1-minute load {result['load_before']:.2f} before, {result['load_after']:.2f} after;"
+        f" our formulation: {formulation}"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, sort_keys=True, default=str)
+    return result
+
+
+if __name__ == "__main__":
+    main()
