@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 from vdm_jax import sampling  # noqa: E402
 from vdm_jax.model import VDM, make_schedule  # noqa: E402
 from vdm_jax.nets import ScoreUNet  # noqa: E402
-from vdm_jax.training import parallel, steps  # noqa: E402
+from vdm_jax.training import parallel  # noqa: E402
+from vdm_jax.training import steps as training_steps  # noqa: E402
 
 VOCAB_SIZE = 256
 DTYPES = ("float32", "bfloat16")
@@ -190,7 +191,7 @@ def step_flops(
       (FLOPs, the source used: "compiled" or "lowered", the latter also when compiling failed).
     """
     model = build_model(n_layer, n_embd, dtype, dropout_rate, formulation="plain")
-    step_fn = parallel.make_train_step(model, steps.make_optimizer(), 0.9999)
+    step_fn = parallel.make_train_step(model, training_steps.make_optimizer(), 0.9999)
     device = jax.devices()[0]
     state, batch, key = jax.device_put((state, batch, key), device)
     jitted = jax.jit(functools.partial(step_fn, num_shards=num_shards, axis_name=None))
@@ -271,7 +272,7 @@ def _timed_calls(call, count: int) -> np.ndarray:
 def compile_train_step(
     model: VDM,
     mode: str,
-    host_state: steps.TrainState,
+    host_state: training_steps.TrainState,
     host_batch: dict[str, np.ndarray],
     key: jax.Array,
     *,
@@ -287,7 +288,7 @@ def compile_train_step(
     k = steps_per_dispatch
     dp = parallel.DataParallel(mode, parallel.make_mesh(num_devices))
     dp.check_batch_size(host_batch["image"].shape[-4])
-    train_step = parallel.make_train_step(model, steps.make_optimizer(), 0.9999)
+    train_step = parallel.make_train_step(model, training_steps.make_optimizer(), 0.9999)
     state = dp.put_state(host_state)
     t0 = time.perf_counter()
     compiled = (
@@ -349,8 +350,8 @@ def bench_train_steps(
     model = build_model(n_layer, n_embd, dtype, dropout_rate, formulation=formulation, **fields)
     host_batches = synthetic_batches(2, batch, resolution, channels, seed, steps=k if k > 1 else 0)
     shape = (1, resolution, resolution, channels)
-    host_state = steps.init_state(
-        model, steps.make_optimizer(), jax.random.key(seed), jnp.zeros(shape, jnp.uint8)
+    host_state = training_steps.init_state(
+        model, training_steps.make_optimizer(), jax.random.key(seed), jnp.zeros(shape, jnp.uint8)
     )
     n_params = sum(x.size for x in jax.tree.leaves(host_state.params))
     key = jax.random.key(seed + 1)
@@ -425,7 +426,7 @@ def bench_eval(
     dp.check_batch_size(batch)
     shape = (1, resolution, resolution, channels)
     params = dp.put_params(
-        steps.init_state(model, steps.make_optimizer(), jax.random.key(seed),
+        training_steps.init_state(model, training_steps.make_optimizer(), jax.random.key(seed),
                          jnp.zeros(shape, jnp.uint8)).params
     )  # fmt: skip
     host_batches = synthetic_batches(2, batch, resolution, channels, seed)
@@ -479,8 +480,11 @@ def bench_sampling(
         raise ValueError(f"vdm_jax.sampling has no sampler {sampler!r} ({sampler}_sample)")
     model = build_model(n_layer, n_embd, dtype, formulation=formulation)
     shape = (batch, resolution, resolution, channels)
-    params = steps.init_state(
-        model, steps.make_optimizer(), jax.random.key(seed), jnp.zeros((1, *shape[1:]), jnp.uint8)
+    params = training_steps.init_state(
+        model,
+        training_steps.make_optimizer(),
+        jax.random.key(seed),
+        jnp.zeros((1, *shape[1:]), jnp.uint8),
     ).params
     variables = {"params": params}
     key = jax.random.key(seed + 3)
