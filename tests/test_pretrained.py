@@ -12,11 +12,15 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from vdm_jax import pretrained
 from vdm_jax.errors import UserError
+from vdm_jax.model import VDM
+from vdm_jax.nets import ScoreUNet
 from vdm_jax.schedules import UnnormalisedMonotonicSchedule
+from vdm_jax.training import steps
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "authors_vdm"
 NAMES = ["scalar", "nnet_aug"]
@@ -232,3 +236,27 @@ def test_trees_that_match_no_layout(tmp_path):
         pretrained.load_original_checkpoint(folder)
     with pytest.raises(UserError, match="params must be 'ema' or 'params', got 'raw'"):
         pretrained.load_original_checkpoint(folder, params="raw")
+
+
+def test_train_step_feeds_the_batch_conditioning_to_the_network():
+    """The batch's float "conditioning" reaches a network with a conditioning input, through
+    the sharded path too."""
+    net = ScoreUNet(n_layer=1, n_embd=8, dropout_rate=0.0, conditioning_input=True)
+    model = VDM(score_net=net, vocab_size=17)
+    optimizer = optax.adam(1e-3)
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 17, (4, 8, 8, 1)), jnp.uint8)
+    state = steps.init_state(model, optimizer, jax.random.key(0), images[:1])
+    # Perturbed away from the initialisation, whose zero output layers ignore the conditioning.
+    leaves, tree = jax.tree.flatten(state.params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    moved = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    state = state.replace(params=jax.tree.unflatten(tree, moved))
+    step = jax.jit(
+        lambda batch: steps.train_step(
+            state, batch, jax.random.key(1), model=model, optimizer=optimizer, ema_decay=0.9,
+            num_shards=2,
+        )[1]["diffusion_bpd"]
+    )  # fmt: skip
+    zeros = step({"image": images, "conditioning": jnp.zeros((4,), jnp.float32)})
+    ones = step({"image": images, "conditioning": jnp.ones((4,), jnp.float32)})
+    assert np.isfinite(zeros) and ones != zeros

@@ -160,21 +160,30 @@ def _sharded_terms(model, params, batch, keys, *, train: bool) -> VLBTerms:
             )
         return x.reshape(num_shards, x.shape[0] // num_shards, *x.shape[1:])
 
-    def one_shard(images, labels, key):
+    def one_shard(images, labels, conditioning, key):
         k_diffusion, k_dropout = jax.random.split(key)
         return model.apply(
             {"params": params},
             images,
             labels,
+            conditioning=conditioning,
             train=train,
             rngs={"diffusion": k_diffusion, "dropout": k_dropout},
         )
 
     images = split(batch["image"])
     labels = None if batch.get("label") is None else split(batch["label"])
+    # The batch's float [B] "conditioning" (the augmentation flag) reaches a score network
+    # that takes a scalar conditioning input; other networks never see it.
+    takes_conditioning = getattr(model.score_net, "conditioning_input", False)
+    conditioning = batch.get("conditioning") if takes_conditioning else None
+    conditioning = None if conditioning is None else split(conditioning.astype(jnp.float32))
     if num_shards == 1:  # the same computation without a batch axis of size 1
-        return one_shard(images[0], None if labels is None else labels[0], keys[0])
-    terms = jax.vmap(one_shard)(images, labels, keys)
+        first = None if labels is None else labels[0]
+        return one_shard(
+            images[0], first, None if conditioning is None else conditioning[0], keys[0]
+        )
+    terms = jax.vmap(one_shard)(images, labels, conditioning, keys)
     return jax.tree.map(lambda v: v.reshape(-1), terms)
 
 
