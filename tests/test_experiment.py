@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from vdm_jax.configs import cifar10, digits
+from vdm_jax.errors import UserError
 from vdm_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,23 +40,29 @@ def test_train_and_evaluate_on_digits_writes_everything(tmp_path):
     assert final["test/num_examples"] == 297  # every test example exactly once
     assert abs(final["test/independent_pixel_baseline_bpd"] - 2.42) < 0.01
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
-    assert os.listdir(tmp_path / "samples") == ["samples_step00000004.png"]
+    assert os.listdir(tmp_path / "samples") == ["step00000004_ancestral10_argmax.png"]
     assert os.listdir(tmp_path / "tensorboard")
 
 
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path):
-    whole = trainer.train_and_evaluate(_smoke(**{"training.num_steps": 6}), str(tmp_path / "a"))
-    trainer.train_and_evaluate(_smoke(**{"training.num_steps": 2}), str(tmp_path / "b"))
-    resumed = trainer.train_and_evaluate(_smoke(**{"training.num_steps": 6}), str(tmp_path / "b"))
+    whole = trainer.train_and_evaluate(
+        _smoke(**{"training.num_train_steps": 6}), str(tmp_path / "a")
+    )
+    trainer.train_and_evaluate(_smoke(**{"training.num_train_steps": 2}), str(tmp_path / "b"))
+    resumed = trainer.train_and_evaluate(
+        _smoke(**{"training.num_train_steps": 6}), str(tmp_path / "b")
+    )
     assert int(resumed.step) == int(whole.step) == 6
     jax.tree.map(np.testing.assert_array_equal, resumed.params, whole.params)
     jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, whole.opt_state)
 
 
 def test_pmap_mode_trains_too(tmp_path):
-    jit_state = trainer.train_and_evaluate(_smoke(**{"training.num_steps": 2}), str(tmp_path / "j"))
+    jit_state = trainer.train_and_evaluate(
+        _smoke(**{"training.num_train_steps": 2}), str(tmp_path / "j")
+    )
     pmap_state = trainer.train_and_evaluate(
-        _smoke(**{"training.num_steps": 2, "parallel.mode": "pmap"}), str(tmp_path / "p")
+        _smoke(**{"training.num_train_steps": 2, "parallel.mode": "pmap"}), str(tmp_path / "p")
     )
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5),
@@ -66,8 +73,8 @@ def test_pmap_mode_trains_too(tmp_path):
 
 def test_train_on_tfds_mock_data(tmp_path):
     config = cifar10.get_config("smoke")
-    config.training.num_steps = 2
-    config.eval.discrete_steps = 10
+    config.training.num_train_steps = 2
+    config.eval.discrete_timesteps = 10
     with tfds.testing.mock_data(num_examples=20):
         trainer.train_and_evaluate(config, str(tmp_path))
     final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
@@ -78,7 +85,7 @@ def test_train_on_tfds_mock_data(tmp_path):
 def test_incompatible_resume_stops_and_keeps_the_checkpoints(tmp_path):
     trainer.train_and_evaluate(_smoke(), str(tmp_path))
     before = _listing(tmp_path / "checkpoints")
-    with pytest.raises(ValueError, match=r"model\.n_embd=16 \(this run has 32\)"):
+    with pytest.raises(UserError, match=r"model\.n_embd=16 \(this run has 32\)"):
         trainer.train_and_evaluate(_smoke(**{"model.n_embd": 32}), str(tmp_path))
     assert _listing(tmp_path / "checkpoints") == before
 
@@ -89,14 +96,17 @@ def test_incompatible_resume_stops_and_keeps_the_checkpoints(tmp_path):
         ({"data.name": "svhn"}, "svhn"),
         ({"training.batch_size": 12}, "global batch size 12 is not divisible by the 8 devices"),
         ({"model.schedule": "cosine"}, "model.schedule must be one of .*, got 'cosine'"),
-        ({"training.num_steps": 0}, "training.num_steps must be a positive integer, got 0"),
+        (
+            {"training.num_train_steps": 0},
+            "training.num_train_steps must be a positive integer, got 0",
+        ),
         ({"model.dtype": "float16"}, "model.dtype must be one of 'float32', 'bfloat16'"),
         ({"parallel.mode": "xmap"}, "parallel.mode must be one of 'jit', 'pmap', got 'xmap'"),
         ({"data.name": "folder", "data.data_dir": "/nonexistent/images"}, "/nonexistent/images"),
     ],
 )
 def test_bad_config_stops_before_training(tmp_path, overrides, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         trainer.train_and_evaluate(_smoke(**overrides), str(tmp_path / "w"))
     assert not (tmp_path / "w" / "checkpoints").exists() or not os.listdir(
         tmp_path / "w" / "checkpoints"
@@ -106,7 +116,7 @@ def test_bad_config_stops_before_training(tmp_path, overrides, message):
 def test_workdir_that_is_a_file(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")
-    with pytest.raises(ValueError, match="exists and is not a folder"):
+    with pytest.raises(UserError, match="exists and is not a folder"):
         trainer.train_and_evaluate(_smoke(), str(path))
 
 
@@ -122,7 +132,7 @@ def _cli(*args, cwd=REPO):
 def test_command_line_train_eval_sample_and_errors(tmp_path):
     config = "--config=vdm_jax/configs/digits.py:smoke"
     workdir = f"--workdir={tmp_path}"
-    trained = _cli(config, workdir, "--config.training.num_steps=2")
+    trained = _cli(config, workdir, "--config.training.num_train_steps=2")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "test bpd" in trained.stderr
     evaluated = _cli(config, workdir, "--mode=eval")
@@ -130,10 +140,39 @@ def test_command_line_train_eval_sample_and_errors(tmp_path):
     assert "over 297 examples" in evaluated.stderr
     sampled = _cli(config, workdir, "--mode=sample", "--config.sampling.sampler=ddim")
     assert sampled.returncode == 0, sampled.stderr[-3000:]
-    assert len(os.listdir(tmp_path / "samples")) == 1  # same step: the grid is rewritten
+    # Another sampler at the same step: a second file beside the training grid.
+    assert sorted(os.listdir(tmp_path / "samples")) == [
+        "step00000002_ancestral10_argmax.png",
+        "step00000002_ddim10_argmax.png",
+    ]
 
     unknown = _cli(config, workdir, "--config.training.num_stepz=2")
     assert unknown.returncode != 0 and "num_stepz" in unknown.stderr
     bad = _cli(config, workdir, "--config.model.n_embd=8")
     assert bad.returncode == 1
     assert "error: checkpoint at" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_bug_inside_jax_keeps_its_traceback(tmp_path):
+    """A ValueError that is not a user error (here a shape bug inside the traced model) is not
+    turned into a one-line message."""
+    script = (
+        "import sys\n"
+        "from vdm_jax import model\n"
+        "def broken(self, z, gamma_t, labels=None, *, train=False):\n"
+        "    return z.reshape(-1, 3)  # a shape error raised by jax while tracing\n"
+        "model.VDM.predict_noise = broken\n"
+        "from vdm_jax import cli\n"
+        "sys.argv = ['vdm_jax', *sys.argv[1:]]\n"
+        "cli.run()\n"
+    )
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "--config=vdm_jax/configs/digits.py:smoke",
+         f"--workdir={tmp_path / 'w'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "reshape" in proc.stderr and "error: " not in proc.stderr

@@ -21,12 +21,12 @@ from vdm_jax.training import checkpoint, parallel, steps
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = [
     "--config=vdm_jax/configs/digits.py:smoke",
-    "--config.training.num_steps=3",
+    "--config.training.num_train_steps=3",
     "--config.training.log_every=1",
     "--config.training.checkpoint_every=3",
     "--config.training.batch_size=16",
     "--config.sampling.num_samples=4",
-    "--config.sampling.num_steps=2",
+    "--config.sampling.sampling_steps=2",
 ]
 
 

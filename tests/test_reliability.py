@@ -28,6 +28,8 @@ from PIL import Image
 
 from vdm_jax.configs import digits
 from vdm_jax.training import checkpoint, data, parallel, trainer
+from vdm_jax.training import config as config_schema
+from vdm_jax.training import workdir as workdir_io
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,16 +79,8 @@ def _steps(workdir: Path) -> list[int]:
 
 
 def _restore(config, workdir, step=None) -> checkpoint.Restored:
-    """A checkpoint of a run, restored onto this process's first device."""
-    run = trainer._Run(config, str(workdir), "sample")
-    try:
-        abstract = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=run.dp.replicated),
-            run.abstract_state,
-        )
-        return run.checkpointer.restore(abstract, step)
-    finally:
-        run.close()
+    """A checkpoint of a run (the latest, or ``step``), restored as ``config`` lays it out."""
+    return trainer.restore_state(config, str(workdir), step)
 
 
 def _assert_bitwise_equal(a, b) -> None:
@@ -178,7 +172,7 @@ def test_sigkill_sigterm_and_restart_end_bitwise_equal_to_an_uninterrupted_run(t
     seed = int(os.environ.get("VDM_RELIABILITY_SEED", time.time_ns() % 10**6))
     rng = random.Random(seed)
     settings = {
-        "training.num_steps": 24,
+        "training.num_train_steps": 24,
         "training.checkpoint_every": 2,
         "training.keep_checkpoints": 2,
         "training.log_every": 1,
@@ -230,7 +224,7 @@ def test_sigkill_sigterm_and_restart_end_bitwise_equal_to_an_uninterrupted_run(t
     assert len(starts) == 4 and starts[0] == 0 and starts[2] == saved[0], (starts, saved)
     assert starts == sorted(starts) and starts[3] > 0
     assert "Traceback" not in text
-    config = _config(training__num_steps=24, training__checkpoint_every=2)
+    config = _config(training__num_train_steps=24, training__checkpoint_every=2)
     whole, pieced = _restore(config, ref_dir), _restore(config, dir_)
     assert whole.step == pieced.step == 24
     _assert_bitwise_equal(pieced.state, whole.state)  # params, EMA, optimizer state, step
@@ -238,16 +232,16 @@ def test_sigkill_sigterm_and_restart_end_bitwise_equal_to_an_uninterrupted_run(t
 
 def test_sigterm_during_startup_exits_cleanly_and_saves_nothing_new(tmp_path, monkeypatch):
     """A preemption notice before the first step (e.g. while compiling) ends the run at once."""
-    real_restore = trainer._Run.restore
+    real_restore = checkpoint.Checkpointer.restore
     previous = signal.getsignal(signal.SIGTERM)
 
-    def restore_and_get_preempted(self, need):
+    def restore_and_get_preempted(self, *args, **kwargs):
         # Only with the watcher's handler in place: the default action would end pytest.
         assert signal.getsignal(signal.SIGTERM) is not previous
         os.kill(os.getpid(), signal.SIGTERM)
-        return real_restore(self, need)
+        return real_restore(self, *args, **kwargs)
 
-    monkeypatch.setattr(trainer._Run, "restore", restore_and_get_preempted)
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore", restore_and_get_preempted)
     state = trainer.train_and_evaluate(_config(), str(tmp_path))
     assert int(state.step) == 0
     assert _steps(tmp_path) == []
@@ -256,7 +250,7 @@ def test_sigterm_during_startup_exits_cleanly_and_saves_nothing_new(tmp_path, mo
 
 def test_metrics_after_a_kill_mid_line_start_on_a_fresh_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "bpd": 5.0}\n{"step": 2, "bp')
-    writer = trainer.MetricWriter(str(tmp_path))
+    writer = workdir_io.MetricWriter(str(tmp_path))
     writer.write(3, {"bpd": 4.0})
     writer.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -274,7 +268,7 @@ def _truncate_array_files(step_dir: Path) -> None:
 
 
 def test_damaged_latest_checkpoints_fall_back_to_the_last_good_one(tmp_path, caplog):
-    config = _config(training__num_steps=6, training__keep_checkpoints=5)
+    config = _config(training__num_train_steps=6, training__keep_checkpoints=5)
     whole = trainer.train_and_evaluate(config, str(tmp_path / "a"))
     assert _steps(tmp_path / "a") == [2, 4, 6]
 
@@ -336,7 +330,9 @@ def test_divergence_stops_at_the_first_bad_step_and_keeps_the_last_good_checkpoi
     # Updates 1..4 normal, update 5 with lr 1e30 (parameters ~1e30), update 6 overflows. The
     # guard is read only at steps 4 and 8 (checkpoint/log), yet names step 6.
     monkeypatch.setattr(trainer, "build_optimizer", _exploding_optimizer(4))
-    config = _config(training__num_steps=12, training__log_every=8, training__checkpoint_every=4)
+    config = _config(
+        training__num_train_steps=12, training__log_every=8, training__checkpoint_every=4
+    )
     with pytest.raises(trainer.TrainingDivergedError) as info:
         trainer.train_and_evaluate(config, str(tmp_path))
     message = str(info.value)
@@ -378,7 +374,7 @@ def test_skip_nonfinite_updates_keeps_the_parameters_and_counts_skips(tmp_path, 
     # Steps 5, 6 bad (skipped: at most 2 in a row), then 9, 10, 11 bad (the third stops it).
     _inject_nan_at(monkeypatch, [5, 6, 9, 10, 11])
     config = _config(
-        training__num_steps=16, training__log_every=4, training__checkpoint_every=2,
+        training__num_train_steps=16, training__log_every=4, training__checkpoint_every=2,
         training__keep_checkpoints=10, training__skip_nonfinite_updates=2,
     )  # fmt: skip
     with pytest.raises(trainer.TrainingDivergedError) as info:
@@ -421,7 +417,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
     monkeypatch.setattr(handler, "_save_fn", save_or_fail)
     config = _config(
-        training__num_steps=8, training__checkpoint_every=2, training__keep_checkpoints=1
+        training__num_train_steps=8, training__checkpoint_every=2, training__keep_checkpoints=1
     )
     with pytest.raises(checkpoint.CheckpointSaveError) as info:
         trainer.train_and_evaluate(config, str(tmp_path))
@@ -505,11 +501,11 @@ def _without_gamma_min(d):
 
 
 def _typo(d):
-    d["training"]["num_stepz"] = 3
+    d["training"]["num_train_stepz"] = 3
 
 
 def _float_steps(d):
-    d["training"]["num_steps"] = 1e6
+    d["training"]["num_train_steps"] = 1e6
 
 
 def _string_width(d):
@@ -534,15 +530,16 @@ CONFIG_AND_DATA_CASES = [
     ("more devices than exist", lambda t: _config(parallel__num_devices=99),
      r"num_devices must be in 1\.\.8, got 99"),
     ("float where an integer belongs", lambda t: _raw_config(_float_steps),
-     r"training\.num_steps must be a positive integer, got 1000000\.0"),
+     r"training\.num_train_steps must be an integer, got 1000000\.0"),
     ("string where an integer belongs", lambda t: _raw_config(_string_width),
-     r"model\.n_embd must be a positive integer, got '32'"),
+     r"model\.n_embd must be an integer, got '32'"),
     ("integer where a bool belongs", lambda t: _raw_config(_int_for_bool),
      r"model\.attention_everywhere must be True or False, got 1"),
     ("non-integer Fourier exponents", lambda t: _raw_config(_float_exponents),
      r"model\.fourier_exponents must be a tuple of integers, got \(6\.5, 7\)"),
     ("unknown field (a typo in a config file)", lambda t: _raw_config(_typo),
-     r"unknown config field training\.num_stepz \(= 3\); did you mean training\.num_steps\?"),
+     r"unknown config field training\.num_train_stepz \(= 3\); did you mean "
+     r"training\.num_train_steps\?"),
     ("missing field", lambda t: _raw_config(_without_gamma_min),
      r"config field model\.gamma_min is missing"),
     ("gamma_min >= gamma_max", lambda t: _config(model__gamma_min=6.0, model__gamma_max=-8.0),
@@ -557,8 +554,8 @@ CONFIG_AND_DATA_CASES = [
      r"model\.schedule must be one of 'fixed_linear', 'learned_linear', 'monotonic', got "
      r"'cosine'"),
     ("variance gradient in discrete time", lambda t: _config(
-        model__variance_gradient=True, model__num_steps=10),
-     r"model\.variance_gradient=True needs the continuous-time loss"),
+        model__variance_gradient=True, model__timesteps=10),
+     r"model\.variance_gradient=True needs the continuous-time loss \(model\.timesteps=0\)"),
     ("negative learning rate", lambda t: _config(optimizer__learning_rate=-1e-3),
      r"optimizer\.learning_rate must be a non-negative finite number, got -0\.001"),
     ("EMA decay of 1", lambda t: _config(optimizer__ema_decay=1.0),
@@ -570,7 +567,7 @@ CONFIG_AND_DATA_CASES = [
     ("unknown evaluation split", lambda t: _config(eval__split="validation"),
      r"digits_source: split must be one of \('train', 'test'\), got 'validation'"),
     ("empty evaluation split name", lambda t: _config(eval__split=""),
-     r"eval\.split must be a split name such as 'test', got ''"),
+     r"eval\.split must be a non-empty string, got ''"),
     ("unknown decoding", lambda t: _config(sampling__decode="argmx"),
      r"sampling\.decode must be one of 'argmax', 'sample', got 'argmx'"),
     ("negative seed", lambda t: _config(seed=-1),
@@ -695,15 +692,13 @@ def test_bad_workdirs_stop_and_change_nothing(tmp_path):
 
 def test_training_data_changed_since_the_checkpoint(tmp_path):
     root = _image_folder(tmp_path / "imgs")
-    config = _folder_config(root, training__batch_size=4, eval__batch_size=8)
+    config = _folder_config(
+        root, training__batch_size=4, eval__batch_size=8, training__num_train_steps=2,
+        sampling__num_samples=1, sampling__sampling_steps=1,
+    )  # fmt: skip
     workdir = tmp_path / "run"
-    run = trainer._Run(config, str(workdir), "train")
-    iterator = data.make_train_iterator(run.train_source, global_batch_size=4, seed=config.seed)
-    next(iterator)
-    run.checkpointer.save(
-        2, run.init_state(), data_state=iterator.get_state(), config=config.to_dict(), force=True
-    )
-    run.close()
+    trainer.train_and_evaluate(config, str(workdir))
+    config.training.num_train_steps = 4
     _png(root / "train" / "a" / "7.png", np.zeros((4, 4), np.uint8))  # one more image
     before = _snapshot(workdir)
     message = (
@@ -742,9 +737,11 @@ def test_every_shipped_config_passes_the_checks():
 
     for module in (digits, cifar10, mnist, imagenet32, imagenet64):
         for variant in ("", "smoke"):
-            trainer.check_config(module.get_config(variant))
-    fields = set(trainer._flatten(base.get_config().to_dict()))
-    assert fields == set(trainer.CONFIG_FIELDS)  # the table and the base config agree
+            config_schema.check_config(module.get_config(variant))
+    fields = set(config_schema.flatten(base.get_config().to_dict()))
+    assert fields == set(config_schema.field_names())
+    assert set(config_schema.RULES) <= fields  # no rule for a field the base config lacks
+    assert set(config_schema.resume_keys()) <= fields
 
 
 def _cli_case_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
@@ -754,7 +751,7 @@ def _cli_case_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "from vdm_jax.configs import digits\n\n"
         "def get_config():\n"
         "    config = digits.get_config('smoke')\n"
-        "    config.training.num_steps = 1e6\n"
+        "    config.training.num_train_steps = 1e6\n"
         "    return config\n"
     )
     dict_file = tmp / "dict_config.py"  # a config built from a plain dict takes any type
@@ -763,7 +760,7 @@ def _cli_case_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "from vdm_jax.configs import digits\n\n"
         "def get_config():\n"
         "    d = digits.get_config('smoke').to_dict()\n"
-        "    d['training']['num_steps'] = 1e6\n"
+        "    d['training']['num_train_steps'] = 1e6\n"
         "    return ml_collections.ConfigDict(d)\n"
     )
     a_file = tmp / "a_file"
@@ -782,7 +779,7 @@ def _cli_case_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
             r"1000000\.0 is of original type <class 'float'> and cannot be casted"),
         "float for an int in a dict config": (
             [f"--config={dict_file}", f"--workdir={w}"],
-            r"training\.num_steps must be a positive integer, got 1000000\.0"),
+            r"training\.num_train_steps must be an integer, got 1000000\.0"),
         "workdir is a file": (_flags(a_file), r"workdir .*a_file exists and is not a folder"),
         "corrupt image": (_flags(w, **{"data.name": "folder", "data.data_dir": folder}),
                           r"cannot read image file '.*1\.png'"),

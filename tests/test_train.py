@@ -1,5 +1,6 @@
 """The train step, the optimizer and the two parallel modes on 8 fake devices."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,39 +120,38 @@ def test_one_and_eight_devices_see_the_same_random_numbers_per_shard():
     np.testing.assert_allclose(float(m1["bpd"]), losses[0], rtol=1e-5)
 
 
-def test_ema_and_step_bookkeeping():
-    model = _model(dropout=0.0)
-    optimizer = steps.make_optimizer(learning_rate=1e-2)
-    state = steps.init_state(
-        model, optimizer, jax.random.key(0), jnp.zeros((1, 8, 8, 1), jnp.uint8)
-    )
-    batch = {"image": jnp.asarray(_batches(1)[0]["image"])}
-    copy = jax.jit(
-        lambda s: steps.train_step(
-            s, batch, jax.random.key(1), model=model, optimizer=optimizer, ema_decay=0.0
+class TrainStepTest(chex.TestCase):
+    """The pure train step, jitted and eager (chex variants): the same update either way."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_ema_step_and_metrics_agree_jitted_and_eager(self):
+        model = _model(dropout=0.0)
+        optimizer = steps.make_optimizer(learning_rate=1e-2)
+        state = steps.init_state(
+            model, optimizer, jax.random.key(0), jnp.zeros((1, 8, 8, 1), jnp.uint8)
         )
-    )
-    new, metrics = copy(state)
-    assert int(new.step) == 1
-    jax.tree.map(np.testing.assert_array_equal, new.ema_params, new.params)
-    assert set(metrics) == {
-        "bpd",
-        "prior_bpd",
-        "reconstruction_bpd",
-        "diffusion_bpd",
-        "gamma_0",
-        "gamma_1",
-        "grad_norm",
-        "lr",
-    }
-    averaged = jax.jit(
-        lambda s: steps.train_step(
-            s, batch, jax.random.key(1), model=model, optimizer=optimizer, ema_decay=0.75
+        batch = {"image": jnp.asarray(_batches(1, size=4)[0]["image"])}
+
+        def step(s, ema_decay):
+            return steps.train_step(
+                s, batch, jax.random.key(1), model=model, optimizer=optimizer,
+                ema_decay=ema_decay,
+            )  # fmt: skip
+
+        new, metrics = self.variant(step, static_argnums=1)(state, 0.75)
+        reference, ref_metrics = jax.jit(step, static_argnums=1)(state, 0.75)
+        assert int(new.step) == 1
+        assert set(metrics) == {
+            "bpd", "prior_bpd", "reconstruction_bpd", "diffusion_bpd", "gamma_0", "gamma_1",
+            "grad_norm", "lr",
+        }  # fmt: skip
+        chex.assert_trees_all_close(metrics, ref_metrics, rtol=1e-5)
+        chex.assert_trees_all_close(new.params, reference.params, rtol=1e-5, atol=1e-7)
+        jax.tree.map(
+            lambda e, p, p0: np.testing.assert_allclose(
+                e, 0.75 * p0 + 0.25 * p, rtol=1e-5, atol=1e-7
+            ),
+            new.ema_params,
+            new.params,
+            state.params,
         )
-    )(state)[0]
-    jax.tree.map(
-        lambda e, p, p0: np.testing.assert_allclose(e, 0.75 * p0 + 0.25 * p, rtol=1e-5, atol=1e-7),
-        averaged.ema_params,
-        averaged.params,
-        state.params,
-    )

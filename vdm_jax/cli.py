@@ -2,7 +2,7 @@
 
     python -m vdm_jax --config=vdm_jax/configs/digits.py --workdir=/tmp/digits
     python -m vdm_jax --config=vdm_jax/configs/cifar10.py:smoke --workdir=DIR \\
-        --mode=eval --config.eval.discrete_steps=1000
+        --mode=eval --config.eval.discrete_timesteps=1000
     python -m vdm_jax --config=vdm_jax/configs/digits.py --workdir=/tmp/digits --mode=report
 
 Many processes (hosts): start the same command on every host, with ``--multihost`` on a
@@ -23,6 +23,8 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from vdm_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (e.g. vdm_jax/configs/digits.py[:smoke]).",
@@ -85,9 +87,8 @@ def main(argv):
     from vdm_jax.training import checkpoint, parallel, trainer
 
     user_errors = (
-        ValueError,  # a bad config value, data set, workdir or incompatible checkpoint
-        OSError,  # a file or folder that cannot be read or written (also disk full)
-        FloatingPointError,  # training diverged (trainer.TrainingDivergedError)
+        UserError,  # a bad config value, data set, workdir or incompatible checkpoint
+        trainer.TrainingDivergedError,
         checkpoint.CheckpointCorruptError,
         checkpoint.CheckpointSaveError,
     )
@@ -111,6 +112,10 @@ def main(argv):
             trainer.report(config, workdir)
     except user_errors as e:
         _fail(str(e))
+    except OSError as e:
+        if e.filename is None:  # not about a file or folder of the user's: a bug
+            raise
+        _fail(str(e))  # e.g. a file that cannot be read or written, a full disk
 
 
 class _QuietLibraries(pylogging.Filter):

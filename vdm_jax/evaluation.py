@@ -9,11 +9,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax.model import VLBTerms
@@ -96,16 +95,40 @@ def pad_batch(batch: Mapping[str, Any], batch_size: int) -> dict[str, np.ndarray
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_steps", "use_labels"))
-def _vlb(model, params, images, labels, key, num_steps, use_labels):
+def bound_terms(
+    model: Any,
+    variables: Any,
+    batch: Mapping[str, Array],
+    key: Array,
+    *,
+    num_steps: int | None = None,
+) -> VLBTerms:
+    """Per-example variational bound of one batch, without dropout; pure (jit it as you like).
+
+    Args:
+      model: a :class:`~vdm_jax.model.VDM`.
+      variables: its variables, e.g. ``{'params': ema_params}``.
+      batch: 'image' integer ``[B, H, W, C]``, optionally 'label' int ``[B]`` (passed to the
+        model when present).
+      key: the batch's PRNG key (one draw of t and the noise per example).
+      num_steps: T for the discrete-time bound, 0 for continuous, None for the model's own.
+
+    Returns:
+      :class:`~vdm_jax.model.VLBTerms`, each ``[B]``: the terms in nats, the total in bits/dim.
+    """
     return model.apply(
-        params,
-        images,
-        labels if use_labels else None,
+        variables,
+        batch["image"],
+        batch.get("label"),
         train=False,
         num_steps=num_steps,
         rngs={"diffusion": key},
     )
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_steps"))
+def _jitted_bound(model, variables, batch, key, num_steps):
+    return bound_terms(model, variables, batch, key, num_steps=num_steps)
 
 
 def evaluate_bpd(
@@ -116,22 +139,32 @@ def evaluate_bpd(
     *,
     num_steps: int | None = None,
     use_labels: bool = False,
+    bound_fn: Callable[[Any, dict[str, Any], Array], VLBTerms] | None = None,
 ) -> EvalResult:
     """The variational bound over one pass of ``batches``, in bits/dim.
 
     Args:
       model: a :class:`~vdm_jax.model.VDM` (or a module with its ``__call__`` signature).
-      params: its variables, e.g. ``{'params': ema_params}``.
+      params: its variables, e.g. ``{'params': ema_params}`` (what ``bound_fn`` takes).
       batches: dicts with 'image' (integer ``[b, H, W, C]``), optionally 'label' ``[b]`` and
         'mask' ``[b]`` (bool, False for padding). Batches shorter than the first are padded.
       key: PRNG key; batch i uses ``fold_in(key, i)``, so the result is reproducible.
       num_steps: T for the discrete-time bound (e.g. 1000), 0 for continuous, None for the
         model's own setting.
       use_labels: pass each batch's 'label' to the model (class-conditional networks).
+      bound_fn: ``bound_fn(params, batch, key) -> VLBTerms`` of ``[b]`` arrays, the bound of
+        one batch (without its mask); by default :func:`bound_terms` jitted. The training
+        system passes the same function compiled for its devices (a global batch sharded
+        over a mesh, of which ``batches`` holds this process's rows and the whole mask).
 
     Returns:
       :class:`EvalResult`.
     """
+    if bound_fn is None:
+
+        def bound_fn(params, batch, key):
+            return _jitted_bound(model, params, batch, key, num_steps)
+
     acc = BpdAccumulator()
     batch_size, num_dims = None, None
     for i, batch in enumerate(batches):
@@ -139,12 +172,10 @@ def evaluate_bpd(
             batch_size = len(batch["image"])
             num_dims = int(np.prod(np.shape(batch["image"])[1:]))
         batch = pad_batch(batch, batch_size)
-        labels = jnp.asarray(batch["label"]) if use_labels else None
-        terms = _vlb(
-            model, params, jnp.asarray(batch["image"]), labels, jax.random.fold_in(key, i),
-            num_steps, use_labels,
-        )  # fmt: skip
-        acc.add(terms, batch["mask"])
+        mask = batch.pop("mask")
+        if not use_labels:
+            batch.pop("label", None)
+        acc.add(bound_fn(params, batch, jax.random.fold_in(key, i)), mask)
     if num_dims is None:
         raise ValueError("no examples were evaluated: the data set is empty")
     return acc.result(num_dims)

@@ -10,5 +10,5 @@ def get_config(variant: str = ""):
     """CIFAR-10; ``variant='smoke'`` for a seconds-long run."""
     config = base.get_config()
     config.data.name = "cifar10"
-    config.eval.discrete_steps = 1000
+    config.eval.discrete_timesteps = 1000
     return base.with_variant(config, variant)

@@ -27,12 +27,12 @@ def get_config(variant: str = ""):
     config.optimizer.weight_decay = 0.0
     config.optimizer.ema_decay = 0.995
     config.training.batch_size = 32
-    config.training.num_steps = 5000
+    config.training.num_train_steps = 5000
     config.training.log_every = 500
     config.training.eval_every = 0  # only at the end
     config.training.checkpoint_every = 1000
     config.training.sample_every = 0
     config.eval.batch_size = 297  # the whole test split in one batch
     config.sampling.num_samples = 64
-    config.sampling.num_steps = 200
+    config.sampling.sampling_steps = 200
     return base.with_variant(config, variant)

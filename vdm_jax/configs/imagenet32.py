@@ -10,5 +10,5 @@ def get_config(variant: str = ""):
     config.model.n_embd = 256
     config.model.dropout_rate = 0.0
     config.training.batch_size = 512
-    config.training.num_steps = 2_000_000
+    config.training.num_train_steps = 2_000_000
     return base.with_variant(config, variant)

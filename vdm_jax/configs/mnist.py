@@ -9,5 +9,5 @@ def get_config(variant: str = ""):
     config.data.name = "mnist"
     config.model.n_layer = 8
     config.model.n_embd = 64
-    config.training.num_steps = 200_000
+    config.training.num_train_steps = 200_000
     return base.with_variant(config, variant)

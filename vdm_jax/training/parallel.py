@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vdm_jax.errors import UserError
 from vdm_jax.training import steps
 
 PyTree = Any
@@ -70,7 +71,7 @@ def initialize_distributed(
       Whether the distributed runtime was started.
 
     Raises:
-      ValueError: an incomplete or inconsistent set of values, naming them.
+      UserError: an incomplete or inconsistent set of values, naming them.
     """
 
     def from_env(name: str) -> int | None:
@@ -80,7 +81,7 @@ def initialize_distributed(
         try:
             return int(text)
         except ValueError:
-            raise ValueError(f"{name} must be an integer, got {text!r}") from None
+            raise UserError(f"{name} must be an integer, got {text!r}") from None
 
     if coordinator_address is None:
         coordinator_address = os.environ.get("JAX_COORDINATOR_ADDRESS") or None
@@ -92,15 +93,15 @@ def initialize_distributed(
     if not auto and all(v is None for v in given):
         return False
     if not auto and None in given:
-        raise ValueError(
+        raise UserError(
             "a multi-process run needs coordinator_address, num_processes and process_id "
             f"(or auto-detection); got coordinator_address={coordinator_address!r}, "
             f"num_processes={num_processes!r}, process_id={process_id!r}"
         )
     if num_processes is not None and num_processes < 1:
-        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+        raise UserError(f"num_processes must be >= 1, got {num_processes}")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+        raise UserError(f"process_id must be in [0, {num_processes}), got {process_id}")
     # The CPU client does cross-process collectives only with an implementation chosen; other
     # backends ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -118,23 +119,23 @@ def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1) -> tuple[int, in
     """The (data, fsdp) sizes for ``num_devices`` devices; one of them may be -1 (the rest).
 
     Raises:
-      ValueError: sizes that are not positive (or -1), both -1, or that do not multiply to
+      UserError: sizes that are not positive (or -1), both -1, or that do not multiply to
         ``num_devices``, naming them.
     """
     for name, size in (("data", data), ("fsdp", fsdp)):
         if size != -1 and size < 1:
-            raise ValueError(f"parallel.{name} must be -1 (the rest) or >= 1, got {size}")
+            raise UserError(f"parallel.{name} must be -1 (the rest) or >= 1, got {size}")
     if data == -1 and fsdp == -1:
-        raise ValueError("at most one of parallel.data and parallel.fsdp may be -1")
+        raise UserError("at most one of parallel.data and parallel.fsdp may be -1")
     if data == -1 or fsdp == -1:
         known = fsdp if data == -1 else data
         if num_devices % known:
-            raise ValueError(
+            raise UserError(
                 f"the {num_devices} devices do not split into a mesh axis of size {known}"
             )
         data, fsdp = (num_devices // known, fsdp) if data == -1 else (data, num_devices // known)
     if data * fsdp != num_devices:
-        raise ValueError(
+        raise UserError(
             f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, but {num_devices} "
             "are used"
         )
@@ -151,9 +152,9 @@ def make_mesh(num_devices: int | None = None, *, data: int = -1, fsdp: int = 1) 
     available = jax.device_count()
     num_devices = available if num_devices in (None, -1) else num_devices
     if not 1 <= num_devices <= available:
-        raise ValueError(f"num_devices must be in 1..{available}, got {num_devices}")
+        raise UserError(f"num_devices must be in 1..{available}, got {num_devices}")
     if jax.process_count() > 1 and num_devices != available:
-        raise ValueError(
+        raise UserError(
             f"a multi-process run uses all {available} devices; got num_devices={num_devices}"
         )
     shape = mesh_shape(num_devices, data, fsdp)
@@ -201,15 +202,15 @@ class DataParallel:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"parallel mode must be one of {MODES}, got {self.mode!r}")
+            raise UserError(f"parallel mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "pmap" and jax.process_count() > 1:
-            raise ValueError("pmap mode runs on one process; use mode='jit' for multi-host")
+            raise UserError("pmap mode runs on one process; use mode='jit' for multi-host")
         if self.mode == "pmap" and self.fsdp_size > 1:
-            raise ValueError(
+            raise UserError(
                 f"pmap mode replicates the parameters; fsdp={self.fsdp_size} needs mode='jit'"
             )
         if self.fsdp_min_size < 1:
-            raise ValueError(f"fsdp_min_size must be >= 1, got {self.fsdp_min_size}")
+            raise UserError(f"fsdp_min_size must be >= 1, got {self.fsdp_min_size}")
 
     @property
     def num_shards(self) -> int:
@@ -245,9 +246,9 @@ class DataParallel:
         )
 
     def check_batch_size(self, global_batch_size: int) -> None:
-        """Raise ValueError unless the global batch splits evenly over the devices."""
+        """Raise UserError unless the global batch splits evenly over the devices."""
         if global_batch_size % self.num_shards:
-            raise ValueError(
+            raise UserError(
                 f"the global batch size {global_batch_size} is not divisible by the "
                 f"{self.num_shards} devices"
             )
@@ -341,7 +342,7 @@ class DataParallel:
             fsdp-sharded (everything replicated).
         """
         if steps_per_dispatch < 1:
-            raise ValueError(f"steps_per_dispatch must be at least 1, got {steps_per_dispatch}")
+            raise UserError(f"steps_per_dispatch must be at least 1, got {steps_per_dispatch}")
         if self.mode == "pmap":
             one = functools.partial(step_fn, num_shards=1, axis_name=DATA_AXIS)
         else:
@@ -384,7 +385,7 @@ class DataParallel:
         return self.replicated
 
     def compile_eval_step(self, eval_fn: Callable, params: PyTree | None = None) -> Callable:
-        """Compile ``eval_fn(params, batch, key, *, num_shards) -> per-example pytree``.
+        """Compile ``eval_fn(params, batch, key) -> per-example pytree``.
 
         Evaluation always runs as one jitted program over the mesh (in both modes), the
         parameters laid out as by :meth:`put_params` (``params``, arrays or shapes, gives
@@ -392,7 +393,7 @@ class DataParallel:
         arrays ``[B]``.
         """
         return jax.jit(
-            functools.partial(eval_fn, num_shards=self.num_shards),
+            eval_fn,
             in_shardings=(self._tree_sharding(params), self.batch_sharding, self.replicated),
             out_shardings=self.replicated,
         )

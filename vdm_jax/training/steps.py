@@ -5,10 +5,11 @@ cannot run under ``jax.jit`` with shardings or under ``jax.pmap`` (see
 :mod:`vdm_jax.training.parallel`, which compiles them).
 
 Randomness: one loop key, folded with the step and then with the index of each data shard
-(``fold_in(fold_in(key, step), shard)``), never split on the host. A global batch is viewed as
-``num_shards`` equal shards that draw their times and noise from their own keys, so the jit
-mode (all shards in one program) and the pmap mode (one shard per device) see the same random
-numbers and give the same losses.
+(``fold_in(fold_in(key, step), shard)``), never split on the host. A training batch is viewed
+as ``num_shards`` equal shards that draw their times and noise from their own keys, so the
+jit mode (all shards in one program) and the pmap mode (one shard per device) see the same
+random numbers and give the same losses. Evaluation draws from one key per batch, whatever
+the devices (:func:`eval_terms`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vdm_jax import evaluation
+from vdm_jax.errors import UserError
 from vdm_jax.model import VLBTerms
 
 Array = jax.Array
@@ -87,7 +90,7 @@ def make_optimizer(
     for name, value in (("learning_rate", learning_rate), ("warmup_steps", warmup_steps),
                         ("decay_steps", decay_steps), ("weight_decay", weight_decay)):  # fmt: skip
         if value < 0:
-            raise ValueError(f"optimizer {name} must be non-negative, got {value}")
+            raise UserError(f"optimizer {name} must be non-negative, got {value}")
     schedule = learning_rate_schedule(
         learning_rate, warmup_steps, decay_steps, end_learning_rate_factor
     )
@@ -262,23 +265,20 @@ def eval_terms(
     key: Array,
     *,
     model: nn.Module,
-    num_shards: int = 1,
     num_steps: int | None = None,
 ) -> VLBTerms:
-    """Per-example VLB terms of a batch without dropout; pure.
+    """Per-example VLB terms of a batch without dropout; pure. The evaluation bound of
+    :func:`vdm_jax.evaluation.bound_terms` on the 'params' collection, so that the training
+    system evaluates exactly as :func:`vdm_jax.evaluation.evaluate_bpd` does.
 
     Args:
       params: parameters to evaluate (usually the EMA ones).
       batch: 'image' integer ``[B, H, W, C]``, optionally 'label' ``[B]``.
-      key: this batch's key (shard i uses ``fold_in(fold_in(key, 0), i)``).
+      key: this batch's key.
       model: the :class:`~vdm_jax.model.VDM`.
-      num_shards: random-number shards in the batch (as in :func:`train_step`).
       num_steps: T for the discrete-time bound, 0 continuous, None the model's own.
 
     Returns:
       :class:`~vdm_jax.model.VLBTerms`, each ``[B]``.
     """
-    if num_steps is not None:
-        model = model.clone(num_steps=num_steps, variance_gradient=False)
-    keys = _shard_keys(key, 0, 0, num_shards)
-    return _sharded_terms(model, params, batch, keys, train=False)
+    return evaluation.bound_terms(model, {"params": params}, batch, key, num_steps=num_steps)
