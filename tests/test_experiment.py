@@ -159,8 +159,9 @@ def test_a_bug_inside_jax_keeps_its_traceback(tmp_path):
     script = (
         "import sys\n"
         "from vdm_jax import model\n"
-        "def broken(self, z, gamma_t, labels=None, *, train=False):\n"
-        "    return z.reshape(-1, 3)  # a shape error raised by jax while tracing\n"
+        "import jax.numpy as jnp\n"
+        "def broken(self, z, *args, **kwargs):\n"
+        "    return jnp.broadcast_to(z, (3,))  # a shape error: jax raises ValueError\n"
         "model.VDM.predict_noise = broken\n"
         "from vdm_jax import cli\n"
         "sys.argv = ['vdm_jax', *sys.argv[1:]]\n"
@@ -175,4 +176,5 @@ def test_a_bug_inside_jax_keeps_its_traceback(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback (most recent call last)" in proc.stderr
-    assert "reshape" in proc.stderr and "error: " not in proc.stderr
+    assert "ValueError: Cannot broadcast" in proc.stderr, proc.stderr[-3000:]
+    assert not any(line.startswith("error: ") for line in proc.stderr.splitlines())

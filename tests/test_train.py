@@ -145,8 +145,10 @@ class TrainStepTest(chex.TestCase):
             "bpd", "prior_bpd", "reconstruction_bpd", "diffusion_bpd", "gamma_0", "gamma_1",
             "grad_norm", "lr",
         }  # fmt: skip
-        chex.assert_trees_all_close(metrics, ref_metrics, rtol=1e-5)
-        chex.assert_trees_all_close(new.params, reference.params, rtol=1e-5, atol=1e-7)
+        chex.assert_trees_all_close(metrics, ref_metrics, rtol=1e-5, atol=1e-6)
+        # Adam divides by sqrt(v): rounding in near-zero gradients moves a parameter by a small
+        # fraction of one update (lr 1e-2), so compare on that scale.
+        chex.assert_trees_all_close(new.params, reference.params, rtol=1e-5, atol=1e-4)
         jax.tree.map(
             lambda e, p, p0: np.testing.assert_allclose(
                 e, 0.75 * p0 + 0.25 * p, rtol=1e-5, atol=1e-7
