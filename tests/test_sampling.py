@@ -258,9 +258,9 @@ TRACES = [0]
 class CountingVDM(VDM):
     """The VDM, counting how often its score network is traced (Python runs only when tracing)."""
 
-    def predict_noise(self, z, gamma_t, labels=None, *, train=False):
+    def predict_noise(self, z, gamma_t, labels=None, **kwargs):
         TRACES[0] += 1
-        return super().predict_noise(z, gamma_t, labels, train=train)
+        return super().predict_noise(z, gamma_t, labels, **kwargs)
 
 
 @pytest.fixture(scope="module")
