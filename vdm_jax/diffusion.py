@@ -210,28 +210,25 @@ def to_eps(prediction: Array, z_t: Array, gamma_t: Array, parameterization: str)
     Returns:
       eps_hat, ``z_t.shape``.
     """
-    if parameterization == "eps":
-        return prediction
-    if parameterization == "v":
-        return eps_from_v(z_t, prediction, gamma_t)
-    if parameterization == "x":
-        return eps_from_x(z_t, prediction, gamma_t)
-    raise ValueError(
-        f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}"
-    )
+    return _conversion(_TO_EPS, parameterization)(z_t, prediction, gamma_t)
 
 
 def from_eps(eps_hat: Array, z_t: Array, gamma_t: Array, parameterization: str) -> Array:
     """The inverse of :func:`to_eps`: eps_hat expressed as an eps, x or v prediction."""
-    if parameterization == "eps":
-        return eps_hat
-    if parameterization == "v":
-        return v_from_eps(z_t, eps_hat, gamma_t)
-    if parameterization == "x":
-        return predict_x(z_t, eps_hat, gamma_t)
-    raise ValueError(
-        f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}"
-    )
+    return _conversion(_FROM_EPS, parameterization)(z_t, eps_hat, gamma_t)
+
+
+def _conversion(table, parameterization: str):
+    if parameterization not in table:
+        raise ValueError(
+            f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}"
+        )
+    return table[parameterization]
+
+
+# (z_t, prediction, gamma_t) -> eps_hat, and its inverse (z_t, eps_hat, gamma_t) -> prediction.
+_TO_EPS = {"eps": lambda z_t, eps, gamma_t: eps, "v": eps_from_v, "x": eps_from_x}
+_FROM_EPS = {"eps": lambda z_t, eps, gamma_t: eps, "v": v_from_eps, "x": predict_x}
 
 
 def ancestral_step(

@@ -148,16 +148,29 @@ def _advance(j, total) -> None:
             _BARS.pop(total).close()
 
 
-def _ticking(body, num_steps: int, progress: bool):
-    """A ``fori_loop`` body that, with ``progress``, also advances a progress bar."""
-    if not progress:
-        return body
+def _begin(key: Array, shape, num_steps: int | None, decode: str):
+    """Checks a sampler's settings; returns the shape, z_1 ~ N(0, I) and the keys of the steps'
+    noise and the decoder. z_1 depends on the key alone, so that every sampler given the same
+    key starts from the same noise."""
+    shape = _check_shape(shape)
+    if num_steps is not None:
+        _check_positive("num_steps", num_steps)
+    _check_choice("decode", decode, _DECODE_MODES)
+    key_init, key_rest = jax.random.split(key)
+    key_steps, key_decode = jax.random.split(key_rest)
+    return shape, jax.random.normal(key_init, shape, jnp.float32), key_steps, key_decode
 
-    def ticking(j, carry):
-        jax.debug.callback(_advance, j, num_steps)
-        return body(j, carry)
 
-    return ticking
+def _loop(body, num_steps: int, progress: bool, carry):
+    """``fori_loop(0, num_steps, body, carry)``; with ``progress``, also a progress bar."""
+    if progress:
+        plain = body
+
+        def body(j, carry):
+            jax.debug.callback(_advance, j, num_steps)
+            return plain(j, carry)
+
+    return jax.lax.fori_loop(0, num_steps, body, carry)
 
 
 def _finish(model, params, z_0, key, decode, return_latent):
@@ -195,7 +208,8 @@ def ancestral_sample(
     Args:
       model: a VDM-like Linen module (see the module docstring); static.
       params: its variables dict.
-      key: a PRNG key; the same key gives the same samples.
+      key: a PRNG key; the same key gives the same samples, and every sampler given the same
+        key starts from the same z_1.
       shape: ``(B, H, W, C)``, a tuple of ints; static.
       num_steps: T >= 1; static.
       labels: int ``[B]`` class labels for a class-conditional model, or None.
@@ -208,10 +222,7 @@ def ancestral_sample(
       images, int32 ``shape`` with values in 0..V-1; with ``return_latent``, the pair
       ``(images, z_0)`` with z_0 float32 ``shape``.
     """
-    shape = _check_shape(shape)
-    _check_positive("num_steps", num_steps)
-    _check_choice("decode", decode, _DECODE_MODES)
-    key_init, key_steps, key_decode = jax.random.split(key, 3)
+    shape, z_1, key_steps, key_decode = _begin(key, shape, num_steps, decode)
     gammas = _gamma_grid(model, params, num_steps)
 
     def body(j, z_t):
@@ -221,8 +232,7 @@ def ancestral_sample(
         noise = jax.random.normal(jax.random.fold_in(key_steps, i), shape, jnp.float32)
         return diffusion.ancestral_step(z_t, eps_hat, gamma_s, gamma_t, noise)
 
-    z_1 = jax.random.normal(key_init, shape, jnp.float32)
-    z_0 = jax.lax.fori_loop(0, num_steps, _ticking(body, num_steps, progress), z_1)
+    z_0 = _loop(body, num_steps, progress, z_1)
     return _finish(model, params, z_0, key_decode, decode, return_latent)
 
 
@@ -254,10 +264,7 @@ def ddim_sample(
     Returns:
       images, int32 ``shape`` in 0..V-1; with ``return_latent``, ``(images, z_0)``.
     """
-    shape = _check_shape(shape)
-    _check_positive("num_steps", num_steps)
-    _check_choice("decode", decode, _DECODE_MODES)
-    key_init, key_decode = jax.random.split(key)
+    shape, z_1, _, key_decode = _begin(key, shape, num_steps, decode)
     gammas = _gamma_grid(model, params, num_steps)
 
     def body(j, z_t):
@@ -268,8 +275,7 @@ def ddim_sample(
         alpha_s, sigma_s = diffusion.alpha_sigma(gamma_s)
         return alpha_s * x_hat + sigma_s * eps_hat
 
-    z_1 = jax.random.normal(key_init, shape, jnp.float32)
-    z_0 = jax.lax.fori_loop(0, num_steps, _ticking(body, num_steps, progress), z_1)
+    z_0 = _loop(body, num_steps, progress, z_1)
     return _finish(model, params, z_0, key_decode, decode, return_latent)
 
 
@@ -309,18 +315,14 @@ def dpm_solver_sample(
 
     Args:
       model, params, key, shape, labels, decode, return_latent, progress: as in
-        :func:`ancestral_sample`. The key is split into three: z_1 ~ N(0, I), the steps'
-        noise (stochastic only) and the decoder.
+        :func:`ancestral_sample`.
       num_steps: steps = network evaluations, >= 1; static.
       stochastic: the SDE variant; static.
 
     Returns:
       images, int32 ``shape`` in 0..V-1; with ``return_latent``, ``(images, z_0)``.
     """
-    shape = _check_shape(shape)
-    _check_positive("num_steps", num_steps)
-    _check_choice("decode", decode, _DECODE_MODES)
-    key_init, key_steps, key_decode = jax.random.split(key, 3)
+    shape, z_1, key_steps, key_decode = _begin(key, shape, num_steps, decode)
     gamma_0, gamma_1 = _endpoints(model, params)
     gammas = jnp.linspace(gamma_1, gamma_0, num_steps + 1)  # noisiest first, equal in lambda
 
@@ -345,9 +347,8 @@ def dpm_solver_sample(
             z_t = sigma_ratio * z_s - alpha_t * jnp.expm1(-h) * d
         return z_t, x_hat, h
 
-    z_1 = jax.random.normal(key_init, shape, jnp.float32)
     carry = (z_1, jnp.zeros(shape, jnp.float32), jnp.ones((), jnp.float32))
-    z_0, _, _ = jax.lax.fori_loop(0, num_steps, _ticking(body, num_steps, progress), carry)
+    z_0, _, _ = _loop(body, num_steps, progress, carry)
     return _finish(model, params, z_0, key_decode, decode, return_latent)
 
 
@@ -516,10 +517,7 @@ def ode_sample(
     Returns:
       images, int32 ``shape`` in 0..V-1; with ``return_latent``, ``(images, z_0)``.
     """
-    shape = _check_shape(shape)
-    _check_choice("decode", decode, _DECODE_MODES)
-    key_init, key_decode = jax.random.split(key)
-    z_1 = jax.random.normal(key_init, shape, jnp.float32)
+    shape, z_1, _, key_decode = _begin(key, shape, None, decode)
     z_0, _ = solve_probability_flow(
         model,
         params,
