@@ -170,7 +170,7 @@ for step in range(STEPS):
 # training on 1500 images, does not get below that figure on the test images: it overfits
 # (compare its train bound above) and, seeing the pixels as a flat vector, it knows nothing
 # of their neighbours. The convolutional `ScoreUNet` that
-# `python -m vdm_jax --config=vdm_jax/configs/digits.py` trains does beat it.
+# `python -m vdm_jax --config=digits` trains does beat it.
 
 # %%
 terms = jax.jit(bound)

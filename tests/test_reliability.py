@@ -742,6 +742,8 @@ def test_every_shipped_config_passes_the_checks():
     assert fields == set(config_schema.field_names())
     assert set(config_schema.RULES) <= fields  # no rule for a field the base config lacks
     assert set(config_schema.resume_keys()) <= fields
+    descriptions = base.field_descriptions()  # what --mode=show_config prints
+    assert set(descriptions) == fields and all(descriptions.values())
 
 
 def _cli_case_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
@@ -773,7 +775,22 @@ def _cli_case_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "unknown variant": (["--config=vdm_jax/configs/digits.py:tiny", f"--workdir={w}"],
                             r"unknown config variant 'tiny'; known: \['smoke'\]"),
         "missing config file": ([f"--config={tmp}/nowhere.py", f"--workdir={w}"],
-                                r"No such file or directory"),
+                                r"--config=.*nowhere\.py: no config file .*nowhere\.py"),
+        "misspelt bundled config": (["--config=digit:smoke", f"--workdir={w}"],
+                                    r"no bundled config 'digit'; did you mean "
+                                    r"--config=digits:smoke\?"),
+        "misspelt field": (_flags(w, **{"training.num_train_step": 10}),
+                           r"--config\.training\.num_train_step: the config has no field "
+                           r"'training\.num_train_step'; did you mean "
+                           r"--config\.training\.num_train_steps\?"),
+        "misspelt section": (_flags(w, **{"trainng.x": 1}),
+                             r"no section or field 'trainng\.x'; did you mean the section "
+                             r"'training'\?"),
+        "wrong type": (_flags(w, **{"training.num_train_steps": "1e6"}),
+                       r"training\.num_train_steps must be an integer, got '1e6'"),
+        "a value where a section is": (_flags(w, training=5),
+                                       r"--config\.training: training is a section of the "
+                                       r"config, not a field"),
         "float for an int in a config file": (
             [f"--config={typed_file}", f"--workdir={w}"],
             r"1000000\.0 is of original type <class 'float'> and cannot be casted"),

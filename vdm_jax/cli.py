@@ -1,9 +1,17 @@
-"""Command line: train, evaluate, sample or report on a VDM from a config::
+"""Command line: train, evaluate, sample or report on a VDM from a config, or show a config::
 
-    python -m vdm_jax --config=vdm_jax/configs/digits.py --workdir=/tmp/digits
-    python -m vdm_jax --config=vdm_jax/configs/cifar10.py:smoke --workdir=DIR \\
-        --mode=eval --config.eval.discrete_timesteps=1000
-    python -m vdm_jax --config=vdm_jax/configs/digits.py --workdir=/tmp/digits --mode=report
+    python -m vdm_jax --config=digits --workdir=/tmp/digits
+    python -m vdm_jax --config=cifar10:smoke --workdir=DIR --mode=eval \\
+        --config.eval.discrete_timesteps=1000
+    python -m vdm_jax --config=digits --workdir=/tmp/digits --mode=report
+    python -m vdm_jax --config=digits:smoke --mode=show_config
+    python -m vdm_jax --config=path/to/my_config.py:ARG --workdir=DIR
+
+``--config`` is the name of a bundled config (a file of :mod:`vdm_jax.configs`: ``digits``,
+``cifar10``, ``mnist``, ``imagenet32``, ``imagenet64``), with ``:smoke`` for a few-step
+variant, or the path of a config file (``path.py[:ARG]``, its ``get_config(ARG)``).
+``--config.SECTION.FIELD=VALUE`` overrides a field; ``--mode=show_config`` lists them all
+with their defaults and meanings.
 
 Many processes (hosts): start the same command on every host, with ``--multihost`` on a
 Cloud TPU pod slice (see ``tools/tpu/``), or with ``--coordinator_address=HOST:PORT
@@ -12,29 +20,36 @@ Cloud TPU pod slice (see ``tools/tpu/``), or with ``--coordinator_address=HOST:P
 Also installed as the ``vdm-jax`` console script.
 
 Exit status: 0 on success, also after a preemption (SIGTERM: a checkpoint was saved; run the
-same command to resume); 1 on a user error (a bad flag, config value, data set, workdir or
-checkpoint, a diverged run, a failed checkpoint write), printed as one ``error: ...`` message
-without a traceback. Anything else is a bug and keeps its traceback.
+same command to resume); 1 on a user error (a bad flag or override, config value, data set,
+workdir or checkpoint, a diverged run, a failed checkpoint write), printed as one
+``error: ...`` message without a traceback. Anything else is a bug and keeps its traceback.
 """
 
+import difflib
 import logging as pylogging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vdm_jax import configs
 from vdm_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (e.g. vdm_jax/configs/digits.py[:smoke]).",
+    "config", None,
+    "A bundled config (digits, cifar10, mnist, imagenet32, imagenet64; 'digits:smoke' for a "
+    "few steps) or a config file (path/to/config.py[:ARG]). Override fields with "
+    "--config.SECTION.FIELD=VALUE; --mode=show_config lists them.",
     lock_config=True,
 )  # fmt: skip
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and samples.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "sample", "report"],
-    "What to run: train (and evaluate and sample at the end), eval, sample, or report (plots "
-    "and an HTML page of a trained run in WORKDIR/report).",
+    "mode", "train", ["train", "eval", "sample", "report", "show_config"],
+    "What to run: train (and evaluate and sample at the end), eval, sample, report (plots "
+    "and an HTML page of a trained run in WORKDIR/report), or show_config (print every "
+    "field of the config with its default and meaning; needs no --workdir).",
 )  # fmt: skip
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False,
@@ -51,7 +66,10 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index, 0-based (default $JAX_PROCESS_ID)."
 )
-flags.mark_flags_as_required(["config", "workdir"])
+
+# --config.NAME[=VALUE], --noconfig.NAME (a boolean field), one or two dashes.
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]*)")
+_SHOW_FIELDS = "--mode=show_config lists the fields"
 
 
 def _fail(message: str) -> None:
@@ -72,19 +90,160 @@ def _without_traceback(text: str) -> str:
     return f"{head}: {tail[-1]}" if tail else head
 
 
+def _bundled_configs() -> list[str]:
+    """The names of the bundled experiment configs (the files of :mod:`vdm_jax.configs` but
+    ``base``, the list of fields they start from), sorted."""
+    folder = os.path.dirname(configs.__file__)
+    names = (n[:-3] for n in os.listdir(folder) if n.endswith(".py") and n[0] != "_")
+    return sorted(n for n in names if n != "base")
+
+
+def _config_file(value: str) -> str:
+    """The ``--config`` value ``NAME[:ARG]`` of a bundled config as ``PATH[:ARG]`` of its
+    file; the path of a config file (``path.py[:ARG]``) is returned unchanged.
+
+    Raises:
+      UserError: neither a bundled config nor an existing file, with the closest name.
+    """
+    name, sep, arg = value.partition(":")
+    known = _bundled_configs()
+    is_path = name.endswith(".py") or os.sep in name or bool(os.altsep and os.altsep in name)
+    if name in known and not is_path:
+        return os.path.join(os.path.dirname(configs.__file__), f"{name}.py") + sep + arg
+    if os.path.isfile(name):
+        return value
+    if is_path:
+        what = f"no config file {name}"
+    else:
+        close = difflib.get_close_matches(name, known, n=1)
+        what = f"no bundled config {name!r}" + (
+            f"; did you mean --config={close[0]}{sep}{arg}?" if close else ""
+        )
+    raise UserError(
+        f"--config={value}: {what} (bundled: {', '.join(known)}; or the path of a config "
+        "file, path/to/config.py[:ARG])"
+    )
+
+
+def _base_fields() -> dict:
+    """The base config's fields: ``{'section.field': default}``."""
+    from vdm_jax.configs import base
+    from vdm_jax.training.config import flatten
+
+    return flatten(base.get_config().to_dict())
+
+
+def _check_override_names(argv: list[str]) -> None:
+    """Refuses a ``--config.NAME`` override that names no field of the config (every config
+    has exactly the base config's fields), before ml_collections turns it into a traceback.
+
+    Raises:
+      UserError: naming the flag and the closest known field or section.
+    """
+    names = [(m.group(0), m.group(1)) for m in map(_OVERRIDE.match, argv[1:]) if m]
+    if not names:
+        return
+    fields = _base_fields()
+    sections = {name.split(".")[0] for name in fields if "." in name}
+    for flag, name in names:
+        if name in fields:
+            continue
+        if name in sections:
+            example = next(f for f in fields if f.startswith(name + "."))
+            raise UserError(
+                f"{flag}: {name} is a section of the config, not a field: set its fields one "
+                f"by one, e.g. --config.{example}=... ({_SHOW_FIELDS})"
+            )
+        parts = name.split(".")
+        prefixes = (".".join(parts[:i]) for i in range(1, len(parts)))
+        parent = next((p for p in prefixes if p in fields), None)
+        if parent is not None:
+            raise UserError(
+                f"{flag}: {parent} is a field (= {fields[parent]!r}), it has no "
+                f"{name[len(parent) + 1 :]!r}; set it with --config.{parent}=VALUE"
+            )
+        what = "field" if parts[0] in sections else "section or field"
+        message = f"{flag}: the config has no {what} {name!r}"
+        close = difflib.get_close_matches(name, list(fields), n=1)
+        if close:
+            message += f"; did you mean --config.{close[0]}?"
+        elif close := difflib.get_close_matches(parts[0], sorted(sections), n=1):
+            message += f"; did you mean the section {close[0]!r}?"
+        raise UserError(f"{message} ({_SHOW_FIELDS})")
+
+
+_KINDS = {bool: "True or False", int: "an integer", float: "a number"}
+
+
+def _flag_error(error: flags.Error, config_value: str | None) -> str:
+    """The one-line message of a flag error: a config file that raised gives its own
+    message; a ``--config.*`` value of the wrong type says what the field takes."""
+    text = _without_traceback(str(error))
+    if text.startswith("flag --config=") and config_value is not None:
+        # The exception's own last line, without the class name of our user errors.
+        cause = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+        cause = re.sub(r"^[\w.]*UserError: ", "", cause)
+        return f"--config={config_value}: {cause}"
+    m = re.match(r"flag --config\.([\w.]+)=(.*?): ", text)
+    if m:
+        kind = type(_base_fields().get(m.group(1)))
+        if kind in _KINDS:
+            return (
+                f"--config.{m.group(1)}={m.group(2)}: {m.group(1)} must be {_KINDS[kind]}, "
+                f"got {m.group(2)!r}"
+            )
+    return f"{text} (--helpshort lists the flags)"
+
+
 def _parse_flags(argv):
+    argv, config_value = list(argv), None
+    try:
+        for i, arg in enumerate(argv):
+            if re.match(r"^--?config=", arg):
+                flag, _, config_value = arg.partition("=")
+                argv[i] = f"{flag}={_config_file(config_value)}"
+            elif re.match(r"^--?config$", arg) and i + 1 < len(argv):
+                config_value = argv[i + 1]
+                argv[i + 1] = _config_file(config_value)
+        _check_override_names(argv)
+    except UserError as e:
+        _fail(str(e))
+    sys.argv = argv  # ml_collections reads the overrides from sys.argv
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
-        _fail(_without_traceback(str(e)))
+        _fail(_flag_error(e, config_value))
+
+
+def _format_config(config) -> str:
+    """Every field of ``config``, one a line: ``name = value  [default D]  meaning``, the
+    default and the meaning taken from the base config (:mod:`vdm_jax.configs.base`)."""
+    from vdm_jax.configs import base
+    from vdm_jax.training.config import flatten
+
+    defaults, meanings = _base_fields(), base.field_descriptions()
+    rows = [
+        (f"{name} = {value!r}", f"[default {defaults.get(name)!r}]", meanings.get(name, ""))
+        for name, value in flatten(config.to_dict()).items()
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows)
 
 
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    mode, workdir = _MODE.value, _WORKDIR.value
+    if _CONFIG.value is None:
+        _fail(
+            f"--mode={mode} needs --config: a bundled config ({', '.join(_bundled_configs())}; "
+            "e.g. --config=digits:smoke) or a config file (path/to/config.py)"
+        )
+    if workdir is None and mode != "show_config":
+        _fail(f"--mode={mode} needs --workdir: the folder of the run")
     # Imported here so that --help is fast and flags parse before jax initialises.
     from vdm_jax.training import checkpoint, parallel, trainer
+    from vdm_jax.training.config import check_config
 
     user_errors = (
         UserError,  # a bad config value, data set, workdir or incompatible checkpoint
@@ -93,20 +252,25 @@ def main(argv):
         checkpoint.CheckpointSaveError,
     )
     try:
-        config, workdir = _CONFIG.value, _WORKDIR.value
+        config = _CONFIG.value
         config.to_dict()  # a config file that failed to load raises only when used
     except OSError as e:  # e.g. the config file does not exist
         _fail(_without_traceback(str(e)))
     try:
+        if mode == "show_config":
+            check_config(config)
+            print("# field = value  [the base config's default]  meaning (--config.FIELD=VALUE)")
+            print(_format_config(config))
+            return
         # Before anything else touches the devices; does nothing for a single process.
         parallel.initialize_distributed(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value
         )
-        if _MODE.value == "train":
+        if mode == "train":
             trainer.train_and_evaluate(config, workdir)
-        elif _MODE.value == "eval":
+        elif mode == "eval":
             trainer.evaluate(config, workdir)
-        elif _MODE.value == "sample":
+        elif mode == "sample":
             trainer.sample(config, workdir)
         else:
             trainer.report(config, workdir)
@@ -119,13 +283,19 @@ def main(argv):
 
 
 class _QuietLibraries(pylogging.Filter):
-    """Drop the per-save INFO chatter of orbax and grain so training progress stays readable,
-    and asyncio's "Task exception was never retrieved" reports of orbax's write tasks after a
-    failed checkpoint write (the error itself is reported once, as ``error: ...``)."""
+    """Drop the per-save INFO chatter of orbax and grain so training progress stays readable;
+    asyncio's "Task exception was never retrieved" reports of orbax's write tasks after a
+    failed checkpoint write (the error itself is reported once, as ``error: ...``); and JAX's
+    INFO note that it found no TPU, printed on every machine without one (a TPU that was asked
+    for and fails is an error of its own, not this note)."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
         noisy = any(f"{os.sep}{name}{os.sep}" in record.pathname for name in ("orbax", "grain"))
         if record.name == "asyncio" and "orbax" in str(record.msg) + str(record.args):
+            return False
+        if record.levelno < pylogging.WARNING and record.getMessage().startswith(
+            "Unable to initialize backend 'tpu'"
+        ):
             return False
         return record.levelno >= pylogging.WARNING or not noisy
 

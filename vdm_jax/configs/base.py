@@ -8,6 +8,11 @@ differs. Fields with no value use ``placeholder`` (typed, None until set), so th
 be set from the command line, e.g. ``--config.data.data_dir=/data/tfds``.
 """
 
+import inspect
+import io
+import re
+import tokenize
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -98,6 +103,28 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampling.sampling_steps = 1000  # denoising steps of ancestral and DDIM sampling
     config.sampling.decode = "argmax"  # argmax | sample: how z_0 becomes integer pixels
     return config
+
+
+def field_descriptions() -> dict[str, str]:
+    """What each field of :func:`get_config` means, by dotted name (``'training.batch_size'``):
+    the comment at the end of the field's line, or else the comment lines right above it,
+    joined into one line."""
+    source = inspect.getsource(get_config)
+    comments = {
+        token.start[0]: token.string.lstrip("#").strip()
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+    }
+    out, above = {}, []
+    for number, line in enumerate(source.splitlines(), start=1):
+        if line.strip().startswith("#"):
+            above.append(comments[number])
+            continue
+        field = re.match(r"\s*config\.([\w.]+)\s*=(?!\s*ml_collections\.ConfigDict\()", line)
+        if field:
+            out[field.group(1)] = comments.get(number) or " ".join(above)
+        above = []
+    return out
 
 
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

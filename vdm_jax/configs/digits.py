@@ -1,6 +1,6 @@
 """The default experiment: the 8x8 digits bundled with scikit-learn (17 grey levels).
 
-Trains in a few minutes on 2 CPU cores. ``--config=vdm_jax/configs/digits.py:smoke``
+Trains in a few minutes on 2 CPU cores. ``--config=digits:smoke``
 runs a few steps only.
 """
 
