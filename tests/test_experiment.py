@@ -121,8 +121,8 @@ def test_workdir_that_is_a_file(tmp_path):
         trainer.train_and_evaluate(_smoke(), str(path))
 
 
-def _cli(*args, cwd=REPO):
-    env = dict(os.environ)
+def _cli(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=REPO)  # this checkout's vdm_jax, whatever is installed
     env.pop("XLA_FLAGS", None)  # the command line sees the machine's real devices
     return subprocess.run(
         [sys.executable, "-m", "vdm_jax", *args],
@@ -130,26 +130,45 @@ def _cli(*args, cwd=REPO):
     )  # fmt: skip
 
 
-def test_command_line_train_eval_sample_and_errors(tmp_path):
-    config = "--config=vdm_jax/configs/digits.py:smoke"
-    workdir = f"--workdir={tmp_path}"
-    trained = _cli(config, workdir, "--config.training.num_train_steps=2")
+def test_command_line_train_then_eval_and_sample_read_the_run_s_config(tmp_path):
+    """Run from a folder outside the checkout: train a bundled config by its name; eval with
+    no --config (the run's own); sample with the full digits config (forgetting ':smoke'),
+    whose sampling settings apply while the model comes from the run; a model field that
+    disagrees with the run is one error line naming it."""
+    run = tmp_path / "run"
+    trained = _cli(
+        "--config=digits:smoke", f"--workdir={run}", "--config.training.num_train_steps=2",
+        cwd=tmp_path,
+    )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "test bpd" in trained.stderr
-    evaluated = _cli(config, workdir, "--mode=eval")
+    assert "Unable to initialize backend 'tpu'" not in trained.stderr
+    evaluated = _cli("--mode=eval", f"--workdir={run}", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "over 297 examples" in evaluated.stderr
-    sampled = _cli(config, workdir, "--mode=sample", "--config.sampling.sampler=ddim")
+    assert re.search(r"per-pixel independent baseline 2\.42\d\d bpd", evaluated.stderr)
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 2 and "test/independent_pixel_baseline_bpd" in record
+    sampled = _cli(
+        "--config=digits", "--mode=sample", f"--workdir={run}",
+        "--config.sampling.sampler=ddim", "--config.sampling.sampling_steps=5",
+        "--config.sampling.num_samples=4", cwd=tmp_path,
+    )  # fmt: skip
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     # Another sampler at the same step: a second file beside the training grid.
-    assert sorted(os.listdir(tmp_path / "samples")) == [
+    assert sorted(os.listdir(run / "samples")) == [
         "step00000002_ancestral10_argmax.png",
-        "step00000002_ddim10_argmax.png",
+        "step00000002_ddim5_argmax.png",
     ]
-
-    bad = _cli(config, workdir, "--config.model.n_embd=8")
-    assert bad.returncode == 1
-    assert "error: checkpoint at" in bad.stderr and "Traceback" not in bad.stderr
+    before = sorted(os.listdir(run))
+    bad = _cli("--mode=eval", f"--workdir={run}", "--config.model.n_embd=8", cwd=tmp_path)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: --config.model.n_embd=8 disagrees with the trained run, which has "
+        "model.n_embd=16: the run's checkpoint fixes it; drop the flag"
+    ]
+    assert sorted(os.listdir(run)) == before
 
 
 def test_console_script_outside_the_checkout_takes_a_bundled_name_or_a_path(tmp_path):

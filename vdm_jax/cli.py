@@ -1,17 +1,20 @@
 """Command line: train, evaluate, sample or report on a VDM from a config, or show a config::
 
     python -m vdm_jax --config=digits --workdir=/tmp/digits
-    python -m vdm_jax --config=cifar10:smoke --workdir=DIR --mode=eval \\
-        --config.eval.discrete_timesteps=1000
-    python -m vdm_jax --config=digits --workdir=/tmp/digits --mode=report
-    python -m vdm_jax --config=digits:smoke --mode=show_config
     python -m vdm_jax --config=path/to/my_config.py:ARG --workdir=DIR
+    python -m vdm_jax --workdir=/tmp/digits --mode=eval --config.eval.discrete_timesteps=1000
+    python -m vdm_jax --workdir=/tmp/digits --mode=sample --config.sampling.sampler=ddim
+    python -m vdm_jax --workdir=/tmp/digits --mode=report
+    python -m vdm_jax --config=digits:smoke --mode=show_config
 
 ``--config`` is the name of a bundled config (a file of :mod:`vdm_jax.configs`: ``digits``,
 ``cifar10``, ``mnist``, ``imagenet32``, ``imagenet64``), with ``:smoke`` for a few-step
-variant, or the path of a config file (``path.py[:ARG]``, its ``get_config(ARG)``).
+variant, the path of a config file (``path.py[:ARG]``, its ``get_config(ARG)``), or
+``run:WORKDIR``, a trained run's own config (:mod:`vdm_jax.configs.run`), which eval, sample,
+report and show_config take when ``--workdir`` is given without ``--config``.
 ``--config.SECTION.FIELD=VALUE`` overrides a field; ``--mode=show_config`` lists them all
-with their defaults and meanings.
+with their defaults and meanings. On a trained run, the fields that fix its checkpoint come
+from the run (:func:`vdm_jax.training.config.for_trained_run`).
 
 Many processes (hosts): start the same command on every host, with ``--multihost`` on a
 Cloud TPU pod slice (see ``tools/tpu/``), or with ``--coordinator_address=HOST:PORT
@@ -40,8 +43,9 @@ from vdm_jax.errors import UserError
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
     "A bundled config (digits, cifar10, mnist, imagenet32, imagenet64; 'digits:smoke' for a "
-    "few steps) or a config file (path/to/config.py[:ARG]). Override fields with "
-    "--config.SECTION.FIELD=VALUE; --mode=show_config lists them.",
+    "few steps), a config file (path/to/config.py[:ARG]) or run:WORKDIR (a trained run's "
+    "own; the default of eval, sample, report and show_config given --workdir). Override "
+    "fields with --config.SECTION.FIELD=VALUE; --mode=show_config lists them.",
     lock_config=True,
 )  # fmt: skip
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and samples.")
@@ -67,6 +71,8 @@ _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index, 0-based (default $JAX_PROCESS_ID)."
 )
 
+# The modes that work on a trained run, whose own config they read when --config is not given.
+_READS_RUN = ("eval", "sample", "report", "show_config")
 # --config.NAME[=VALUE], --noconfig.NAME (a boolean field), one or two dashes.
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]*)")
 _SHOW_FIELDS = "--mode=show_config lists the fields"
@@ -91,16 +97,18 @@ def _without_traceback(text: str) -> str:
 
 
 def _bundled_configs() -> list[str]:
-    """The names of the bundled experiment configs (the files of :mod:`vdm_jax.configs` but
-    ``base``, the list of fields they start from), sorted."""
+    """The names of the bundled experiment configs, sorted: the files of
+    :mod:`vdm_jax.configs` but ``base`` (the fields they start from) and ``run`` (a trained
+    run's own config, :mod:`vdm_jax.configs.run`)."""
     folder = os.path.dirname(configs.__file__)
     names = (n[:-3] for n in os.listdir(folder) if n.endswith(".py") and n[0] != "_")
-    return sorted(n for n in names if n != "base")
+    return sorted(n for n in names if n not in ("base", "run"))
 
 
 def _config_file(value: str) -> str:
-    """The ``--config`` value ``NAME[:ARG]`` of a bundled config as ``PATH[:ARG]`` of its
-    file; the path of a config file (``path.py[:ARG]``) is returned unchanged.
+    """The ``--config`` value ``NAME[:ARG]`` of a bundled config (or ``run:WORKDIR``) as
+    ``PATH[:ARG]`` of its file; the path of a config file (``path.py[:ARG]``) is returned
+    unchanged.
 
     Raises:
       UserError: neither a bundled config nor an existing file, with the closest name.
@@ -108,7 +116,7 @@ def _config_file(value: str) -> str:
     name, sep, arg = value.partition(":")
     known = _bundled_configs()
     is_path = name.endswith(".py") or os.sep in name or bool(os.altsep and os.altsep in name)
-    if name in known and not is_path:
+    if name in [*known, "run"] and not is_path:
         return os.path.join(os.path.dirname(configs.__file__), f"{name}.py") + sep + arg
     if os.path.isfile(name):
         return value
@@ -120,9 +128,20 @@ def _config_file(value: str) -> str:
             f"; did you mean --config={close[0]}{sep}{arg}?" if close else ""
         )
     raise UserError(
-        f"--config={value}: {what} (bundled: {', '.join(known)}; or the path of a config "
-        "file, path/to/config.py[:ARG])"
+        f"--config={value}: {what} (bundled: {', '.join(known)}; run:WORKDIR, a trained "
+        "run's own; or the path of a config file, path/to/config.py[:ARG])"
     )
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value of the last ``--name=VALUE`` or ``--name VALUE`` in argv, or None."""
+    value = None
+    for i, arg in enumerate(argv[1:], start=1):
+        if re.match(rf"^--?{name}=", arg):
+            value = arg.split("=", 1)[1]
+        elif re.match(rf"^--?{name}$", arg) and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
 
 
 def _base_fields() -> dict:
@@ -175,15 +194,16 @@ def _check_override_names(argv: list[str]) -> None:
 _KINDS = {bool: "True or False", int: "an integer", float: "a number"}
 
 
-def _flag_error(error: flags.Error, config_value: str | None) -> str:
+def _flag_error(error: flags.Error, config_label: str) -> str:
     """The one-line message of a flag error: a config file that raised gives its own
-    message; a ``--config.*`` value of the wrong type says what the field takes."""
+    message after ``config_label``; a ``--config.*`` value of the wrong type says what the
+    field takes."""
     text = _without_traceback(str(error))
-    if text.startswith("flag --config=") and config_value is not None:
+    if text.startswith("flag --config="):
         # The exception's own last line, without the class name of our user errors.
         cause = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
         cause = re.sub(r"^[\w.]*UserError: ", "", cause)
-        return f"--config={config_value}: {cause}"
+        return f"{config_label}{cause}"
     m = re.match(r"flag --config\.([\w.]+)=(.*?): ", text)
     if m:
         kind = type(_base_fields().get(m.group(1)))
@@ -196,15 +216,22 @@ def _flag_error(error: flags.Error, config_value: str | None) -> str:
 
 
 def _parse_flags(argv):
-    argv, config_value = list(argv), None
+    """absl's flag parsing after two rewrites of argv: a bundled config's name becomes its
+    file's path, and a mode that reads a trained run given ``--workdir`` and no ``--config``
+    gets ``--config=run:WORKDIR`` (before the overrides, as ml_collections requires)."""
+    argv, label = list(argv), ""
     try:
-        for i, arg in enumerate(argv):
-            if re.match(r"^--?config=", arg):
-                flag, _, config_value = arg.partition("=")
-                argv[i] = f"{flag}={_config_file(config_value)}"
-            elif re.match(r"^--?config$", arg) and i + 1 < len(argv):
-                config_value = argv[i + 1]
-                argv[i + 1] = _config_file(config_value)
+        value = _flag_value(argv, "config")
+        workdir = _flag_value(argv, "workdir")
+        if value is not None:
+            label = f"--config={value}: "
+            for i, arg in enumerate(argv):
+                if re.match(r"^--?config=", arg):
+                    argv[i] = f"--config={_config_file(arg.split('=', 1)[1])}"
+                elif re.match(r"^--?config$", arg) and i + 1 < len(argv):
+                    argv[i + 1] = _config_file(argv[i + 1])
+        elif _flag_value(argv, "mode") in _READS_RUN and workdir:
+            argv.insert(1, f"--config={_config_file('run:' + workdir)}")
         _check_override_names(argv)
     except UserError as e:
         _fail(str(e))
@@ -212,7 +239,7 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        _fail(_flag_error(e, config_value))
+        _fail(_flag_error(e, label))
 
 
 def _format_config(config) -> str:
@@ -237,13 +264,15 @@ def main(argv):
     if _CONFIG.value is None:
         _fail(
             f"--mode={mode} needs --config: a bundled config ({', '.join(_bundled_configs())}; "
-            "e.g. --config=digits:smoke) or a config file (path/to/config.py)"
+            "e.g. --config=digits:smoke), a config file (path/to/config.py), or run:WORKDIR "
+            "(a trained run's own)" + ("" if mode == "train" else "; or --workdir of a trained run")
         )
     if workdir is None and mode != "show_config":
         _fail(f"--mode={mode} needs --workdir: the folder of the run")
     # Imported here so that --help is fast and flags parse before jax initialises.
     from vdm_jax.training import checkpoint, parallel, trainer
-    from vdm_jax.training.config import check_config
+    from vdm_jax.training import workdir as workdir_io
+    from vdm_jax.training.config import check_config, for_trained_run
 
     user_errors = (
         UserError,  # a bad config value, data set, workdir or incompatible checkpoint
@@ -262,6 +291,9 @@ def main(argv):
             print("# field = value  [the base config's default]  meaning (--config.FIELD=VALUE)")
             print(_format_config(config))
             return
+        if mode != "train":  # the fields that fix the checkpoint come from the run
+            explicit = config_flags.get_override_values(flags.FLAGS["config"])
+            config = for_trained_run(config, workdir_io.read_config(workdir), explicit)
         # Before anything else touches the devices; does nothing for a single process.
         parallel.initialize_distributed(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import math
 import numbers
 from typing import Any
@@ -219,6 +220,46 @@ def with_defaults(saved: dict[str, Any]) -> ml_collections.ConfigDict:
     with config.unlocked():
         config.update(ml_collections.ConfigDict(saved))
     return config
+
+
+def for_trained_run(
+    config: ml_collections.ConfigDict, saved: dict[str, Any], explicit: Any = ()
+) -> ml_collections.ConfigDict:
+    """``config`` made fit to evaluate, sample or report on a trained run: the fields that fix
+    the run's checkpoint (:func:`resume_keys`: the model's, the data set, the seed, the batch
+    size, clipping) as the run has them, the rest (the evaluation split and settings, sampling,
+    devices, the data's folder) as ``config`` has them.
+
+    Args:
+      config: the config given for this command.
+      saved: the run's own config (its ``config.json``, a nested dict).
+      explicit: the dotted names of the fields set on the command line.
+
+    Raises:
+      UserError: a field of ``explicit`` that disagrees with the run, named with both values.
+    """
+    run = with_defaults(saved)
+    out = config.copy_and_resolve_references()
+    for key in resume_keys():
+        *sections, name = key.split(".")
+        given, kept = out, run
+        for section in sections:
+            given, kept = given[section], kept[section]
+        if _same(given[name], kept[name]):
+            continue
+        if key in explicit:
+            raise UserError(
+                f"--config.{key}={given[name]!r} disagrees with the trained run, which has "
+                f"{key}={kept[name]!r}: the run's checkpoint fixes it; drop the flag"
+            )
+        with given.unlocked():
+            given[name] = kept[name]
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON values (a tuple equals a list)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> VDM:

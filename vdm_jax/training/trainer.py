@@ -602,7 +602,8 @@ def _train(setup: _Setup, preemption: PreemptionWatcher) -> steps.TrainState:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Evaluate the latest checkpoint's EMA parameters: one exact pass over the eval split.
+    """Evaluate the latest checkpoint's EMA parameters: one exact pass over the eval split,
+    next to the per-pixel independent baseline (:func:`independent_baseline`).
 
     Returns the metrics (also appended to ``workdir/metrics.jsonl``).
     """
@@ -610,6 +611,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     try:
         restored = _restore(setup, need=True)
         results = setup.evaluate(restored.state.ema_params, restored.step)
+        split = config.eval.split
+        baseline = independent_baseline(config, setup.info)
+        results[f"{split}/independent_pixel_baseline_bpd"] = baseline
+        logging.info(
+            "%s bpd %.4f (per-pixel independent baseline %.4f bpd)",
+            split, results[f"{split}/bpd"], baseline,
+        )  # fmt: skip
         with workdir_io.MetricWriter(setup.workdir) as writer:
             writer.write(restored.step, results)
     finally:

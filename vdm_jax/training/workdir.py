@@ -75,6 +75,28 @@ def prepare(workdir: str) -> str:
     return workdir
 
 
+def read_config(workdir: str) -> dict:
+    """The config a run was trained with, ``workdir/config.json``, as a nested dict.
+
+    Raises:
+      UserError: the workdir holds no ``config.json`` (it is not a training run's), or the
+        file is not a JSON object.
+    """
+    path = epath.Path(resolve(workdir)) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"no config.json in {path.parent}: not the workdir of a training run (train "
+            "first, or give the config with --config)"
+        ) from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a run's config (JSON): {e}") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is not a run's config: a JSON object, got {type(saved).__name__}")
+    return saved
+
+
 def write_atomically(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` so that a crash leaves the old or the new file, whole."""
     if is_remote(path):  # an object store replaces an object whole

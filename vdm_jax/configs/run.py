@@ -1,0 +1,18 @@
+"""The config a run was trained with, read from its workdir: ``--config=run:WORKDIR``.
+
+``WORKDIR/config.json`` (written when training starts) over the base config, so that fields
+added since the run was trained take their defaults. ``--mode=eval``, ``sample``, ``report``
+and ``show_config`` with ``--workdir`` and no ``--config`` use it; ``--config.*`` flags
+override its fields as with any config.
+"""
+
+from vdm_jax.errors import UserError
+from vdm_jax.training import config as config_schema
+from vdm_jax.training import workdir as workdir_io
+
+
+def get_config(workdir: str = ""):
+    """The config in ``workdir/config.json`` over the base config's defaults."""
+    if not workdir:
+        raise UserError("the config 'run' reads a run's own config: --config=run:WORKDIR")
+    return config_schema.with_defaults(workdir_io.read_config(workdir))
