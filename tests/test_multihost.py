@@ -99,10 +99,11 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     assert len(os.listdir(tmp_path / "multi" / "samples")) == 1
     a, b = _restore_host(tmp_path / "multi"), _restore_host(tmp_path / "single")
     assert a.step == b.step == 3
-    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
+    leaves = jax.tree_util.tree_leaves_with_path(a.state)
+    for (path, x), y in zip(leaves, jax.tree.leaves(b.state), strict=True):
         # atol: leaves whose gradient is only rounding noise (values ~1e-7) differ by the
         # order of the cross-device sums, which the two layouts do differently.
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-6)
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-6, err_msg=jax.tree_util.keystr(path))
     # The data position is the same for both, so the 2-process run resumes on 1 process.
     assert a.data_state == b.data_state
     # The 2-process checkpoint evaluates on one CPU device.
