@@ -147,6 +147,7 @@ def test_command_line_train_then_eval_and_sample_read_the_run_s_config(tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "over 297 examples" in evaluated.stderr
     assert re.search(r"per-pixel independent baseline 2\.42\d\d bpd", evaluated.stderr)
+    assert "read only" not in evaluated.stderr and "read_only" not in evaluated.stderr
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 2 and "test/independent_pixel_baseline_bpd" in record
     sampled = _cli(

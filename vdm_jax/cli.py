@@ -317,8 +317,9 @@ def main(argv):
 class _QuietLibraries(pylogging.Filter):
     """Drop the per-save INFO chatter of orbax and grain so training progress stays readable;
     asyncio's "Task exception was never retrieved" reports of orbax's write tasks after a
-    failed checkpoint write (the error itself is reported once, as ``error: ...``); and JAX's
-    INFO note that it found no TPU, printed on every machine without one (a TPU that was asked
+    failed checkpoint write (the error itself is reported once, as ``error: ...``); orbax's
+    warning that checkpoints opened to be read are read-only; and JAX's INFO note that it
+    found no TPU, printed on every machine without one (a TPU that was asked
     for and fails is an error of its own, not this note)."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
@@ -329,6 +330,8 @@ class _QuietLibraries(pylogging.Filter):
             "Unable to initialize backend 'tpu'"
         ):
             return False
+        if noisy and record.getMessage().startswith("Given directory is read only"):
+            return False  # orbax's note that eval and sample open the checkpoints read-only
         return record.levelno >= pylogging.WARNING or not noisy
 
 

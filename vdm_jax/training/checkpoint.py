@@ -151,15 +151,20 @@ class Checkpointer:
         self._directory = _prepare_directory(directory, read_only=read_only)
         self._read_only = read_only
         every = int(save_interval_steps)
-        options = ocp.CheckpointManagerOptions(
+        # A reader passes no save policy: orbax would warn that it drops one.
+        saving = {} if read_only else dict(
             # Once a multiple of `every` is passed (unlike `step % every == 0`, this holds when
             # the loop advances several steps per call); orbax adds JAX's preemption points.
             should_save_fn=lambda step, latest: step // every > (latest or 0) // every,
             preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep and int(max_to_keep)),
+        )  # fmt: skip
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=False,  # nothing is deleted at start-up
             create=not read_only,
             read_only=read_only,
+            **saving,
         )
         self._manager = ocp.CheckpointManager(self._directory, options=options)
         self._pending_step: int | None = None
