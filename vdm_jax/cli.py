@@ -337,6 +337,9 @@ class _QuietLibraries(pylogging.Filter):
 
 def run():
     """Console-script entry point."""
+    # --helpshort lists the flags of the program that runs (sys.argv[0]): these.
+    for flag in flags.FLAGS.flags_by_module_dict().get(__name__, []):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     app.run(main, flags_parser=_parse_flags)
