@@ -12,6 +12,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +31,12 @@ from vdm_jax.training import steps as training_steps  # noqa: E402
 
 VOCAB_SIZE = 256
 DTYPES = ("float32", "bfloat16")
+
+#: The tiny model and counts of the scripts' ``--smoke`` runs: seconds on any backend.
+SMOKE = dict(
+    n_layer=1, n_embd=32, resolution=8, batch=4, steps=1, eval_batches=1, sample_batch=2,
+    sample_steps=4,
+)  # fmt: skip
 
 
 #: Model fields of the two formulations the benchmarks run. "plain" keeps every field's
@@ -260,13 +267,42 @@ def environment() -> dict[str, Any]:
 # ------------------------------------------------------------------------------ benchmarks
 
 
-def _timed_calls(call, count: int) -> np.ndarray:
-    times = []
-    for _ in range(count):
+def timed(fn: Callable[[int], Any]) -> Callable[[int], float]:
+    """``fn(i)`` as a call that returns its seconds (``fn`` waits for its own results)."""
+
+    def call(i: int) -> float:
         t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return np.array(times)
+        fn(i)
+        return time.perf_counter() - t0
+
+    return call
+
+
+def alternate(
+    calls: dict[str, Callable[[int], float]], count: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Call each of ``calls`` in turn (``call(i)`` returns its seconds) ``warmup + count``
+    times, so that a machine shared with other work slows them alike; the timed calls'
+    seconds per name."""
+    times = {name: [] for name in calls}
+    for i in range(warmup + count):
+        for name, call in calls.items():
+            elapsed = call(i)
+            if i >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def median(times) -> float:
+    """The median of a sequence of seconds."""
+    return float(np.median(np.asarray(times)))
+
+
+def compile_timed(jitted, *args, **kwargs) -> tuple[Any, float]:
+    """``(jitted.lower(*args, **kwargs).compile(), seconds it took)``."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args, **kwargs).compile()
+    return compiled, time.perf_counter() - t0
 
 
 def compile_train_step(
@@ -368,13 +404,14 @@ def bench_train_steps(
             n_layer, n_embd, dtype, dropout_rate, host_state, first, key, num_shards, flops_source
         )
 
-    times = {mode: [] for mode in modes}
     dispatches = max(1, math.ceil(steps / k))
-    for i in range(warmup + dispatches):
-        for mode, run in runs.items():
-            elapsed = dispatch_train_step(run, host_batches[i % len(host_batches)])
-            if i >= warmup:
-                times[mode].append(elapsed)
+    calls = {
+        mode: functools.partial(
+            lambda run, i: dispatch_train_step(run, host_batches[i % len(host_batches)]), run
+        )
+        for mode, run in runs.items()
+    }
+    times = alternate(calls, dispatches, warmup)
 
     results = {}
     for mode, run in runs.items():
@@ -431,21 +468,15 @@ def bench_eval(
     )  # fmt: skip
     host_batches = synthetic_batches(2, batch, resolution, channels, seed)
     key = jax.random.key(seed + 2)
-    t0 = time.perf_counter()
-    compiled = (
-        dp.compile_eval_step(parallel.make_eval_step(model))
-        .lower(params, dp.put_global_batch(host_batches[0]), key)
-        .compile()
+    compiled, compile_s = compile_timed(
+        dp.compile_eval_step(parallel.make_eval_step(model)),
+        params,
+        dp.put_global_batch(host_batches[0]),
+        key,
     )
-    compile_s = time.perf_counter() - t0
-
-    def one(i=[0]):  # noqa: B006 - a call counter
-        block(compiled(params, dp.put_global_batch(host_batches[i[0] % 2]), key))
-        i[0] += 1
-
-    _timed_calls(one, 1)
-    times = _timed_calls(one, max(1, batches))
-    batch_s = float(np.median(times))
+    call = timed(lambda i: block(compiled(params, dp.put_global_batch(host_batches[i % 2]), key)))
+    times = alternate({"eval": call}, max(1, batches))["eval"]
+    batch_s = median(times)
     return {
         "batch": batch,
         "batches": len(times),
@@ -488,9 +519,9 @@ def bench_sampling(
     ).params
     variables = {"params": params}
     key = jax.random.key(seed + 3)
-    t0 = time.perf_counter()
-    compiled = sample.lower(model, variables, key, shape=shape, num_steps=num_steps).compile()
-    compile_s = time.perf_counter() - t0
+    compiled, compile_s = compile_timed(
+        sample, model, variables, key, shape=shape, num_steps=num_steps
+    )
     t0 = time.perf_counter()
     block(compiled(variables, key))
     run_s = time.perf_counter() - t0

@@ -36,6 +36,12 @@ import threading
 import time
 import traceback
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+
+from benchmarks import common, original
+
 PAPER = dict(
     n_layer=32,
     n_embd=128,
@@ -46,25 +52,11 @@ PAPER = dict(
     sample_steps=1000,
     eval_batches=5,
 )
-SMOKE = dict(
-    n_layer=1,
-    n_embd=32,
-    resolution=8,
-    batch=4,
-    steps=1,
-    sample_batch=2,
-    sample_steps=4,
-    eval_batches=1,
-)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--original",
-        default=os.environ.get("VDM_ORIGINAL"),
-        help="google-research/vdm checkout (or its model_vdm.py); env VDM_ORIGINAL",
-    )
+    original.add_flag(p)
     for name, value in PAPER.items():
         p.add_argument(f"--{name}", type=int, default=None, help=f"default {value}")
     p.add_argument("--dtypes", default="bfloat16,float32")
@@ -85,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="a tiny model, one step of each")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
-    for name, value in (SMOKE if args.smoke else PAPER).items():
+    for name, value in (common.SMOKE if args.smoke else PAPER).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.hard_limit is None:
@@ -112,11 +104,6 @@ class Lines:
 def main(argv=None) -> list[dict]:
     start = time.perf_counter()
     args = parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import jax
-
-    from benchmarks import common, original
-
     # Compile times are figures here: never read programs from a persistent cache.
     jax.config.update("jax_enable_compilation_cache", False)
 
@@ -202,7 +189,7 @@ def main(argv=None) -> list[dict]:
             reason=f"no {original.FILE} at {args.original!r}; pass --original PATH",
         )
     else:
-        theirs = attempt("original_train", lambda: _original_step(args, original, common))
+        theirs = attempt("original_train", lambda: _original_step(args))
         if theirs:
             s = dict(dtype="float32", batch=args.batch, **model)
             lines.emit(
@@ -268,31 +255,14 @@ def main(argv=None) -> list[dict]:
     return lines.lines
 
 
-def _original_step(args, original, common) -> dict:
+def _original_step(args) -> dict:
     """The original code's float32 train step under jit on this device: median images/s."""
-    import jax
-    import numpy as np
-
-    theirs = original.OriginalVDM(
-        original.load(args.original),
-        n_layer=args.n_layer,
-        n_embd=args.n_embd,
-        image_shape=(args.resolution, args.resolution, 3),
-    )
     batches = common.synthetic_batches(2, args.batch, args.resolution, 3)
-    key = jax.random.key(1)
-    state = theirs.init_state()
-    t0 = time.perf_counter()
-    step = jax.jit(theirs.train_step).lower(state, batches[0]["image"], key).compile()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(1 + args.steps):
-        t0 = time.perf_counter()
-        state, bpd = step(state, jax.device_put(batches[i % 2]["image"]), key)
-        common.block(bpd)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return {"images_per_sec": args.batch / float(np.median(times)), "compile_s": compile_s}
+    call, compile_s, _ = original.timed_train_step(
+        original.from_args(args), batches, jax.random.key(1)
+    )
+    times = common.alternate({"theirs": call}, args.steps)["theirs"]
+    return {"images_per_sec": args.batch / common.median(times), "compile_s": compile_s}
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import time
 from types import ModuleType
 from typing import Any
 
@@ -26,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from benchmarks import common
 
 FILE = "model_vdm.py"
 
@@ -51,6 +54,49 @@ def load(path: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def add_flag(parser) -> None:
+    """The scripts' ``--original`` flag (default: the ``VDM_ORIGINAL`` environment variable)."""
+    parser.add_argument(
+        "--original",
+        default=os.environ.get("VDM_ORIGINAL"),
+        help="google-research/vdm checkout (or its model_vdm.py); env VDM_ORIGINAL",
+    )
+
+
+def from_args(args) -> OriginalVDM:
+    """Their model at a script's ``--original``, ``--n_layer``, ``--n_embd`` and
+    ``--resolution`` (RGB images)."""
+    return OriginalVDM(
+        load(args.original),
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+        image_shape=(args.resolution, args.resolution, 3),
+    )
+
+
+def timed_train_step(theirs: OriginalVDM, batches, key) -> tuple[Any, float, Any]:
+    """Their train step under jit, compiled for ``batches[0]``, as a timed call.
+
+    Returns:
+      ``(call, compile_s, compiled)``: ``call(i)`` puts ``batches[i % len(batches)]["image"]``
+      on the device, takes one step of a state it holds (from :meth:`OriginalVDM.init_state`)
+      and waits for the loss; it returns its seconds.
+    """
+    holder = {"state": theirs.init_state()}
+    compiled, compile_s = common.compile_timed(
+        jax.jit(theirs.train_step), holder["state"], batches[0]["image"], key
+    )
+
+    def call(i: int) -> float:
+        t0 = time.perf_counter()
+        images = jax.device_put(batches[i % len(batches)]["image"])
+        holder["state"], bpd = compiled(holder["state"], images, key)
+        jax.block_until_ready(bpd)
+        return time.perf_counter() - t0
+
+    return call, compile_s, compiled
 
 
 def _decays(params):

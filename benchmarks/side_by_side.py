@@ -34,29 +34,22 @@ import functools
 import json
 import os
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common, original
+from vdm_jax import sampling
+from vdm_jax.training import parallel, steps
 
 SECTIONS = ("train", "eval", "sampling")
-SMOKE = dict(
-    n_layer=1,
-    n_embd=32,
-    resolution=8,
-    batch=4,
-    steps=1,
-    eval_batches=1,
-    sample_batch=2,
-    sample_steps=4,
-    sample_repeats=1,
-)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--original",
-        default=os.environ.get("VDM_ORIGINAL"),
-        help="google-research/vdm checkout (or its model_vdm.py); env VDM_ORIGINAL",
-    )
+    original.add_flag(p)
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_embd", type=int, default=32, help="a multiple of 32 (their GroupNorm)")
     p.add_argument("--resolution", type=int, default=32)
@@ -73,72 +66,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.smoke:
-        for key, value in SMOKE.items():
+        for key, value in {**common.SMOKE, "sample_repeats": 1}.items():
             setattr(args, key, value)
     return args
 
 
-def _median(times) -> float:
-    import numpy as np
-
-    return float(np.median(np.asarray(times)))
-
-
-def _alternate(calls: dict, count: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Call each of ``calls`` in turn ``warmup + count`` times; seconds of the timed calls."""
-    times = {name: [] for name in calls}
-    for i in range(warmup + count):
-        for name, call in calls.items():
-            elapsed = call(i)
-            if i >= warmup:
-                times[name].append(elapsed)
-    return times
+def _init_state(model, resolution: int) -> steps.TrainState:
+    return steps.init_state(
+        model, steps.make_optimizer(), jax.random.key(0),
+        jnp.zeros((1, resolution, resolution, 3), jnp.uint8),
+    )  # fmt: skip
 
 
-def _timed(fn):
-    def call(i):
-        t0 = time.perf_counter()
-        fn(i)
-        return time.perf_counter() - t0
-
-    return call
-
-
-def _compiled(jitted, *args):
-    t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    return compiled, time.perf_counter() - t0
+def _summary(times: list[float], unit: str, compiled, compile_s: float, batch: int) -> dict:
+    """One program's figures: the median of ``times`` as ``unit``, images/s, compile seconds
+    and the compiled program's memory."""
+    value = common.median(times)
+    return {unit: value, "images_per_sec": batch / value, "compile_s": compile_s,
+            **common.memory_bytes(compiled)}  # fmt: skip
 
 
-def train_section(args, theirs, common, formulation):
+def _ratios(prefix: str, ours: dict, theirs: dict, suffix: str = "") -> dict[str, float]:
+    """Speed (ours / theirs in images/s), compile (theirs / ours) and peak memory (ours /
+    theirs) of two :func:`_summary` results."""
+    return {
+        f"{prefix}_speed{suffix}": ours["images_per_sec"] / theirs["images_per_sec"],
+        f"{prefix}_compile{suffix}": theirs["compile_s"] / ours["compile_s"],
+        f"{prefix}_peak_memory{suffix}": ours["compiled_peak_bytes"]
+        / theirs["compiled_peak_bytes"],
+    }
+
+
+def train_section(args, theirs, formulation):
     """Train steps of ours (each mode) and theirs, alternating; medians and ratios."""
-    import jax
-    import jax.numpy as jnp
-
-    from vdm_jax.training import steps
-
-    shape = (args.resolution, args.resolution, 3)
     model = common.build_model(args.n_layer, args.n_embd, formulation=formulation)
-    host_state = steps.init_state(
-        model, steps.make_optimizer(), jax.random.key(0), jnp.zeros((1, *shape), jnp.uint8)
-    )
+    host_state = _init_state(model, args.resolution)
     batches = common.synthetic_batches(2, args.batch, args.resolution, 3)
     key = jax.random.key(1)
     modes = [m for m in args.modes.split(",") if m]
     runs = {m: common.compile_train_step(model, m, host_state, batches[0], key) for m in modes}
-
-    their_step = jax.jit(theirs.train_step)
-    state = theirs.init_state()
-    compiled, their_compile = _compiled(their_step, state, batches[0]["image"], key)
-    holder = {"state": state}
-
-    def their_call(i):
-        t0 = time.perf_counter()
-        images = jax.device_put(batches[i % 2]["image"])
-        holder["state"], bpd = compiled(holder["state"], images, key)
-        common.block(bpd)
-        return time.perf_counter() - t0
-
+    their_call, their_compile, their_compiled = original.timed_train_step(theirs, batches, key)
     calls = {
         f"ours_{m}": functools.partial(
             lambda run, i: common.dispatch_train_step(run, batches[i % 2]), runs[m]
@@ -146,154 +113,92 @@ def train_section(args, theirs, common, formulation):
         for m in modes
     }
     calls["theirs_jit"] = their_call
-    times = _alternate(calls, args.steps)
-    out = {
-        "theirs_jit": {
-            "step_s": _median(times["theirs_jit"]),
-            "compile_s": their_compile,
-            **common.memory_bytes(compiled),
-        }
-    }
+    times = common.alternate(calls, args.steps)
+    out = {"theirs_jit": _summary(times["theirs_jit"], "step_s", their_compiled, their_compile,
+                                  args.batch)}  # fmt: skip
     for m in modes:
-        out[f"ours_{m}"] = {
-            "step_s": _median(times[f"ours_{m}"]),
-            "compile_s": runs[m]["compile_s"],
-            **common.memory_bytes(runs[m]["compiled"]),
-        }
-    for r in out.values():
-        r["images_per_sec"] = args.batch / r["step_s"]
-    their = out["theirs_jit"]
+        run = runs[m]
+        out[f"ours_{m}"] = _summary(
+            times[f"ours_{m}"], "step_s", run["compiled"], run["compile_s"], args.batch
+        )
     ratios = {}
     for m in modes:
-        ours = out[f"ours_{m}"]
-        ratios[f"train_speed_{m}"] = their["step_s"] / ours["step_s"]
-        ratios[f"train_compile_{m}"] = their["compile_s"] / ours["compile_s"]
-        ratios[f"train_peak_memory_{m}"] = (
-            ours["compiled_peak_bytes"] / their["compiled_peak_bytes"]
-        )
+        ratios.update(_ratios("train", out[f"ours_{m}"], out["theirs_jit"], f"_{m}"))
     return {"times": times, "results": out, "ratios": ratios, "batch": args.batch}
 
 
-def eval_section(args, theirs, common, formulation):
+def _pair(name, batch, ours, theirs, count, warmup=1):
+    """Time ``ours`` and ``theirs`` (each ``(call(i) -> seconds, compiled, compile_s)``)
+    alternately; their summaries and ratios."""
+    unit = "seconds" if name == "sampling" else "batch_s"
+    times = common.alternate({"ours": ours[0], "theirs": theirs[0]}, count, warmup)
+    out = {
+        who: _summary(times[who], unit, program[1], program[2], batch)
+        for who, program in (("ours", ours), ("theirs", theirs))
+    }
+    ratios = _ratios(name, out["ours"], out["theirs"])
+    return {"times": times, "results": out, "ratios": ratios, "batch": batch}
+
+
+def eval_section(args, theirs, formulation):
     """The bound of a batch, ours (jit over the mesh) and theirs (jit), alternating."""
-    import jax
-    import jax.numpy as jnp
-
-    from vdm_jax.training import parallel, steps
-
-    shape = (args.resolution, args.resolution, 3)
     model = common.build_model(args.n_layer, args.n_embd, formulation=formulation)
-    params = steps.init_state(
-        model, steps.make_optimizer(), jax.random.key(0), jnp.zeros((1, *shape), jnp.uint8)
-    ).params
     dp = parallel.DataParallel("jit", parallel.make_mesh(None))
-    params = dp.put_params(params)
+    params = dp.put_params(_init_state(model, args.resolution).params)
     batches = common.synthetic_batches(2, args.batch, args.resolution, 3, seed=1)
     key = jax.random.key(2)
-    ours, ours_compile = _compiled(
+    ours, ours_compile = common.compile_timed(
         dp.compile_eval_step(parallel.make_eval_step(model)),
         params,
         dp.put_global_batch(batches[0]),
         key,
     )
     their_params = theirs.init_state()["params"]
-    their, their_compile = _compiled(
+    their, their_compile = common.compile_timed(
         jax.jit(theirs.eval_bpd), their_params, batches[0]["image"], key
     )
-    calls = {
-        "ours": _timed(
-            lambda i: common.block(ours(params, dp.put_global_batch(batches[i % 2]), key))
-        ),
-        "theirs": _timed(
-            lambda i: common.block(
-                their(their_params, jax.device_put(batches[i % 2]["image"]), key)
-            )
-        ),
-    }
-    times = _alternate(calls, args.eval_batches)
-    out = {
-        "ours": {
-            "batch_s": _median(times["ours"]),
-            "compile_s": ours_compile,
-            **common.memory_bytes(ours),
-        },
-        "theirs": {
-            "batch_s": _median(times["theirs"]),
-            "compile_s": their_compile,
-            **common.memory_bytes(their),
-        },
-    }
-    for r in out.values():
-        r["images_per_sec"] = args.batch / r["batch_s"]
-    ratios = {
-        "eval_speed": out["theirs"]["batch_s"] / out["ours"]["batch_s"],
-        "eval_compile": their_compile / ours_compile,
-        "eval_peak_memory": out["ours"]["compiled_peak_bytes"]
-        / out["theirs"]["compiled_peak_bytes"],
-    }
-    return {"times": times, "results": out, "ratios": ratios, "batch": args.batch}
+
+    def our_call(i):
+        common.block(ours(params, dp.put_global_batch(batches[i % 2]), key))
+
+    def their_call(i):
+        common.block(their(their_params, jax.device_put(batches[i % 2]["image"]), key))
+
+    return _pair(
+        "eval", args.batch, (common.timed(our_call), ours, ours_compile),
+        (common.timed(their_call), their, their_compile), args.eval_batches,
+    )  # fmt: skip
 
 
-def sampling_section(args, theirs, common, formulation):
+def sampling_section(args, theirs, formulation):
     """Ancestral sampling at the same T, ours and theirs, alternating."""
-    import jax
-    import jax.numpy as jnp
-
-    from vdm_jax import sampling
-    from vdm_jax.training import steps
-
     shape = (args.sample_batch, args.resolution, args.resolution, 3)
     model = common.build_model(args.n_layer, args.n_embd, formulation=formulation)
-    variables = {
-        "params": steps.init_state(
-            model, steps.make_optimizer(), jax.random.key(0), jnp.zeros((1, *shape[1:]), jnp.uint8)
-        ).params
-    }
+    variables = {"params": _init_state(model, args.resolution).params}
     key = jax.random.key(3)
-    t0 = time.perf_counter()
-    ours = sampling.ancestral_sample.lower(
-        model, variables, key, shape=shape, num_steps=args.sample_steps
-    ).compile()
-    ours_compile = time.perf_counter() - t0
+    ours, ours_compile = common.compile_timed(
+        sampling.ancestral_sample, model, variables, key, shape=shape,
+        num_steps=args.sample_steps,
+    )  # fmt: skip
     their_params = theirs.init_state()["params"]
     their_fn = jax.jit(
         functools.partial(
             theirs.ancestral_sample, batch=args.sample_batch, num_steps=args.sample_steps
         )
     )
-    their, their_compile = _compiled(their_fn, their_params, key)
-    calls = {
-        "ours": _timed(lambda i: common.block(ours(variables, jax.random.fold_in(key, i)))),
-        "theirs": _timed(lambda i: common.block(their(their_params, jax.random.fold_in(key, i)))),
-    }
-    times = _alternate(calls, args.sample_repeats, warmup=0)
-    out = {
-        "ours": {
-            "seconds": _median(times["ours"]),
-            "compile_s": ours_compile,
-            **common.memory_bytes(ours),
-        },
-        "theirs": {
-            "seconds": _median(times["theirs"]),
-            "compile_s": their_compile,
-            **common.memory_bytes(their),
-        },
-    }
-    for r in out.values():
-        r["images_per_sec"] = args.sample_batch / r["seconds"]
-    ratios = {
-        "sampling_speed": out["theirs"]["seconds"] / out["ours"]["seconds"],
-        "sampling_compile": their_compile / ours_compile,
-        "sampling_peak_memory": out["ours"]["compiled_peak_bytes"]
-        / out["theirs"]["compiled_peak_bytes"],
-    }
-    return {
-        "times": times,
-        "results": out,
-        "ratios": ratios,
-        "batch": args.sample_batch,
-        "num_steps": args.sample_steps,
-    }
+    their, their_compile = common.compile_timed(their_fn, their_params, key)
+
+    def our_call(i):
+        common.block(ours(variables, jax.random.fold_in(key, i)))
+
+    def their_call(i):
+        common.block(their(their_params, jax.random.fold_in(key, i)))
+
+    result = _pair(
+        "sampling", args.sample_batch, (common.timed(our_call), ours, ours_compile),
+        (common.timed(their_call), their, their_compile), args.sample_repeats, warmup=0,
+    )  # fmt: skip
+    return {**result, "num_steps": args.sample_steps}
 
 
 def table(result: dict) -> str:
@@ -344,9 +249,6 @@ def _memory_row(name, ours, their) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks import original
-
     if original.find(args.original) is None:
         why = (
             f"skipped: no {original.FILE} at {args.original!r}"
@@ -358,10 +260,6 @@ def main(argv=None) -> dict:
             "https://github.com/google-research/vdm"
         )
         return {"skipped": why}
-    import jax
-
-    from benchmarks import common
-
     # Compile times are figures here: never read programs from a persistent cache.
     jax.config.update("jax_enable_compilation_cache", False)
 
@@ -370,12 +268,7 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"unknown sections {sorted(unknown)}; known: {list(SECTIONS)}")
     formulation = args.formulation or common.default_formulation()
-    theirs = original.OriginalVDM(
-        original.load(args.original),
-        n_layer=args.n_layer,
-        n_embd=args.n_embd,
-        image_shape=(args.resolution, args.resolution, 3),
-    )
+    theirs = original.from_args(args)
     settings = {k: v for k, v in vars(args).items() if k not in ("json",)}
     result = {
         "environment": common.environment(),
@@ -386,7 +279,7 @@ def main(argv=None) -> dict:
     run = {"train": train_section, "eval": eval_section, "sampling": sampling_section}
     for name in sections:
         print(f"{name} ...", file=sys.stderr, flush=True)
-        result[name] = run[name](args, theirs, common, formulation)
+        result[name] = run[name](args, theirs, formulation)
     result["load_after"] = os.getloadavg()[0]
     result["ratios"] = {k: v for name in sections for k, v in result[name]["ratios"].items()}
     print(table(result))
