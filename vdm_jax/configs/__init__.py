@@ -1,1 +1,2 @@
-"""The bundled experiment configs: ``base`` lists every field; the others override a few."""
+"""The bundled experiment configs: ``base`` lists every field, the others override a few, and
+``run`` reads a trained run's own config from its workdir."""
