@@ -291,7 +291,7 @@ def main(argv):
             print("# field = value  [the base config's default]  meaning (--config.FIELD=VALUE)")
             print(_format_config(config))
             return
-        if mode != "train":  # the fields that fix the checkpoint come from the run
+        if mode in _READS_RUN:  # the fields that fix the checkpoint come from the run
             explicit = config_flags.get_override_values(flags.FLAGS["config"])
             config = for_trained_run(config, workdir_io.read_config(workdir), explicit)
         # Before anything else touches the devices; does nothing for a single process.
