@@ -5,24 +5,32 @@ small checkpoints written by the original code, with its outputs from their EMA 
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import flax.serialization
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
-from vdm_jax import pretrained
+from vdm_jax import evaluation, pretrained
+from vdm_jax.configs import cifar10, digits
 from vdm_jax.errors import UserError
 from vdm_jax.model import VDM
 from vdm_jax.nets import ScoreUNet
 from vdm_jax.schedules import UnnormalisedMonotonicSchedule
-from vdm_jax.training import steps
+from vdm_jax.training import importer, steps, trainer
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "authors_vdm"
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "authors_vdm"
 NAMES = ["scalar", "nnet_aug"]
 KINDS = {"learnable_scalar": "learned_linear", "learnable_nnet": "monotonic_unnormalised"}
 
@@ -124,6 +132,8 @@ def test_vlb_terms_agree_per_image(loaded):
     relative tolerance of 1e-4.
     """
     _, expected, model, variables = loaded
+    # The same function, organised for a CPU's caches (about twice as fast with attention).
+    model = model.clone(score_net=model.score_net.clone(attention="chunked"))
     repeats = 64
     images = jnp.asarray(expected["images"])
     conditioning = jnp.asarray(expected["images_conditioning"])
@@ -238,19 +248,136 @@ def test_trees_that_match_no_layout(tmp_path):
         pretrained.load_original_checkpoint(folder, params="raw")
 
 
-def test_train_step_feeds_the_batch_conditioning_to_the_network():
-    """The batch's float "conditioning" reaches a network with a conditioning input, through
-    the sharded path too."""
+# The command line: import into a new workdir, then eval, sample and train on it.
+
+
+def _cli(*args):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the command line sees the machine's real devices
+    return subprocess.run(
+        [sys.executable, "-m", "vdm_jax", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def _image_folder(root: Path, images: np.ndarray) -> Path:
+    """The fixture's images as both splits of an image folder (one class)."""
+    for split in ("train", "test"):
+        (root / split / "0").mkdir(parents=True)
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(root / split / "0" / f"{i:02d}.png")
+    return root
+
+
+#: Our config for each fixture, as the authors' config for each released checkpoint.
+CONFIGS = {"scalar": "cifar10.py", "nnet_aug": "cifar10_aug.py"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_command_line_import_eval_sample_and_train(tmp_path, name):
+    root = _fixture(name)
+    expected = np.load(root / "expected.npz")
+    images = _image_folder(tmp_path / "images", expected["images"])
+    work = tmp_path / "run"
+    config = [
+        f"--config=vdm_jax/configs/{CONFIGS[name]}:smoke",
+        "--config.data.name=folder",
+        f"--config.data.data_dir={images}",
+        "--config.eval.batch_size=16",
+        "--config.eval.discrete_timesteps=0",
+        "--config.sampling.num_samples=4",
+        "--config.sampling.sampling_steps=2",
+        "--config.model.attention=chunked",  # the same function, faster on CPUs
+        f"--workdir={work}",
+    ]
+    imported = _cli("--mode=import", f"--import_from={root / 'checkpoints-0'}", *config)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    # Each model field the checkpoint changes, by name (the smoke config has 16 channels).
+    assert "model.n_embd: 32 from the checkpoint (the config has 16)" in imported.stdout
+    saved = json.loads((work / "config.json").read_text())
+    made = json.loads((root / "made_with.json").read_text())
+    model = saved["model"]
+    assert (model["n_embd"], model["norm_min_group_size"], model["conditioning_input"]) == (
+        32, 1, True,
+    )  # fmt: skip
+    assert model["schedule"] == KINDS[made["gamma_type"]]
+    assert model["attention_everywhere"] == bool(made["with_attention"])
+    assert saved["data"]["augment"] == (name == "nnet_aug")
+    assert json.loads((work / "imported.json").read_text())["step"] == 20
+
+    # Eval and sample read the run's own config: with the given --config (scalar) or none.
+    later = config if name == "scalar" else [f"--workdir={work}"]
+    evaluated = _cli("--mode=eval", *later)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    record = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 20 and record["test/num_examples"] == 16
+    assert np.isfinite(record["test/bpd"])
+    if name == "scalar":  # their flag is 0 for every image, as in our evaluation
+        # One draw per image here, their 64 per image: the same bound within 4 standard errors.
+        to_bpd = 1 / (3072 * np.log(2))
+        theirs = expected["vlb_terms_mean"].sum(0).mean() * to_bpd
+        their_se = np.sqrt(np.sum(expected["vlb_terms_std"] ** 2, 0) / 64).mean() * to_bpd
+        gap = abs(record["test/bpd"] - theirs)
+        assert gap < 4 * np.hypot(record["test/bpd_stderr"], their_se), (record, theirs)
+
+    sampled = _cli("--mode=sample", *later)
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert len(os.listdir(work / "samples")) == 1
+
+    trained = _cli(*config, "--config.training.num_train_steps=22")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "resumed from step 20" in trained.stderr
+    records = [json.loads(line) for line in open(work / "metrics.jsonl")]
+    assert max(r["step"] for r in records) == 22 and "test/bpd" in records[-1]
+
+    # A workdir holding a run is refused, a flag that disagrees with the run is an error.
+    again = _cli("--mode=import", f"--import_from={root}", *config)
+    assert again.returncode == 1 and "already holds a run" in again.stderr, again.stderr[-2000:]
+    flagged = _cli(*config, "--config.model.n_embd=64")
+    assert flagged.returncode == 1, flagged.stderr[-2000:]
+    assert "error: --config.model.n_embd=64 disagrees with the trained run" in flagged.stderr
+    assert "Traceback" not in again.stderr + flagged.stderr
+
+
+def test_import_refuses_bad_input(tmp_path):
+    """Each mistake is one UserError naming the field, the data or the folder; nothing is
+    written."""
+    root = _fixture("scalar")
+    smoke = cifar10.get_config("smoke")
+    with pytest.raises(UserError, match=r"models 3-channel images, but the config's data "
+                       r"\(digits\) has 1 channels"):  # fmt: skip
+        importer.import_original(digits.get_config("smoke"), tmp_path / "a", root)
+    with pytest.raises(UserError, match=r"--config\.model\.n_embd=16 disagrees with the "
+                       r"checkpoint .*ckpt-1\.flax, which has model\.n_embd=32"):  # fmt: skip
+        importer.import_original(smoke, tmp_path / "b", root, {"model.n_embd": 16})
+    held = tmp_path / "c"
+    held.mkdir()
+    (held / "config.json").write_text(smoke.to_json())
+    with pytest.raises(UserError, match=f"workdir {held} already holds a run"):
+        importer.import_original(smoke, held, root)
+    assert sorted(os.listdir(tmp_path)) == ["c"] and os.listdir(held) == ["config.json"]
+    assert not importer.is_imported(held)
+
+
+def _conditioned_model():
+    """A small VDM whose network takes the conditioning input, a train state with its
+    parameters moved away from the initialisation (whose zero output layers ignore the
+    conditioning), and 4 images."""
     net = ScoreUNet(n_layer=1, n_embd=8, dropout_rate=0.0, conditioning_input=True)
     model = VDM(score_net=net, vocab_size=17)
     optimizer = optax.adam(1e-3)
     images = jnp.asarray(np.random.default_rng(0).integers(0, 17, (4, 8, 8, 1)), jnp.uint8)
     state = steps.init_state(model, optimizer, jax.random.key(0), images[:1])
-    # Perturbed away from the initialisation, whose zero output layers ignore the conditioning.
     leaves, tree = jax.tree.flatten(state.params)
     keys = jax.random.split(jax.random.key(2), len(leaves))
     moved = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    state = state.replace(params=jax.tree.unflatten(tree, moved))
+    return model, optimizer, state.replace(params=jax.tree.unflatten(tree, moved)), images
+
+
+def test_train_step_feeds_the_batch_conditioning_to_the_network():
+    """The batch's float "conditioning" reaches a network with a conditioning input, through
+    the sharded path too."""
+    model, optimizer, state, images = _conditioned_model()
     step = jax.jit(
         lambda batch: steps.train_step(
             state, batch, jax.random.key(1), model=model, optimizer=optimizer, ema_decay=0.9,
@@ -260,3 +387,30 @@ def test_train_step_feeds_the_batch_conditioning_to_the_network():
     zeros = step({"image": images, "conditioning": jnp.zeros((4,), jnp.float32)})
     ones = step({"image": images, "conditioning": jnp.ones((4,), jnp.float32)})
     assert np.isfinite(zeros) and ones != zeros
+
+
+def test_bound_terms_feed_the_batch_conditioning_to_the_network():
+    """The evaluation bound (and the training system's eval step, which is it) passes the
+    batch's flag to the network; no flag is flag 0."""
+    model, _, state, images = _conditioned_model()
+    key = jax.random.key(1)
+    bound = jax.jit(
+        lambda batch: evaluation.bound_terms(model, {"params": state.params}, batch, key)
+    )
+    absent = bound({"image": images}).diffusion
+    zeros = bound({"image": images, "conditioning": jnp.zeros(4)}).diffusion
+    ones = bound({"image": images, "conditioning": jnp.ones(4)}).diffusion
+    np.testing.assert_array_equal(absent, zeros)
+    assert np.all(ones != zeros), (ones, zeros)
+
+
+def test_the_training_loop_keeps_the_batch_conditioning():
+    """The loop drops the labels of an unconditional model, not the augmentation flag."""
+    setup = SimpleNamespace(
+        config=ml_collections.ConfigDict({"training": {"steps_per_dispatch": 1}}),
+        use_labels=False,
+        dp=SimpleNamespace(put_batch=lambda batch, stacked: batch),
+    )
+    batch = {"image": np.zeros((2, 4, 4, 3)), "label": np.zeros(2), "conditioning": np.ones(2)}
+    fed = trainer._next_batch(setup, iter(()), SimpleNamespace(pending=[batch]))
+    assert sorted(fed) == ["conditioning", "image"]

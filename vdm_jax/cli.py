@@ -8,13 +8,18 @@
     python -m vdm_jax --config=digits:smoke --mode=show_config
 
 ``--config`` is the name of a bundled config (a file of :mod:`vdm_jax.configs`: ``digits``,
-``cifar10``, ``mnist``, ``imagenet32``, ``imagenet64``), with ``:smoke`` for a few-step
-variant, the path of a config file (``path.py[:ARG]``, its ``get_config(ARG)``), or
+``cifar10``, ``cifar10_aug``, ``mnist``, ``imagenet32``, ``imagenet64``), with ``:smoke`` for
+a few-step variant, the path of a config file (``path.py[:ARG]``, its ``get_config(ARG)``), or
 ``run:WORKDIR``, a trained run's own config (:mod:`vdm_jax.configs.run`), which eval, sample,
 report and show_config take when ``--workdir`` is given without ``--config``.
 ``--config.SECTION.FIELD=VALUE`` overrides a field; ``--mode=show_config`` lists them all
 with their defaults and meanings. On a trained run, the fields that fix its checkpoint come
 from the run (:func:`vdm_jax.training.config.for_trained_run`).
+
+``--mode=import --import_from=PATH`` writes a checkpoint of the original VDM code into a new
+workdir as a run of ours (:mod:`vdm_jax.training.importer`); eval, sample and training on
+from it then work with the same ``--config``, whose fields that fix the checkpoint the run's
+replace.
 
 Many processes (hosts): start the same command on every host, with ``--multihost`` on a
 Cloud TPU pod slice (see ``tools/tpu/``), or with ``--coordinator_address=HOST:PORT
@@ -42,18 +47,25 @@ from vdm_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
-    "A bundled config (digits, cifar10, mnist, imagenet32, imagenet64; 'digits:smoke' for a "
-    "few steps), a config file (path/to/config.py[:ARG]) or run:WORKDIR (a trained run's "
-    "own; the default of eval, sample, report and show_config given --workdir). Override "
-    "fields with --config.SECTION.FIELD=VALUE; --mode=show_config lists them.",
+    "A bundled config (digits, cifar10, cifar10_aug, mnist, imagenet32, imagenet64; "
+    "'digits:smoke' for a few steps), a config file (path/to/config.py[:ARG]) or "
+    "run:WORKDIR (a trained run's own; the default of eval, sample, report and show_config "
+    "given --workdir). Override fields with --config.SECTION.FIELD=VALUE; --mode=show_config "
+    "lists them.",
     lock_config=True,
 )  # fmt: skip
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and samples.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "sample", "report", "show_config"],
+    "mode", "train", ["train", "eval", "sample", "report", "show_config", "import"],
     "What to run: train (and evaluate and sample at the end), eval, sample, report (plots "
-    "and an HTML page of a trained run in WORKDIR/report), or show_config (print every "
-    "field of the config with its default and meaning; needs no --workdir).",
+    "and an HTML page of a trained run in WORKDIR/report), show_config (print every "
+    "field of the config with its default and meaning; needs no --workdir), or import (a "
+    "checkpoint of the original VDM code, --import_from, as a new run in WORKDIR).",
+)  # fmt: skip
+_IMPORT_FROM = flags.DEFINE_string(
+    "import_from", None,
+    "--mode=import: a checkpoint of the original VDM code (its folder, e.g. "
+    ".../checkpoint-final/checkpoints-0, or the ckpt-N.flax file; local or gs://).",
 )  # fmt: skip
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False,
@@ -270,7 +282,7 @@ def main(argv):
     if workdir is None and mode != "show_config":
         _fail(f"--mode={mode} needs --workdir: the folder of the run")
     # Imported here so that --help is fast and flags parse before jax initialises.
-    from vdm_jax.training import checkpoint, parallel, trainer
+    from vdm_jax.training import checkpoint, importer, parallel, trainer
     from vdm_jax.training import workdir as workdir_io
     from vdm_jax.training.config import check_config, for_trained_run
 
@@ -291,13 +303,23 @@ def main(argv):
             print("# field = value  [the base config's default]  meaning (--config.FIELD=VALUE)")
             print(_format_config(config))
             return
-        if mode in _READS_RUN:  # the fields that fix the checkpoint come from the run
-            explicit = config_flags.get_override_values(flags.FLAGS["config"])
+        explicit = config_flags.get_override_values(flags.FLAGS["config"])
+        # The fields that fix a trained run's checkpoint come from the run; when training, only
+        # from a run imported from the original code (its --config is not the run's own).
+        if mode in _READS_RUN or (mode == "train" and importer.is_imported(workdir)):
             config = for_trained_run(config, workdir_io.read_config(workdir), explicit)
         # Before anything else touches the devices; does nothing for a single process.
         parallel.initialize_distributed(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value
         )
+        if mode == "import":
+            if not _IMPORT_FROM.value:
+                raise UserError("--mode=import needs --import_from=PATH (the original checkpoint)")
+            result = importer.import_original(config, workdir, _IMPORT_FROM.value, explicit)
+            for name, (given, read) in sorted(result.differences.items()):
+                print(f"model.{name}: {read!r} from the checkpoint (the config has {given!r})")
+            print(f"imported step {result.step} into {workdir}")
+            return
         if mode == "train":
             trainer.train_and_evaluate(config, workdir)
         elif mode == "eval":

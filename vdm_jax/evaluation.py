@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax.model import VLBTerms
@@ -109,17 +110,23 @@ def bound_terms(
       model: a :class:`~vdm_jax.model.VDM`.
       variables: its variables, e.g. ``{'params': ema_params}``.
       batch: 'image' integer ``[B, H, W, C]``, optionally 'label' int ``[B]`` (passed to the
-        model when present).
+        model when present) and 'conditioning' float ``[B]`` (the augmentation flag, passed
+        to a score network with a conditioning input; absent means 0).
       key: the batch's PRNG key (one draw of t and the noise per example).
       num_steps: T for the discrete-time bound, 0 for continuous, None for the model's own.
 
     Returns:
       :class:`~vdm_jax.model.VLBTerms`, each ``[B]``: the terms in nats, the total in bits/dim.
     """
+    # Augmented batches carry the flag whatever the network; only one with the input sees it.
+    takes_conditioning = getattr(getattr(model, "score_net", None), "conditioning_input", False)
+    conditioning = batch.get("conditioning") if takes_conditioning else None
+    extra = {} if conditioning is None else {"conditioning": jnp.asarray(conditioning, jnp.float32)}
     return model.apply(
         variables,
         batch["image"],
         batch.get("label"),
+        **extra,
         train=False,
         num_steps=num_steps,
         rngs={"diffusion": key},

@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.with_fourier_features = True  # concatenate Fourier features of z_t (appendix C)
     config.model.fourier_exponents = (6, 7)  # their frequencies 2**n * 2 pi, n in this tuple
     config.model.norm_groups = 32  # GroupNorm groups (fewer when the channels do not split)
+    config.model.norm_min_group_size = 4  # fewest channels per GroupNorm group (1: exact groups)
+    # Concatenate the batch's float flag "conditioning" (augmented or not) to the time embedding.
+    config.model.conditioning_input = False
     config.model.num_classes = 0  # > 0: class-conditional (label num_classes = unconditional)
     config.model.dtype = "float32"  # float32 | bfloat16 activations (parameters stay float32)
     config.model.schedule = "learned_linear"  # fixed_linear | learned_linear | monotonic

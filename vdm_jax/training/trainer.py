@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -71,6 +72,7 @@ __all__ = [
     "restore_state",
     "sample",
     "sample_file_name",
+    "start_from_state",
     "train_and_evaluate",
 ]
 
@@ -426,8 +428,8 @@ def _next_batch(setup: _Setup, iterator: Any, loop: _Loop) -> Any:
     k = setup.config.training.steps_per_dispatch
     batches = loop.pending or [next(iterator) for _ in range(k)]
     loop.pending = None
-    if not setup.use_labels:
-        batches = [{"image": b["image"]} for b in batches]
+    if not setup.use_labels:  # the other fields ("conditioning") stay
+        batches = [{n: v for n, v in b.items() if n != "label"} for b in batches]
     batch = batches[0] if k == 1 else {n: np.stack([b[n] for b in batches]) for n in batches[0]}
     return setup.dp.put_batch(batch, stacked=k > 1)
 
@@ -596,6 +598,42 @@ def _train(setup: _Setup, preemption: PreemptionWatcher) -> steps.TrainState:
         if not preempted:
             _finish(setup, loop, writer, start)
     return final
+
+
+def start_from_state(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    make_state: Callable[[VDM, Any], steps.TrainState],
+) -> int:
+    """Start the run ``workdir`` from a train state made elsewhere (e.g. an imported
+    checkpoint) instead of a fresh initialisation.
+
+    After the checks of a training run (config, both data splits, model, devices, a writable
+    workdir), ``make_state(model, optimizer)`` (the run's :class:`~vdm_jax.model.VDM` and
+    optax transformation) gives the state, saved as the run's checkpoint at its ``step`` (no
+    data position: training continues from the start of the data order), and
+    ``config.json`` is written. :func:`train_and_evaluate`, :func:`evaluate` and
+    :func:`sample` then continue from it. Returns the step.
+
+    Raises:
+      UserError: ``workdir`` already holds a run (nothing is written), or as
+        :func:`train_and_evaluate`.
+    """
+    workdir_io.check_no_run(workdir)
+    setup = _setup(config, workdir, "train")
+    try:
+        state = make_state(setup.model, setup.optimizer)
+        state = jax.device_put(state, setup.dp.state_sharding(setup.abstract_state))
+        step = int(jax.device_get(state.step))
+        setup.checkpointer.save(step, state, data_state=None, config=config.to_dict(), force=True)
+    except BaseException:
+        setup.close(quiet=True)
+        raise
+    setup.close()  # waits for the checkpoint's write
+    if jax.process_index() == 0:
+        path = os.path.join(setup.workdir, "config.json")
+        workdir_io.write_atomically(path, config.to_json(indent=2))
+    return step
 
 
 # --------------------------------------------------------------------------- eval and sample

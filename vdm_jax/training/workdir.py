@@ -51,6 +51,21 @@ def resolve(workdir: str | os.PathLike) -> str:
     return workdir
 
 
+def check_no_run(workdir: str) -> None:
+    """Refuse a workdir that already holds a run (a ``config.json`` or ``checkpoints/``).
+
+    Raises:
+      UserError: naming the workdir and the file found.
+    """
+    path = epath.Path(resolve(workdir))
+    for name in ("config.json", "checkpoints"):
+        if (path / name).exists():
+            raise UserError(
+                f"workdir {path} already holds a run ({name} exists); use a new folder "
+                "(nothing was written)"
+            )
+
+
 def prepare(workdir: str) -> str:
     """Creates ``workdir`` if needed and proves it writable by creating (and removing) a file:
     ``os.access`` is not enough for root or read-only file systems. Returns ``workdir``."""
