@@ -17,3 +17,17 @@ _cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
 if _cache:
     jax.config.update("jax_compilation_cache_dir", _cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits_smoke_run(tmp_path_factory):
+    """``(workdir, final state)`` of one ``digits:smoke`` run (4 steps, checkpoints at 2 and 4),
+    trained once per test process. Tests only read it."""
+    from vdm_jax.configs import digits
+    from vdm_jax.training import trainer
+
+    workdir = tmp_path_factory.mktemp("digits_smoke")
+    return workdir, trainer.train_and_evaluate(digits.get_config("smoke"), str(workdir))

@@ -546,3 +546,20 @@ def test_write_error_names_the_os_error_inside_a_tensorstore_message(tmp_path, m
     assert "step 1" in message and "none yet" in message, message
     assert "No space left on device (ENOSPC); ValueError: RESOURCE_EXHAUSTED" in message
     assert len(message) < 1000  # tensorstore's long text is cut
+
+
+def test_partial_read_only_restore_reads_the_target_and_moves_nothing(tmp_path, mesh8, caplog):
+    """Only the arrays asked for and no data position; a reader leaves damaged steps alone."""
+    _save_steps(tmp_path, [1, 2], mesh8)
+    _delete_state_folder(tmp_path / "2")
+    before = _listing(tmp_path)
+    expected = {"ema_params": _state(mesh8, scale=1).ema_params}
+    with (
+        caplog.at_level(logging.WARNING),
+        Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=None, read_only=True) as ckpt,
+    ):
+        restored = ckpt.restore(_abstract(expected, mesh8), partial=True)
+    assert restored.step == 1 and restored.data_state is None
+    _assert_same(restored.state, expected, mesh8)
+    assert _listing(tmp_path) == before
+    assert "left in place: read-only" in caplog.text

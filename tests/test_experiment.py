@@ -32,17 +32,20 @@ def _listing(path):
     )
 
 
-def test_train_and_evaluate_on_digits_writes_everything(tmp_path):
-    state = trainer.train_and_evaluate(_smoke(), str(tmp_path))
+def test_train_and_evaluate_on_digits_writes_everything(digits_smoke_run):
+    workdir, state = digits_smoke_run
     assert int(state.step) == 4
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "bpd" in r] == [2, 4]
     final = records[-1]
     assert final["test/num_examples"] == 297  # every test example exactly once
     assert abs(final["test/independent_pixel_baseline_bpd"] - 2.42) < 0.01
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
-    assert os.listdir(tmp_path / "samples") == ["step00000004_ancestral10_argmax.png"]
-    assert os.listdir(tmp_path / "tensorboard")
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    assert os.listdir(workdir / "samples") == ["step00000004_ancestral10_argmax.png"]
+    assert os.listdir(workdir / "tensorboard")
+    assert json.loads((workdir / "data_info.json").read_text()) == {
+        "name": "digits", "image_shape": [8, 8, 1], "vocab_size": 17, "num_classes": 10,
+    }  # fmt: skip
 
 
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path):

@@ -9,6 +9,8 @@ samplers and the ODE likelihood (:mod:`vdm_jax.sampling`), evaluation over batch
 Frechet distance (:mod:`vdm_jax.frechet`). The training system (config, train step, data,
 checkpoints, the trainer) is the subpackage :mod:`vdm_jax.training`; the command line is
 :mod:`vdm_jax.cli` (``python -m vdm_jax``) and the bundled configs are :mod:`vdm_jax.configs`.
+``vdm_jax.load_run(workdir)`` (:func:`vdm_jax.training.loading.load_run`, which imports the
+training system on first use) gives a trained run's model, parameters and data info.
 
 Conventions: gamma = -log SNR, alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma); losses
 are per example in nats unless a name says bits/dim.
@@ -120,6 +122,7 @@ __all__ = [
     "importance_weighted_diffusion_loss",
     "independent_pixel_bpd",
     "largest_group_count",
+    "load_run",
     "make_schedule",
     "ode_log_likelihood",
     "ode_log_prob_latent",
@@ -143,3 +146,13 @@ __all__ = [
     "weightings",
     "x_from_v",
 ]
+
+
+def __getattr__(name: str):
+    # load_run belongs to the training system (orbax, grain): imported on first use, so that
+    # `import vdm_jax` stays the maths and the models.
+    if name == "load_run":
+        from vdm_jax.training.loading import load_run
+
+        return load_run
+    raise AttributeError(f"module 'vdm_jax' has no attribute {name!r}")

@@ -264,6 +264,7 @@ class Checkpointer:
         *,
         config: Mapping[str, Any] | None = None,
         compatible_keys: Sequence[str] = (),
+        partial: bool = False,
     ) -> Restored | None:
         """Restores a :class:`Restored`, or None when the folder holds no complete checkpoint.
 
@@ -275,6 +276,10 @@ class Checkpointer:
         restores, the damaged newer folders are renamed ``<step>.corrupt-<UTC time>`` (rename
         one back to retry it). Before a candidate's state is read, its config is checked
         against ``config`` on ``compatible_keys`` (:func:`check_compatible`, UserError).
+        With ``partial``, ``target`` may be a part of the saved state (a dict of some of its
+        fields, e.g. ``{'ema_params': ...}``): only those arrays are read, and no data
+        position (``data_state`` is None). A read-only checkpointer leaves damaged folders
+        where they are (a warning names them).
 
         Raises:
           CheckpointCorruptError: checkpoints exist but none restores (nothing is changed).
@@ -297,7 +302,9 @@ class Checkpointer:
             raise UserError(f"no checkpoint for step {step} in {self._directory}; steps: {steps}")
         failures: list[tuple[int, str]] = []
         for candidate in [int(step)] if step is not None else steps[::-1]:
-            restored, reason = self._try_restore(candidate, target, config, compatible_keys)
+            restored, reason = self._try_restore(
+                candidate, target, config, compatible_keys, partial
+            )
             ok = restored is not None
             if jax.process_count() > 1:  # every process must take the same path
                 ok = bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
@@ -318,7 +325,9 @@ class Checkpointer:
             "older steps are used, or start in a new working directory."
         )
 
-    def _try_restore(self, step, target, config, compatible_keys) -> tuple[Restored | None, str]:
+    def _try_restore(
+        self, step, target, config, compatible_keys, partial
+    ) -> tuple[Restored | None, str]:
         """One attempt: (restored, '') or (None, why the step cannot be restored)."""
         path = self._directory / str(step)
         if missing := [
@@ -333,18 +342,28 @@ class Checkpointer:
             return None, f"config unreadable: {_describe(e)}"
         if config is not None and compatible_keys:
             check_compatible(saved.config, config, compatible_keys, source=f"checkpoint at {path}")
-        args = {"state": ocp.args.StandardRestore(target), "data_state": ocp.args.JsonRestore()}
+        if partial:  # only the arrays of `target`, and no data position
+            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+            state = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
+            args = {"state": state}
+        else:
+            args = {"state": ocp.args.StandardRestore(target), "data_state": ocp.args.JsonRestore()}
         try:
             items = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # likewise
             return None, _describe(e)
-        data = items.data_state
+        data = None if partial else items.data_state
         data = data.encode() if isinstance(data, str) else data  # bytes were stored as text
         return Restored(step, items.state, data, saved.config), ""
 
     def _quarantine(self, failures: list[tuple[int, str]], restored_step: int) -> None:
         """Renames the damaged step folders newer than the restored one (process 0)."""
         if not failures:
+            return
+        if self._read_only:
+            logging.warning("Restored step %d; the newer checkpoint(s) %s in %s are damaged (left "
+                            "in place: read-only)", restored_step, [s for s, _ in failures],
+                            self._directory)  # fmt: skip
             return
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         moved = []

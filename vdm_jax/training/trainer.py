@@ -587,9 +587,7 @@ def _train(setup: _Setup, preemption: PreemptionWatcher) -> steps.TrainState:
     loop = _start(setup, iterator)
     start = (loop.step, time.time())
     with workdir_io.MetricWriter(setup.workdir) as writer:
-        if jax.process_index() == 0:
-            path = os.path.join(setup.workdir, "config.json")
-            workdir_io.write_atomically(path, config.to_json(indent=2))
+        workdir_io.write_run_config(setup.workdir, config, setup.info)
         preempted = _loop(setup, iterator, loop, writer, preemption)
         final = parallel.to_host(loop.state(setup.dp))
         setup.checkpointer.wait_until_finished()
@@ -612,8 +610,8 @@ def start_from_state(
     workdir), ``make_state(model, optimizer)`` (the run's :class:`~vdm_jax.model.VDM` and
     optax transformation) gives the state, saved as the run's checkpoint at its ``step`` (no
     data position: training continues from the start of the data order), and
-    ``config.json`` is written. :func:`train_and_evaluate`, :func:`evaluate` and
-    :func:`sample` then continue from it. Returns the step.
+    ``config.json`` and ``data_info.json`` are written. :func:`train_and_evaluate`,
+    :func:`evaluate` and :func:`sample` then continue from it. Returns the step.
 
     Raises:
       UserError: ``workdir`` already holds a run (nothing is written), or as
@@ -630,9 +628,7 @@ def start_from_state(
         setup.close(quiet=True)
         raise
     setup.close()  # waits for the checkpoint's write
-    if jax.process_index() == 0:
-        path = os.path.join(setup.workdir, "config.json")
-        workdir_io.write_atomically(path, config.to_json(indent=2))
+    workdir_io.write_run_config(setup.workdir, config, setup.info)
     return step
 
 

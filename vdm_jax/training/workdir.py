@@ -4,6 +4,8 @@ A workdir is a local folder or a bucket URL (``gs://bucket/run``, through etils.
 Layout::
 
     workdir/config.json      the config the run was trained with
+    workdir/data_info.json   the data's image shape, vocabulary and classes (what a model
+                             needs without the data: vdm_jax.load_run reads it)
     workdir/checkpoints/     orbax checkpoints
     workdir/metrics.jsonl    one JSON object per logged step or evaluation
     workdir/tensorboard/     the same metrics as TensorBoard event files
@@ -12,10 +14,12 @@ Layout::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import tempfile
+from typing import Any
 
 import jax
 import numpy as np
@@ -110,6 +114,31 @@ def read_config(workdir: str) -> dict:
     if not isinstance(saved, dict):
         raise UserError(f"{path} is not a run's config: a JSON object, got {type(saved).__name__}")
     return saved
+
+
+#: Beside ``config.json``: the :class:`~vdm_jax.training.data.DatasetInfo` of the run's data.
+DATA_INFO = "data_info.json"
+
+
+def write_run_config(workdir: str, config: Any, info: Any) -> None:
+    """``workdir/config.json`` (the config) and ``workdir/data_info.json`` (``info``, a
+    :class:`~vdm_jax.training.data.DatasetInfo`); process 0 writes, the others do nothing."""
+    if jax.process_index() != 0:
+        return
+    write_atomically(os.path.join(workdir, "config.json"), config.to_json(indent=2))
+    write_atomically(os.path.join(workdir, DATA_INFO), json.dumps(dataclasses.asdict(info)))
+
+
+def read_data_info(workdir: str) -> dict | None:
+    """``workdir/data_info.json`` as a dict (name, image_shape, vocab_size, num_classes), or
+    None for a run written before that file existed."""
+    path = epath.Path(resolve(workdir)) / DATA_INFO
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a run's data info (JSON): {e}") from None
 
 
 def write_atomically(path: str, text: str) -> None:
