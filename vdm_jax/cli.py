@@ -255,8 +255,9 @@ def _parse_flags(argv):
 
 
 def _format_config(config) -> str:
-    """Every field of ``config``, one a line: ``name = value  [default D]  meaning``, the
-    default and the meaning taken from the base config (:mod:`vdm_jax.configs.base`)."""
+    """Every field of ``config``, one a line after a header: ``name = value  [default D]
+    meaning``, the default and the meaning taken from the base config
+    (:mod:`vdm_jax.configs.base`)."""
     from vdm_jax.configs import base
     from vdm_jax.training.config import flatten
 
@@ -266,7 +267,9 @@ def _format_config(config) -> str:
         for name, value in flatten(config.to_dict()).items()
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
-    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows)
+    lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows]
+    header = "# field = value  [the base config's default]  meaning (--config.FIELD=VALUE)"
+    return "\n".join([header, *lines])
 
 
 def main(argv):
@@ -300,8 +303,10 @@ def main(argv):
     try:
         if mode == "show_config":
             check_config(config)
-            print("# field = value  [the base config's default]  meaning (--config.FIELD=VALUE)")
-            print(_format_config(config))
+            try:
+                print(_format_config(config), flush=True)
+            except BrokenPipeError:  # e.g. piped into head: the reader has what it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return
         explicit = config_flags.get_override_values(flags.FLAGS["config"])
         # The fields that fix a trained run's checkpoint come from the run; when training, only
