@@ -57,6 +57,22 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.batch_pieces = 1  # run the network on the batch in N pieces (2: 2-core CPUs)
     config.model.reconstruction_window = 0  # > 0: windowed decoder normaliser (4: CPUs), same value
     config.model.remat = False  # recompute each block in the backward pass (less memory)
+    config.model.parameterization = "eps"  # eps | v | x: what the score network predicts
+
+    # What training minimises (Kingma & Gao 2023). Evaluation is always the bound (w = 1).
+    config.objective = ml_collections.ConfigDict()
+    # elbo | sigmoid | edm | edm_monotonic | v_mse | min_snr (see vdm_jax.weightings)
+    config.objective.weighting = "elbo"
+    config.objective.bias = 0.0  # sigmoid: w = sigmoid(bias - lambda)
+    config.objective.sigma_data = 0.5  # edm, edm_monotonic
+    config.objective.p_mean = -1.2  # edm, edm_monotonic: mean of log sigma
+    config.objective.p_std = 1.2  # edm, edm_monotonic: std of log sigma
+    config.objective.snr_gamma = 5.0  # min_snr: min(SNR, snr_gamma) / SNR
+    # schedule: the schedule's uniform t | adaptive: a learned histogram over lambda (T = 0)
+    config.objective.noise_levels = "schedule"
+    config.objective.noise_bins = 100  # adaptive: equal bins of [gamma(0), gamma(1)]
+    config.objective.noise_floor = 0.1  # adaptive: share of the uniform density mixed in
+    config.objective.noise_ema_decay = 0.99  # adaptive: EMA decay of the histogram
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 2e-4  # AdamW's peak learning rate

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from vdm_jax import diffusion, weightings
 from vdm_jax.configs import base
 from vdm_jax.errors import UserError
 from vdm_jax.model import SCHEDULES, VDM, make_schedule
@@ -56,6 +57,15 @@ RULES: dict[str, tuple] = {
     "model.attention": _choice(*ATTENTION_KINDS),
     "model.batch_pieces": _POSITIVE,
     "model.reconstruction_window": _NON_NEGATIVE_INT,
+    "model.parameterization": _choice(*diffusion.PARAMETERIZATIONS),
+    "objective.weighting": _choice(*weightings.WEIGHTINGS),
+    "objective.sigma_data": (lambda v: v > 0, "a positive number"),
+    "objective.p_std": (lambda v: v > 0, "a positive number"),
+    "objective.snr_gamma": (lambda v: v > 0, "a positive number"),
+    "objective.noise_levels": _choice("schedule", "adaptive"),
+    "objective.noise_bins": _POSITIVE,
+    "objective.noise_floor": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "objective.noise_ema_decay": _UNIT,
     "optimizer.learning_rate": _NON_NEGATIVE,
     "optimizer.b1": _UNIT,
     "optimizer.b2": _UNIT,
@@ -140,7 +150,8 @@ def resume_keys() -> tuple[str, ...]:
     """Fields a checkpoint must agree on to be resumed: the data order (seed, data set, batch
     size), gradient clipping, and the model fields other than those free on resume."""
     model = [n for n in field_names() if n.startswith("model.") and n not in _FREE_ON_RESUME]
-    return ("seed", "data.name", "training.batch_size", "optimizer.clip_norm", *model)
+    noise = ("objective.noise_levels", "objective.noise_bins")  # the histogram in the state
+    return ("seed", "data.name", "training.batch_size", "optimizer.clip_norm", *model, *noise)
 
 
 def _is_int(v: Any) -> bool:
@@ -205,6 +216,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise UserError(
             "model.variance_gradient=True needs the continuous-time loss (model.timesteps=0), "
             f"got model.timesteps={m.timesteps}"
+        )
+    o = config.objective
+    if m.timesteps and (o.weighting != "elbo" or o.noise_levels != "schedule"):
+        raise UserError(
+            f"objective.weighting={o.weighting!r} with objective.noise_levels="
+            f"{o.noise_levels!r} needs the continuous-time loss (model.timesteps=0), got "
+            f"model.timesteps={m.timesteps}; use weighting='elbo', noise_levels='schedule'"
+        )
+    if o.noise_levels == "adaptive" and m.variance_gradient:
+        raise UserError(
+            "objective.noise_levels='adaptive' draws the noise levels without the schedule's "
+            "shape, so model.variance_gradient=True has nothing to train; set it to False"
         )
     if config.data.name == "folder" and config.data.data_dir is None:
         raise UserError(
@@ -293,7 +316,26 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> VDM:
         antithetic_time_sampling=m.antithetic_time_sampling,
         variance_gradient=m.variance_gradient,
         reconstruction_window=m.reconstruction_window,
+        parameterization=m.parameterization,
+        weighting=build_weighting(config),
     )
+
+
+def build_weighting(config: ml_collections.ConfigDict) -> weightings.Weighting:
+    """The :class:`~vdm_jax.weightings.Weighting` of ``config.objective``, with the parameters
+    that weighting takes."""
+    o = config.objective
+    values = {"bias": o.bias, "sigma_data": o.sigma_data, "p_mean": o.p_mean,
+              "p_std": o.p_std, "gamma": o.snr_gamma}  # fmt: skip
+    taken = {"sigmoid": ("bias",), "edm": ("sigma_data", "p_mean", "p_std"),
+             "edm_monotonic": ("sigma_data", "p_mean", "p_std"), "min_snr": ("gamma",)}  # fmt: skip
+    return weightings.get(o.weighting, **{k: values[k] for k in taken.get(o.weighting, ())})
+
+
+def noise_bins(config: ml_collections.ConfigDict) -> int:
+    """Bins of the adaptive noise-level histogram in the train state; 0 for uniform t."""
+    o = config.objective
+    return o.noise_bins if o.noise_levels == "adaptive" else 0
 
 
 def build_optimizer(

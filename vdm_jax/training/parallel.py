@@ -427,14 +427,18 @@ def _put(tree: PyTree, shardings: PyTree) -> PyTree:
     return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
 
 
-def make_train_step(model, optimizer, ema_decay: float, learning_rate_fn=None) -> Callable:
-    """:func:`~vdm_jax.training.steps.train_step` with the model and optimizer bound."""
+def make_train_step(
+    model, optimizer, ema_decay: float, learning_rate_fn=None, **noise_levels
+) -> Callable:
+    """:func:`~vdm_jax.training.steps.train_step` with the model and optimizer bound;
+    ``noise_levels`` are its ``noise_floor`` and ``noise_decay``."""
     return functools.partial(
         steps.train_step,
         model=model,
         optimizer=optimizer,
         ema_decay=ema_decay,
         learning_rate_fn=learning_rate_fn,
+        **noise_levels,
     )
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vdm_jax import evaluation
+from vdm_jax import evaluation, losses, weightings
 from vdm_jax.errors import UserError
 from vdm_jax.model import VLBTerms
 
@@ -41,12 +41,16 @@ class TrainState:
       params: the model's parameters (the 'params' collection).
       ema_params: exponential moving average of ``params``, used for evaluation and sampling.
       opt_state: the optax optimizer state.
+      noise_histogram: with adaptive noise levels, the EMA of E[w(lambda) ||eps - eps_hat||^2]
+        over equal bins of [gamma(0), gamma(1)], float32 ``[K]`` (the same on every device,
+        checkpointed with the rest); None otherwise.
     """
 
     step: Array
     params: PyTree
     ema_params: PyTree
     opt_state: PyTree
+    noise_histogram: Array | None = None
 
 
 def weight_decay_mask(params: PyTree) -> PyTree:
@@ -123,6 +127,7 @@ def init_state(
     key: Array,
     example_images: Array,
     example_labels: Array | None = None,
+    noise_bins: int = 0,
 ) -> TrainState:
     """A fresh :class:`TrainState`: parameters from ``key``, EMA equal to them, step 0.
 
@@ -132,6 +137,8 @@ def init_state(
       key: PRNG key.
       example_images: integer ``[b, H, W, C]`` giving the shapes (values unused).
       example_labels: ``[b]`` int labels for a class-conditional model, else None.
+      noise_bins: K > 0 for adaptive noise levels: a histogram of K equal bins, starting
+        uniform; 0 for the schedule's uniform t.
     """
     k_params, k_diffusion = jax.random.split(key)
     variables = model.init(
@@ -144,6 +151,7 @@ def init_state(
         # A copy, not the same buffers: the train step donates the whole state.
         ema_params=jax.tree.map(jnp.copy, params),
         opt_state=optimizer.init(params),
+        noise_histogram=jnp.ones((noise_bins,), jnp.float32) if noise_bins else None,
     )
 
 
@@ -152,8 +160,9 @@ def _shard_keys(key: Array, step: Array, first_shard: Array | int, num_shards: i
     return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first_shard + jnp.arange(num_shards))
 
 
-def _sharded_terms(model, params, batch, keys, *, train: bool) -> VLBTerms:
-    """VLB terms of a batch split into len(keys) shards, shard i drawing from keys[i]."""
+def _sharded_terms(model, params, batch, keys, *, train: bool, **kwargs) -> VLBTerms:
+    """VLB terms of a batch split into len(keys) shards, shard i drawing from keys[i];
+    ``kwargs`` go to the model's call."""
     num_shards = keys.shape[0]
 
     def split(x):
@@ -172,6 +181,7 @@ def _sharded_terms(model, params, batch, keys, *, train: bool) -> VLBTerms:
             conditioning=conditioning,
             train=train,
             rngs={"diffusion": k_diffusion, "dropout": k_dropout},
+            **kwargs,
         )
 
     images = split(batch["image"])
@@ -211,8 +221,15 @@ def train_step(
     num_shards: int = 1,
     axis_name: str | None = None,
     learning_rate_fn: Callable[[Array], Array] | None = None,
+    noise_floor: float = 0.1,
+    noise_decay: float = 0.99,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer update on a batch; pure.
+
+    The gradient is that of the model's objective (the bound for the ELBO weighting; see
+    :class:`~vdm_jax.model.VDM`'s ``weighting``); the bound of the same forward pass is
+    reported beside it. With ``state.noise_histogram`` the noise levels are drawn from it
+    (adaptive noise levels) and its EMA is updated from this step's global batch.
 
     Args:
       state: the current :class:`TrainState`.
@@ -225,21 +242,34 @@ def train_step(
       axis_name: under ``pmap``, the device axis: the batch is then this device's shard and
         gradients and metrics are averaged over the axis.
       learning_rate_fn: the optimizer's schedule, to report the learning rate.
+      noise_floor: the share of the uniform density mixed into the adaptive one, in (0, 1]
+        (:func:`vdm_jax.weightings.histogram_probs`).
+      noise_decay: the EMA decay of the noise-level histogram, in [0, 1).
 
     Returns:
-      ``(new_state, metrics)``; metrics are float32 scalars: 'bpd', 'prior_bpd',
+      ``(new_state, metrics)``; metrics are float32 scalars: 'loss' (the trained objective in
+      bits/dim: the bound itself for the ELBO), 'bpd' (the bound), 'prior_bpd',
       'reconstruction_bpd', 'diffusion_bpd', 'gamma_0', 'gamma_1', 'grad_norm', 'lr'.
     """
     first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * num_shards
     keys = _shard_keys(key, state.step, first, num_shards)
     num_dims = math.prod(batch["image"].shape[1:])
 
-    def loss_fn(params):
-        terms = _sharded_terms(model, params, batch, keys, train=True)
-        return jnp.mean(terms.bpd), terms
+    histogram = state.noise_histogram
+    probs = None if histogram is None else weightings.histogram_probs(histogram, noise_floor)
 
-    grads, terms = jax.grad(loss_fn, has_aux=True)(state.params)
-    metrics = _metrics(terms, num_dims)
+    def loss_fn(params):
+        terms, objective = _sharded_terms(
+            model, params, batch, keys, train=True, noise_level_probs=probs, return_objective=True
+        )
+        return jnp.mean(losses.bits_per_dim(objective.objective, num_dims)), (terms, objective)
+
+    (loss, (terms, objective)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics = {"loss": loss, **_metrics(terms, num_dims)}
+    if histogram is not None:
+        histogram = weightings.update_histogram(
+            histogram, objective.noise_bins, objective.noise_values, noise_decay, axis_name
+        )
     if axis_name is not None:
         grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -254,7 +284,11 @@ def train_step(
         lr=jnp.asarray(learning_rate_fn(state.step) if learning_rate_fn else jnp.nan, jnp.float32),
     )
     new_state = TrainState(
-        step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+        step=state.step + 1,
+        params=params,
+        ema_params=ema_params,
+        opt_state=opt_state,
+        noise_histogram=histogram,
     )
     return new_state, metrics
 

@@ -53,10 +53,16 @@ from etils import epath
 from vdm_jax import evaluation, sampling
 from vdm_jax.errors import UserError
 from vdm_jax.model import VDM
-from vdm_jax.training import checkpoint, data, parallel, steps
+from vdm_jax.training import checkpoint, data, features, parallel, steps
 from vdm_jax.training import report as report_io
 from vdm_jax.training import workdir as workdir_io
-from vdm_jax.training.config import build_model, build_optimizer, check_config, resume_keys
+from vdm_jax.training.config import (
+    build_model,
+    build_optimizer,
+    check_config,
+    noise_bins,
+    resume_keys,
+)
 from vdm_jax.training.guard import DivergenceGuard, GuardState, TrainingDivergedError
 from vdm_jax.training.preemption import PreemptionWatcher
 
@@ -157,12 +163,14 @@ def _check_eval_source(source: Any, info: data.DatasetInfo, split: str) -> None:
         )
 
 
-def _init_fn(model: VDM, optimizer: Any, key: jax.Array, info: data.DatasetInfo, labels: bool):
+def _init_fn(
+    model: VDM, optimizer: Any, key: jax.Array, info: data.DatasetInfo, labels: bool, bins: int
+):
     """A function of no arguments making a fresh train state (for jit and eval_shape)."""
     example = jnp.zeros((1, *info.image_shape), jnp.uint8)
     example_labels = jnp.zeros((1,), jnp.int32) if labels else None
     init_key = jax.random.fold_in(key, INIT_STREAM)
-    return lambda: steps.init_state(model, optimizer, init_key, example, example_labels)
+    return lambda: steps.init_state(model, optimizer, init_key, example, example_labels, bins)
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str, mode: str) -> _Setup:
@@ -211,7 +219,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, mode: str) -> _Setup
     data_slot, data_slots = dp.process_batch_slot()
     key = jax.random.key(config.seed)
     # Tracing the initialisation runs the model's own checks, still before any file.
-    init = _init_fn(model, optimizer, key, info, config.model.num_classes > 0)
+    init = _init_fn(model, optimizer, key, info, config.model.num_classes > 0, noise_bins(config))
     abstract_state = jax.eval_shape(init)
     if mode != "restore":
         path = workdir_io.prepare(path)
@@ -231,7 +239,10 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, mode: str) -> _Setup
 
 def _init_state(setup: _Setup) -> steps.TrainState:
     """A new state, created in place on the devices (every process computes the same)."""
-    init = _init_fn(setup.model, setup.optimizer, setup.key, setup.info, setup.use_labels)
+    init = _init_fn(
+        setup.model, setup.optimizer, setup.key, setup.info, setup.use_labels,
+        noise_bins(setup.config),
+    )  # fmt: skip
     return jax.jit(init, out_shardings=setup.dp.state_sharding(setup.abstract_state))()
 
 
@@ -332,9 +343,11 @@ def _unused_path(path: str) -> str:
     return candidate
 
 
-def _write_samples(setup: _Setup, params: Any, step: int) -> str | None:
+def _write_samples(setup: _Setup, params: Any, step: int, quality: bool = False) -> str | None:
     """Sample with ``params`` and write a PNG grid under ``samples/`` (never over an existing
-    file); returns its path (process 0, else None)."""
+    file); returns its path (process 0, else None). With ``quality``, where the data set has a
+    feature extractor, also logs and records the samples' Frechet distance to the training
+    split."""
     cfg = setup.config.sampling
     shape = (cfg.num_samples, *setup.info.image_shape)
     key = jax.random.fold_in(jax.random.fold_in(setup.key, SAMPLE_STREAM), step)
@@ -352,8 +365,18 @@ def _write_samples(setup: _Setup, params: Any, step: int) -> str | None:
     logging.info("sampled %d images (%s) in %.1f s", len(images), cfg.sampler, time.time() - start)
     if jax.process_index() != 0:
         return None
+    if quality and setup.config.data.name in features.EXTRACTORS:
+        _report_frechet(setup, images, step)
     path = os.path.join(setup.workdir, "samples", sample_file_name(setup.config, step))
     return workdir_io.save_image_grid(images, _unused_path(path), setup.info.vocab_size)
+
+
+def _report_frechet(setup: _Setup, images: np.ndarray, step: int) -> None:
+    extractor = features.EXTRACTORS[setup.config.data.name](None)
+    distance = extractor.distance(images)
+    logging.info("step %d: %s of %d samples: %.4f", step, features.LABEL, len(images), distance)
+    with workdir_io.MetricWriter(setup.workdir) as writer:
+        writer.write(step, {"frechet_digits": distance, "frechet_samples": float(len(images))})
 
 
 def independent_baseline(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> float:
@@ -448,9 +471,12 @@ def _log(setup: _Setup, loop: _Loop, metrics: Any, guard: Any, writer: Any) -> N
     if setup.config.training.skip_nonfinite_updates:
         host["skipped_updates"] = float(guard.skipped)
     writer.write(loop.step, host)
+    # The trained objective differs from the bound only for a weighting other than the ELBO's
+    # (or adaptive noise levels); then both are shown, from the same forward pass.
+    objective = "" if setup.config.objective.weighting == "elbo" else f"  loss {host['loss']:.4f}"
     logging.info(
-        "step %d/%d  bpd %.4f (prior %.4f, recon %.4f, diff %.4f)  gamma [%.2f, %.2f]%s",
-        loop.step, total, host["bpd"], host["prior_bpd"], host["reconstruction_bpd"],
+        "step %d/%d%s  bpd %.4f (prior %.4f, recon %.4f, diff %.4f)  gamma [%.2f, %.2f]%s",
+        loop.step, total, objective, host["bpd"], host["prior_bpd"], host["reconstruction_bpd"],
         host["diffusion_bpd"], host["gamma_0"], host["gamma_1"], speed,
     )  # fmt: skip
 
@@ -474,8 +500,9 @@ def _loop(
     )  # fmt: skip
     guard = DivergenceGuard(cfg.skip_nonfinite_updates)
     train_step = parallel.make_train_step(
-        setup.model, setup.optimizer, config.optimizer.ema_decay, setup.lr_fn
-    )
+        setup.model, setup.optimizer, config.optimizer.ema_decay, setup.lr_fn,
+        noise_floor=config.objective.noise_floor, noise_decay=config.objective.noise_ema_decay,
+    )  # fmt: skip
     step_fn = dp.compile_train_step(
         guard.wrap(train_step), cfg.steps_per_dispatch, state=(setup.abstract_state, loop.carry[1])
     )
@@ -682,11 +709,13 @@ def restore_state(
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str | None:
-    """Sample from the latest checkpoint's EMA parameters; returns the new PNG's path."""
+    """Sample from the latest checkpoint's EMA parameters; returns the new PNG's path. For the
+    digits, also reports the samples' digits Frechet distance (log and ``metrics.jsonl``
+    ``frechet_digits``; a small classifier's features, not comparable with published FID)."""
     setup = _setup(config, workdir, "sample")
     try:
         restored = _restore(setup, need=True)
-        path = _write_samples(setup, restored.state.ema_params, restored.step)
+        path = _write_samples(setup, restored.state.ema_params, restored.step, quality=True)
     finally:
         setup.close(quiet=True)
     if path:
