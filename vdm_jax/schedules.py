@@ -65,11 +65,9 @@ def _compose(gamma_0: Array, span: Array, shape: Array) -> Array:
     return gamma_0 + span * shape
 
 
-class _Schedule(nn.Module):
-    """Common form of every schedule: gamma(t) = gamma_0 + span * shape(t)."""
-
-    gamma_min: float = GAMMA_MIN
-    gamma_max: float = GAMMA_MAX
+class _Composed(nn.Module):
+    """gamma(t) = gamma_0 + span * shape(t) from ``start_and_span()`` and ``shape(t)``; no
+    fields, so that a schedule without default endpoints (a wrapper) can share it."""
 
     def start_and_span(self) -> tuple[Array, Array]:
         """(gamma(0), gamma(1) - gamma(0)) as float32 scalars, the span >= 0."""
@@ -88,6 +86,14 @@ class _Schedule(nn.Module):
         """gamma(t) for times ``t`` in [0, 1] of any shape; float32, ``t.shape``."""
         gamma_0, span = self.start_and_span()
         return _compose(gamma_0, span, self.shape(t))
+
+
+class _Schedule(_Composed):
+    """A schedule with initial (or fixed) endpoints ``gamma_min`` = gamma(0), ``gamma_max`` =
+    gamma(1)."""
+
+    gamma_min: float = GAMMA_MIN
+    gamma_max: float = GAMMA_MAX
 
 
 class FixedLinearSchedule(_Schedule):
@@ -193,7 +199,7 @@ class MonotonicSchedule(LearnedLinearSchedule):
         return ratio + jax.lax.stop_gradient(exact - ratio)
 
 
-class ShiftedSchedule(nn.Module):
+class ShiftedSchedule(_Composed):
     """A schedule shifted for resolution (Hoogeboom et al. 2023, simple diffusion).
 
     log SNR_shifted(t) = log SNR(t) + 2 log(reference_resolution / resolution), i.e.
@@ -231,16 +237,6 @@ class ShiftedSchedule(nn.Module):
     def shape(self, t: Array) -> Array:
         """The wrapped schedule's normalised shape; ``t.shape``."""
         return self.schedule.shape(t)
-
-    def endpoints(self) -> tuple[Array, Array]:
-        """(gamma(0), gamma(1)) as float32 scalars, exactly what ``__call__`` gives at 0 and 1."""
-        gamma_0, span = self.start_and_span()
-        return gamma_0, _compose(gamma_0, span, 1.0)
-
-    def __call__(self, t: Array) -> Array:
-        """The shifted gamma(t) for times ``t`` in [0, 1] of any shape; float32, ``t.shape``."""
-        gamma_0, span = self.start_and_span()
-        return _compose(gamma_0, span, self.shape(t))
 
 
 class UnnormalisedMonotonicSchedule(_Schedule):
