@@ -1,13 +1,15 @@
 """The ELBO against a weighted objective on the digits, at equal training steps.
 
-    python benchmarks/objectives.py --steps 2000 --workdir /tmp/objectives --json out.json
+    python benchmarks/objectives.py --steps 2000 --json out.json   # the BENCHMARKS.md figures
+    python benchmarks/objectives.py --smoke                        # a tiny model, 2 steps each
 
 Trains the digits config (vdm_jax/configs/digits.py) once per variant for the same number of
-steps, then reports for each: the test-split VLB in bits/dim (one exact pass, EMA
-parameters), the digits Frechet distance of ``--samples`` ancestral samples to the training
-split (a small digits classifier's features: NOT comparable with published FID), the training
-wall time, and the same distance for the held-out test split itself (the floor a perfect model
-would reach with that many images, up to sample size).
+steps, each in a fresh workdir, then reports for each: the test-split VLB in bits/dim (the
+final evaluation of the run: one exact pass, EMA parameters) with its standard error, the
+digits Frechet distance of ``--samples`` ancestral samples to the training split (what
+``--mode=sample`` reports: a small digits classifier's features, NOT comparable with published
+FID), and the training wall time; and the same distance for the held-out test split itself
+(the floor a perfect model would reach with that many images, up to sample size).
 
 Variants: ``elbo`` (the VDM objective, learned linear schedule, eps-prediction), ``sigmoid``
 (sigmoid weighting, adaptive noise levels, eps-prediction) and ``sigmoid_v`` (the same with
@@ -20,7 +22,12 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # `python benchmarks/objectives.py` from a checkout
+    sys.path.insert(0, _ROOT)
 
 VARIANTS = {
     "elbo": {},
@@ -31,62 +38,72 @@ VARIANTS = {
         "model.parameterization": "v",
     },
 }
+SMOKE = {"steps": 2, "samples": 16, "sampling_steps": 2}
 
 
-def _config(steps: int, overrides: dict, bias: float):
+def _config(args, overrides: dict):
     from vdm_jax.configs import digits
 
-    config = digits.get_config()
-    config.training.num_train_steps = steps
-    config.optimizer.decay_steps = max(steps - config.optimizer.warmup_steps, 1)
-    config.training.checkpoint_every = steps
-    config.training.log_every = max(steps // 4, 1)
-    config.objective.bias = bias
+    config = digits.get_config("smoke" if args.smoke else "")
+    config.training.num_train_steps = args.steps
+    config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, args.steps // 10)
+    config.optimizer.decay_steps = max(args.steps - config.optimizer.warmup_steps, 1)
+    config.training.checkpoint_every = args.steps
+    config.training.log_every = max(args.steps // 4, 1)
+    config.training.eval_every = 0  # once, at the end
+    config.objective.bias = args.bias
     for name, value in overrides.items():
         section, field = name.split(".")
         config[section][field] = value
     return config
 
 
+def _last(workdir: str, field: str) -> dict:
+    """The last record of ``workdir/metrics.jsonl`` that has ``field``."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if field in line]
+    return next(r for r in reversed(records) if field in r)
+
+
 def run(args) -> dict:
-    import jax
     import numpy as np
 
-    from vdm_jax import sampling
-    from vdm_jax.training import features, trainer
+    from vdm_jax.training import data, features, trainer
 
+    if args.cache_dir:
+        os.environ[features.CACHE_ENV] = args.cache_dir
     extractor = features.digits_features(args.cache_dir)
-    test_images, _ = features._split_arrays("test")
+    test = data.digits_source("test")
+    test_images = np.stack([test[i]["image"] for i in range(len(test))])
     results = {
         "steps": args.steps,
         "samples": args.samples,
         "sampling_steps": args.sampling_steps,
         "sigmoid_bias": args.bias,
+        "smoke": args.smoke,
         "classifier_test_accuracy": extractor.test_accuracy,
         "test_split_frechet": extractor.distance(test_images),
         "variants": {},
     }
+    root = args.workdir or tempfile.mkdtemp(prefix="vdm_objectives_")
     for name in args.variants.split(","):
-        config = _config(args.steps, VARIANTS[name], args.bias)
-        workdir = os.path.join(args.workdir, name)
+        config = _config(args, VARIANTS[name])
+        workdir = os.path.join(root, name)
+        if os.path.exists(workdir):  # a resumed run would not train for the time measured
+            raise SystemExit(f"{workdir} exists; give a new --workdir")
         start = time.time()
         trainer.train_and_evaluate(config, workdir)
         train_seconds = time.time() - start
-        evaluation = trainer.evaluate(config, workdir)
-        restored = trainer.restore_state(config, workdir)
-        model = trainer.build_model(config, 17)
-        images = sampling.ancestral_sample(
-            model,
-            {"params": jax.device_get(restored.state.ema_params)},
-            jax.random.key(args.seed),
-            shape=(args.samples, 8, 8, 1),
-            num_steps=args.sampling_steps,
-        )
+        evaluation = _last(workdir, "test/bpd")
+        config.sampling.sampler = "ancestral"
+        config.sampling.num_samples = args.samples
+        config.sampling.sampling_steps = args.sampling_steps
+        trainer.sample(config, workdir)  # reports the digits Frechet distance
         results["variants"][name] = {
             "overrides": VARIANTS[name],
-            "test_bpd": float(evaluation["test/bpd"]),
-            "test_bpd_stderr": float(evaluation["test/bpd_stderr"]),
-            "frechet": extractor.distance(np.asarray(images)),
+            "test_bpd": evaluation["test/bpd"],
+            "test_bpd_stderr": evaluation["test/bpd_stderr"],
+            "frechet": _last(workdir, "frechet_digits")["frechet_digits"],
             "train_seconds": train_seconds,
         }
         print(json.dumps({name: results["variants"][name]}), flush=True)
@@ -100,12 +117,17 @@ def main(argv=None) -> int:
     p.add_argument("--sampling-steps", type=int, default=200)
     p.add_argument("--bias", type=float, default=2.0, help="the sigmoid weighting's bias b")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--workdir", default="/tmp/vdm_objectives")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="the digits smoke model, 2 steps each")
+    p.add_argument("--workdir", default=None, help="a new folder (default: a temporary one)")
+    p.add_argument("--cache-dir", default=None, help="the digits classifier's cache folder")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if args.smoke:
+        for name, value in SMOKE.items():
+            setattr(args, name, value)
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     results = run(args)
     text = json.dumps(results, indent=2)
     print(text)

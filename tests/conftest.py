@@ -1,4 +1,5 @@
-"""Test set-up: 8 fake CPU devices and a persistent compilation cache.
+"""Test set-up: 8 fake CPU devices, a persistent compilation cache, a temporary feature cache,
+a shared smoke run.
 
 XLA reads ``XLA_FLAGS`` once, when jax first initialises a backend, so this must run before any
 test module imports jax.
@@ -12,14 +13,12 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 _cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
 if _cache:
     jax.config.update("jax_compilation_cache_dir", _cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +30,10 @@ def digits_smoke_run(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("digits_smoke")
     return workdir, trainer.train_and_evaluate(digits.get_config("smoke"), str(workdir))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _feature_cache(tmp_path_factory):
+    """Feature extractors (the digits classifier of the Frechet distance) cache their weights
+    in this session's temporary folder, not in the user's cache, also in subprocesses."""
+    os.environ.setdefault("VDM_JAX_CACHE", str(tmp_path_factory.mktemp("vdm_jax_cache")))

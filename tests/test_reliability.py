@@ -164,11 +164,22 @@ def _saving(workdir) -> bool:
     return any("tmp" in p.name for p in (Path(workdir) / "checkpoints").iterdir())
 
 
+OBJECTIVE = {
+    "objective.weighting": "sigmoid",
+    "objective.bias": 2.0,
+    "objective.noise_levels": "adaptive",
+    "objective.noise_bins": 16,
+    "model.parameterization": "v",
+}
+
+
 def test_sigkill_sigterm_and_restart_end_bitwise_equal_to_an_uninterrupted_run(tmp_path, cli_env):
     """One run killed with SIGKILL during a checkpoint write, preempted with SIGTERM, killed
     with SIGKILL between writes, each time restarted with the same command, ends with the same
     bits as an uninterrupted run. The kill steps are random (the seed is printed; set
-    VDM_RELIABILITY_SEED to repeat a run)."""
+    VDM_RELIABILITY_SEED to repeat a run). The runs train the weighted objective with adaptive
+    noise levels and v-prediction, so the state includes the noise-level histogram and the
+    log shows the trained loss beside the bound."""
     seed = int(os.environ.get("VDM_RELIABILITY_SEED", time.time_ns() % 10**6))
     rng = random.Random(seed)
     settings = {
@@ -176,6 +187,7 @@ def test_sigkill_sigterm_and_restart_end_bitwise_equal_to_an_uninterrupted_run(t
         "training.checkpoint_every": 2,
         "training.keep_checkpoints": 2,
         "training.log_every": 1,
+        **OBJECTIVE,
     }
     ref_dir, dir_ = tmp_path / "uninterrupted", tmp_path / "interrupted"
     args = _flags(dir_, **settings)
@@ -224,10 +236,18 @@ def test_sigkill_sigterm_and_restart_end_bitwise_equal_to_an_uninterrupted_run(t
     assert len(starts) == 4 and starts[0] == 0 and starts[2] == saved[0], (starts, saved)
     assert starts == sorted(starts) and starts[3] > 0
     assert "Traceback" not in text
-    config = _config(training__num_train_steps=24, training__checkpoint_every=2)
+    # Every step logs the trained objective beside the bound of the same pass (w < 1).
+    assert re.search(r"step 24/24  loss [0-9.]+  bpd [0-9.]+ \(prior", text), text[-3000:]
+    logged = [json.loads(line) for line in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "loss" in r]
+    assert len(logged) == 24 and all(r["loss"] < r["bpd"] for r in logged)
+    overrides = {k.replace(".", "__"): v for k, v in OBJECTIVE.items()}
+    config = _config(training__num_train_steps=24, training__checkpoint_every=2, **overrides)
     whole, pieced = _restore(config, ref_dir), _restore(config, dir_)
     assert whole.step == pieced.step == 24
-    _assert_bitwise_equal(pieced.state, whole.state)  # params, EMA, optimizer state, step
+    assert not np.allclose(whole.state.noise_histogram, 1.0)  # adapted, not the initial one
+    # params, EMA, optimizer state, noise-level histogram, step
+    _assert_bitwise_equal(pieced.state, whole.state)
 
 
 def test_sigterm_during_startup_exits_cleanly_and_saves_nothing_new(tmp_path, monkeypatch):
@@ -556,6 +576,19 @@ CONFIG_AND_DATA_CASES = [
     ("variance gradient in discrete time", lambda t: _config(
         model__variance_gradient=True, model__timesteps=10),
      r"model\.variance_gradient=True needs the continuous-time loss \(model\.timesteps=0\)"),
+    ("unknown weighting", lambda t: _config(objective__weighting="snr"),
+     r"objective\.weighting must be one of 'elbo', 'sigmoid'.*, got 'snr'"),
+    ("weighted objective in discrete time", lambda t: _config(
+        objective__weighting="sigmoid", model__timesteps=10),
+     r"objective\.weighting='sigmoid' with objective\.noise_levels='schedule' needs the "
+     r"continuous-time loss"),
+    ("adaptive noise levels with the variance gradient", lambda t: _config(
+        objective__noise_levels="adaptive", model__variance_gradient=True),
+     r"objective\.noise_levels='adaptive' draws the noise levels without the schedule's shape"),
+    ("noise-level floor of 0", lambda t: _config(objective__noise_floor=0.0),
+     r"objective\.noise_floor must be a number in \(0, 1\], got 0\.0"),
+    ("unknown parameterization", lambda t: _config(model__parameterization="score"),
+     r"model\.parameterization must be one of 'eps', 'x', 'v', got 'score'"),
     ("negative learning rate", lambda t: _config(optimizer__learning_rate=-1e-3),
      r"optimizer\.learning_rate must be a non-negative finite number, got -0\.001"),
     ("EMA decay of 1", lambda t: _config(optimizer__ema_decay=1.0),

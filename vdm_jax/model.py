@@ -243,13 +243,13 @@ class VDM(nn.Module):
         :class:`vdm_jax.weightings.Weighting`; the ELBO's w = 1 by default). It is defined
         for the continuous-time loss: training with it in discrete time raises, and a
         discrete-time evaluation reports the bound as the objective. The bound in ``bpd`` is
-        always the unweighted one. What trains the schedule when w is not 1: the objective
-        prior + reconstruction + L_w depends on the schedule only through its endpoints
-        (in expectation), so gamma(0) and gamma(1) learn from the prior and reconstruction
-        terms and from L_w's limits, where w(lambda_max) and w(lambda_min) weight the loss:
-        they minimise that weighted sum, not the bound, and the schedule's shape gets only
-        noise (or, with ``variance_gradient``, the variance of L_w). With adaptive noise
-        levels the shape is not used at all.
+        always the unweighted one. What trains the schedule when w is not 1: in expectation
+        L_w = 1/2 int w(lambda) E||eps - eps_hat||^2 dlambda over [-gamma(1), -gamma(0)]
+        depends on the schedule only through its endpoints, so gamma(0) balances the
+        reconstruction term against that integrand at lambda = -gamma(0), and gamma(1) the
+        prior term against it at -gamma(1): the bound's balance only where w = 1 there. The
+        schedule's shape gets only noise (or, with ``variance_gradient``, the variance of
+        L_w); with adaptive noise levels it is not used at all.
       parameterization: what ``score_net`` outputs: ``"eps"`` (the noise, the paper's),
         ``"v"`` (v = alpha eps - sigma x, Salimans & Ho 2022) or ``"x"`` (the data);
         :meth:`predict_noise` converts it to eps_hat with :func:`vdm_jax.diffusion.to_eps`.

@@ -472,7 +472,7 @@ def _log(setup: _Setup, loop: _Loop, metrics: Any, guard: Any, writer: Any) -> N
         host["skipped_updates"] = float(guard.skipped)
     writer.write(loop.step, host)
     # The trained objective differs from the bound only for a weighting other than the ELBO's
-    # (or adaptive noise levels); then both are shown, from the same forward pass.
+    # (adaptive noise levels weight both alike); then both are shown, from the same pass.
     objective = "" if setup.config.objective.weighting == "elbo" else f"  loss {host['loss']:.4f}"
     logging.info(
         "step %d/%d%s  bpd %.4f (prior %.4f, recon %.4f, diff %.4f)  gamma [%.2f, %.2f]%s",
