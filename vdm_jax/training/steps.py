@@ -160,9 +160,10 @@ def _shard_keys(key: Array, step: Array, first_shard: Array | int, num_shards: i
     return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first_shard + jnp.arange(num_shards))
 
 
-def _sharded_terms(model, params, batch, keys, *, train: bool, **kwargs) -> VLBTerms:
-    """VLB terms of a batch split into len(keys) shards, shard i drawing from keys[i];
-    ``kwargs`` go to the model's call."""
+def _sharded_terms(model, params, batch, keys, *, train: bool, **kwargs) -> Any:
+    """The model's call on a batch split into len(keys) shards, shard i drawing from keys[i]:
+    its :class:`VLBTerms` (with ``return_objective=True`` in ``kwargs``, the pair with its
+    objective), each ``[B]``."""
     num_shards = keys.shape[0]
 
     def split(x):
