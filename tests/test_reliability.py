@@ -371,8 +371,8 @@ def _inject_nan_at(monkeypatch, bad_steps):
     """Make the updates that produce the given steps non-finite (loss, gradients, parameters)."""
     real = parallel.make_train_step
 
-    def make(model, optimizer, ema_decay, learning_rate_fn=None):
-        step_fn = real(model, optimizer, ema_decay, learning_rate_fn)
+    def make(model, optimizer, ema_decay, learning_rate_fn=None, **noise_levels):
+        step_fn = real(model, optimizer, ema_decay, learning_rate_fn, **noise_levels)
 
         def poisoned(state, batch, key, **kwargs):
             new, metrics = step_fn(state, batch, key, **kwargs)
