@@ -162,8 +162,8 @@ def test_command_line_train_then_eval_and_sample_read_the_run_s_config(tmp_path)
     # The digits have a feature extractor: sampling reports the samples' Frechet distance.
     assert "digits Frechet distance (a small" in sampled.stderr, sampled.stderr[-3000:]
     assert "not comparable with FID" in sampled.stderr
-    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["step"] == 2 and last["frechet_digits"] > 0 and last["frechet_samples"] == 16
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and last["frechet_digits"] > 0 and last["frechet_samples"] == 4
     # Another sampler at the same step: a second file beside the training grid.
     assert sorted(os.listdir(run / "samples")) == [
         "step00000002_ancestral10_argmax.png",
