@@ -109,18 +109,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def workdir_model(workdir: str):
     """(name, model, variables, image shape, num_classes) of a training run's latest checkpoint
-    (its EMA parameters), with the model its ``config.json`` describes."""
-    from vdm_jax.training import config as config_lib
-    from vdm_jax.training import data, parallel, trainer
-    from vdm_jax.training import workdir as workdir_io
+    (its EMA parameters, :func:`vdm_jax.load_run`)."""
+    import vdm_jax
 
-    config = config_lib.with_defaults(workdir_io.read_config(workdir))
-    info = data.dataset_info(config.data.name, data_dir=config.data.data_dir)
-    model = config_lib.build_model(config, info.vocab_size)
-    restored = trainer.restore_state(config, workdir)
-    variables = {"params": parallel.to_host(restored.state.ema_params)}
-    name = f"{config.data.name} {'x'.join(map(str, info.image_shape))}, step {restored.step}"
-    return name, model, variables, tuple(info.image_shape), config.model.num_classes
+    run = vdm_jax.load_run(workdir)
+    name = f"{run.info.name} {'x'.join(map(str, run.info.image_shape))}, step {run.step}"
+    return name, run.model, run.variables, tuple(run.info.image_shape), run.config.model.num_classes
 
 
 def checkpoint_model(path: str):
