@@ -42,7 +42,7 @@ def test_load_run_reproduces_the_runs_own_eval_bound(digits_smoke_run, caplog):
 
 def test_load_run_bad_input(digits_smoke_run, tmp_path):
     workdir, _ = digits_smoke_run
-    with pytest.raises(UserError, match=f"no config.json in {tmp_path}"):
+    with pytest.raises(UserError, match=f"workdir {tmp_path} holds no config.json: train first"):
         vdm_jax.load_run(tmp_path)
     with pytest.raises(UserError, match=r"no checkpoint for step 3 in .*; steps: \[2, 4\]"):
         vdm_jax.load_run(workdir, step=3)

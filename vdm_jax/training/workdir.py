@@ -105,9 +105,9 @@ def read_config(workdir: str) -> dict:
     try:
         saved = json.loads(path.read_text())
     except FileNotFoundError:
+        what = "holds no config.json" if path.parent.exists() else "does not exist"
         raise UserError(
-            f"no config.json in {path.parent}: not the workdir of a training run (train "
-            "first, or give the config with --config)"
+            f"workdir {path.parent} {what}: train first (it is not a training run's workdir)"
         ) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not a run's config (JSON): {e}") from None
