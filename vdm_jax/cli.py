@@ -156,14 +156,6 @@ def _flag_value(argv: list[str], name: str) -> str | None:
     return value
 
 
-def _base_fields() -> dict:
-    """The base config's fields: ``{'section.field': default}``."""
-    from vdm_jax.configs import base
-    from vdm_jax.training.config import flatten
-
-    return flatten(base.get_config().to_dict())
-
-
 def _check_override_names(argv: list[str]) -> None:
     """Refuses a ``--config.NAME`` override that names no field of the config (every config
     has exactly the base config's fields), before ml_collections turns it into a traceback.
@@ -174,7 +166,9 @@ def _check_override_names(argv: list[str]) -> None:
     names = [(m.group(0), m.group(1)) for m in map(_OVERRIDE.match, argv[1:]) if m]
     if not names:
         return
-    fields = _base_fields()
+    from vdm_jax.training.config import field_defaults
+
+    fields = field_defaults()
     sections = {name.split(".")[0] for name in fields if "." in name}
     for flag, name in names:
         if name in fields:
@@ -218,7 +212,9 @@ def _flag_error(error: flags.Error, config_label: str) -> str:
         return f"{config_label}{cause}"
     m = re.match(r"flag --config\.([\w.]+)=(.*?): ", text)
     if m:
-        kind = type(_base_fields().get(m.group(1)))
+        from vdm_jax.training.config import field_defaults
+
+        kind = type(field_defaults().get(m.group(1)))
         if kind in _KINDS:
             return (
                 f"--config.{m.group(1)}={m.group(2)}: {m.group(1)} must be {_KINDS[kind]}, "
@@ -259,9 +255,9 @@ def _format_config(config) -> str:
     meaning``, the default and the meaning taken from the base config
     (:mod:`vdm_jax.configs.base`)."""
     from vdm_jax.configs import base
-    from vdm_jax.training.config import flatten
+    from vdm_jax.training.config import field_defaults, flatten
 
-    defaults, meanings = _base_fields(), base.field_descriptions()
+    defaults, meanings = field_defaults(), base.field_descriptions()
     rows = [
         (f"{name} = {value!r}", f"[default {defaults.get(name)!r}]", meanings.get(name, ""))
         for name, value in flatten(config.to_dict()).items()

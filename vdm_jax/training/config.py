@@ -141,9 +141,14 @@ def _base_fields() -> tuple[dict[str, Any], dict[str, type]]:
     return flatten(config.to_dict()), types
 
 
+def field_defaults() -> dict[str, Any]:
+    """Every known config field, dotted, with the base config's default, in its order."""
+    return _base_fields()[0]
+
+
 def field_names() -> list[str]:
     """Every known config field, dotted, in the base config's order."""
-    return list(_base_fields()[0])
+    return list(field_defaults())
 
 
 def resume_keys() -> tuple[str, ...]:
