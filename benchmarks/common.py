@@ -23,9 +23,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vdm_jax import sampling  # noqa: E402
-from vdm_jax.model import VDM, make_schedule  # noqa: E402
-from vdm_jax.nets import ScoreUNet  # noqa: E402
+from vdm_jax.models import sampling  # noqa: E402
+from vdm_jax.models.unet import ScoreUNet  # noqa: E402
+from vdm_jax.models.vdm import VDM, make_schedule  # noqa: E402
 from vdm_jax.training import parallel  # noqa: E402
 from vdm_jax.training import steps as training_steps  # noqa: E402
 
@@ -501,14 +501,14 @@ def bench_sampling(
     sampler: str = "ancestral",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Compile ``vdm_jax.sampling.<sampler>_sample`` at ``num_steps`` steps and time one call.
+    """Compile ``vdm_jax.models.sampling.<sampler>_sample`` at ``num_steps`` steps, time one call.
 
-    ``sampler`` names any sampler of :mod:`vdm_jax.sampling` that takes ``(model, params, key,
-    *, shape, num_steps)``: "ancestral", "ddim", ...
+    ``sampler`` names any sampler of :mod:`vdm_jax.models.sampling` that takes
+    ``(model, params, key, *, shape, num_steps)``: "ancestral", "ddim", ...
     """
     sample = getattr(sampling, f"{sampler}_sample", None)
     if sample is None:
-        raise ValueError(f"vdm_jax.sampling has no sampler {sampler!r} ({sampler}_sample)")
+        raise ValueError(f"vdm_jax.models.sampling has no sampler {sampler!r} ({sampler}_sample)")
     model = build_model(n_layer, n_embd, dtype, formulation=formulation)
     shape = (batch, resolution, resolution, channels)
     params = training_steps.init_state(

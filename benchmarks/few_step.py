@@ -8,12 +8,12 @@ For each model (``--workdir``: a vdm_jax training run, its latest checkpoint's E
 ``--checkpoint``: an original-code checkpoint folder, read by
 :func:`vdm_jax.pretrained.load_original_checkpoint` with its EMA parameters; each flag may be
 repeated, one plot panel per model), ``--batch`` prior latents z_1 ~ N(0, I) are drawn from
-one key, and every sampler of :mod:`vdm_jax.sampling` starts from those same z_1:
+one key, and every sampler of :mod:`vdm_jax.models.sampling` starts from those same z_1:
 
 - ``ancestral`` (stochastic), ``ddim``, ``dpm_solver`` (DPM-Solver++(2M)) and ``dpm_solver_sde``
   (its stochastic variant), each at every ``--nfe`` number of network evaluations (one per
   step for all four);
-- the reference: :func:`vdm_jax.sampling.solve_probability_flow` from the same z_1 at
+- the reference: :func:`vdm_jax.models.sampling.solve_probability_flow` from the same z_1 at
   ``rtol = atol = --tolerance`` (1e-6). It is solved once more at ``--check_tolerance`` (1e-5)
   and the distance between the two solutions is printed, an estimate of the reference's own
   error.
@@ -50,7 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from vdm_jax import diffusion, sampling
+from vdm_jax.maths import diffusion
+from vdm_jax.models import sampling
 
 #: name -> (sampler, its keyword arguments, stochastic?). Each takes one evaluation per step.
 SAMPLERS = {
@@ -149,7 +150,7 @@ def smoke_model():
 
 
 def initial_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """The z_1 every sampler of :mod:`vdm_jax.sampling` draws from ``key`` (it depends on the
+    """The z_1 every sampler of :mod:`vdm_jax.models.sampling` draws from ``key`` (it depends on the
     key alone): a normal draw from the first half of the key's split."""
     return jax.random.normal(jax.random.split(key)[0], shape, jnp.float32)
 

@@ -19,7 +19,7 @@ Figures, in this order, each printed as soon as it is measured (so a run stopped
   for each dtype;
 - ``sampling_images_per_sec`` for ancestral sampling at T = ``--sample_steps`` (1000) and for
   each few-step sampler of ``--few_step`` (``name:steps``; a sampler that
-  :mod:`vdm_jax.sampling` lacks gives a "skipped" line);
+  :mod:`vdm_jax.models.sampling` lacks gives a "skipped" line);
 - ``eval_images_per_sec``: the bound of a batch.
 
 Every line holds ``figure``, ``value``, ``unit`` and the settings it was measured with, plus
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--few_step",
         default="ddim:20,dpm_solver:20",
-        help="comma-separated sampler:steps of vdm_jax.sampling's <sampler>_sample",
+        help="comma-separated sampler:steps of vdm_jax.models.sampling's <sampler>_sample",
     )
     p.add_argument(
         "--remat", action="store_true", help="ScoreUNet.remat (jax.checkpoint per block)"
@@ -219,7 +219,7 @@ def main(argv=None) -> list[dict]:
                 "sampling_images_per_sec",
                 None,
                 "skipped",
-                reason=f"vdm_jax.sampling has no {name}_sample",
+                reason=f"vdm_jax.models.sampling has no {name}_sample",
                 **s,
             )
             continue

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common, original
-from vdm_jax import sampling
+from vdm_jax.models import sampling
 from vdm_jax.training import parallel, steps
 
 PROGRAMS = ("train", "eval", "sampling")

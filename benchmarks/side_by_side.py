@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common, original
-from vdm_jax import sampling
+from vdm_jax.models import sampling
 from vdm_jax.training import parallel, steps
 
 SECTIONS = ("train", "eval", "sampling")

@@ -161,7 +161,7 @@ def test_jit_and_eager_agree(fn):
 
 
 def test_eps_x_v_and_score_conversions_round_trip_and_match_the_definitions():
-    from vdm_jax import diffusion
+    from vdm_jax.maths import diffusion
 
     key_x, key_eps, key_hat = jax.random.split(jax.random.key(7), 3)
     gamma = jnp.linspace(-13.3, 5.0, 64)

@@ -220,7 +220,7 @@ def test_a_bug_inside_jax_keeps_its_traceback(tmp_path):
     turned into a one-line message."""
     script = (
         "import sys\n"
-        "from vdm_jax import model\n"
+        "from vdm_jax.models import vdm as model\n"
         "import jax.numpy as jnp\n"
         "def broken(self, z, *args, **kwargs):\n"
         "    return jnp.broadcast_to(z, (3,))  # a shape error: jax raises ValueError\n"

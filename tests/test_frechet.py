@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from vdm_jax import frechet
 from vdm_jax.errors import UserError
+from vdm_jax.maths import frechet
 
 
 def test_a_set_against_itself_is_zero_and_a_shift_adds_its_squared_length():

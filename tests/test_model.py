@@ -11,8 +11,8 @@ import pytest
 
 import vdm_jax as vdm
 from vdm_jax.errors import UserError
-from vdm_jax.evaluation import BpdAccumulator, evaluate_bpd
-from vdm_jax.model import VDM, make_schedule
+from vdm_jax.models.evaluation import BpdAccumulator, evaluate_bpd
+from vdm_jax.models.vdm import VDM, make_schedule
 
 VOCAB = 17
 
@@ -152,15 +152,15 @@ def test_accumulator_rejects_empty_and_mismatched_masks():
     acc = BpdAccumulator()
     with pytest.raises(ValueError, match="no examples were evaluated"):
         acc.result(64)
-    terms = vdm.model.VLBTerms(*(np.ones(3),) * 4)
+    terms = vdm.VLBTerms(*(np.ones(3),) * 4)
     with pytest.raises(ValueError, match=r"mask has shape \(2,\), the batch \(3,\)"):
         acc.add(terms, np.ones(2, bool))
 
 
 @pytest.mark.parametrize("vocab_size", [256, 17])
 def test_windowed_reconstruction_equals_the_full_decoder(vocab_size):
-    from vdm_jax import diffusion, losses
-    from vdm_jax.model import reconstruction_nll, window_gamma_limit
+    from vdm_jax.maths import diffusion, losses
+    from vdm_jax.models.vdm import reconstruction_nll, window_gamma_limit
 
     limit = window_gamma_limit(vocab_size, window=4)
     x_int = jax.random.randint(jax.random.key(0), (4, 6, 6, 3), 0, vocab_size)

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from vdm_jax.model import VDM, make_schedule
-from vdm_jax.nets import ScoreUNet
+from vdm_jax.models.unet import ScoreUNet
+from vdm_jax.models.vdm import VDM, make_schedule
 from vdm_jax.training import checkpoint, parallel, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Tests for vdm_jax.nets: the ScoreUNet noise-prediction network and its building blocks.
+"""Tests for vdm_jax.models.unet: the ScoreUNet noise-prediction network and its building blocks.
 
 Everything runs on tiny models (n_layer=1, n_embd=16) except the paper-size parameter count,
 which only traces shapes with ``jax.eval_shape``.
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax.nets import (
+from vdm_jax.models.unet import (
     ScoreUNet,
     base2_fourier_features,
     largest_group_count,
@@ -259,7 +259,7 @@ def test_fourier_features_and_timestep_embedding():
      ("dot_product", jnp.bfloat16, False)],
 )  # fmt: skip
 def test_dot_product_attention_matches_the_formula(kind, dtype, custom_gradient):
-    from vdm_jax import nets
+    from vdm_jax.models import unet as nets
 
     # L = 1024 positions: the [L, L] logits of one example fill the chunk budget, so the
     # chunked formulation runs the 3 examples as a loop of 3 chunks.

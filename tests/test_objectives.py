@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import losses, weightings
-from vdm_jax.model import VDM
-from vdm_jax.schedules import FixedLinearSchedule
+from vdm_jax.maths import losses, weightings
+from vdm_jax.maths.schedules import FixedLinearSchedule
+from vdm_jax.models.vdm import VDM
 
 VOCAB = 17
 

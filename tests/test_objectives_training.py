@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import weightings
-from vdm_jax.model import VDM, make_schedule
+from vdm_jax.maths import weightings
+from vdm_jax.models.vdm import VDM, make_schedule
 from vdm_jax.training import data, parallel, steps
 
 VOCAB, BINS, NUM_STEPS, BATCH = 17, 16, 12, 16

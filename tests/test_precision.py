@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax.model import VDM, make_schedule
-from vdm_jax.nets import ScoreUNet
+from vdm_jax.models.unet import ScoreUNet
+from vdm_jax.models.vdm import VDM, make_schedule
 from vdm_jax.training import steps
 
 VOCAB = 17

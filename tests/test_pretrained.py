@@ -21,12 +21,13 @@ import optax
 import pytest
 from PIL import Image
 
-from vdm_jax import evaluation, pretrained
+from vdm_jax import pretrained
 from vdm_jax.configs import cifar10, digits
 from vdm_jax.errors import UserError
-from vdm_jax.model import VDM
-from vdm_jax.nets import ScoreUNet
-from vdm_jax.schedules import UnnormalisedMonotonicSchedule
+from vdm_jax.maths.schedules import UnnormalisedMonotonicSchedule
+from vdm_jax.models import evaluation
+from vdm_jax.models.unet import ScoreUNet
+from vdm_jax.models.vdm import VDM
 from vdm_jax.training import importer, steps, trainer
 
 REPO = Path(__file__).resolve().parents[1]

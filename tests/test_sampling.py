@@ -1,4 +1,4 @@
-"""Tests of vdm_jax.sampling.
+"""Tests of vdm_jax.models.sampling.
 
 Most tests drive the samplers with ``GaussianModel``: data x ~ N(mu, s^2) independently in
 every dimension and the exact optimal denoiser E[eps | z_t], so every marginal q(z_t) is known in
@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import losses, sampling
-from vdm_jax.diffusion import _expand
-from vdm_jax.model import VDM
-from vdm_jax.nets import ScoreUNet
-from vdm_jax.schedules import GAMMA_MAX, GAMMA_MIN, FixedLinearSchedule
+from vdm_jax.maths import losses
+from vdm_jax.maths.diffusion import _expand
+from vdm_jax.maths.schedules import GAMMA_MAX, GAMMA_MIN, FixedLinearSchedule
+from vdm_jax.models import sampling
+from vdm_jax.models.unet import ScoreUNet
+from vdm_jax.models.vdm import VDM
 
 MU, S = 0.3, 0.5
 
@@ -334,7 +335,7 @@ class _AsV(nn.Module):
     net: nn.Module
 
     def __call__(self, z, gamma_t, labels=None, *, train=False):
-        from vdm_jax import diffusion
+        from vdm_jax.maths import diffusion
 
         return diffusion.v_from_eps(z, self.net(z, gamma_t, labels, train=train), gamma_t)
 

@@ -234,7 +234,7 @@ def test_shifted_schedule_moves_log_snr_by_twice_the_log_resolution_ratio(kind):
     import math
 
     base = vdm.FixedLinearSchedule() if kind == "fixed" else vdm.MonotonicSchedule(n_features=8)
-    shifted = vdm.schedules.ShiftedSchedule(base, resolution=128, reference_resolution=64)
+    shifted = vdm.ShiftedSchedule(base, resolution=128, reference_resolution=64)
     params = shifted.init(jax.random.key(0), jnp.zeros(()))
     gamma = shifted.apply(params, GRID)
     base_gamma = base.apply({"params": params.get("params", {}).get("schedule", {})}, GRID)
@@ -249,4 +249,4 @@ def test_shifted_schedule_moves_log_snr_by_twice_the_log_resolution_ratio(kind):
     np.testing.assert_allclose(g, g_ref, rtol=1e-6)
     np.testing.assert_allclose(dg, dg_ref, rtol=1e-5)
     with pytest.raises(ValueError, match="must be positive"):
-        vdm.schedules.ShiftedSchedule(base, 0, 64).init(jax.random.key(0), jnp.zeros(()))
+        vdm.ShiftedSchedule(base, 0, 64).init(jax.random.key(0), jnp.zeros(()))

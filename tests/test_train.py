@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import vdm_jax as vdm
-from vdm_jax.model import VDM, make_schedule
+from vdm_jax.models.vdm import VDM, make_schedule
 from vdm_jax.training import parallel, steps
 
 VOCAB = 17

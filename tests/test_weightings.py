@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax import diffusion, losses, schedules, weightings
 from vdm_jax.errors import UserError
+from vdm_jax.maths import diffusion, losses, schedules, weightings
 
 S = 0.7
 DIMS = 4

@@ -1,12 +1,13 @@
 """vdm_jax: Variational Diffusion Models (Kingma, Salimans, Poole, Ho 2021) in JAX.
 
 This namespace is the maths and the models, importable without the training system: the
-forward process and posterior (:mod:`vdm_jax.diffusion`), the bound's terms
-(:mod:`vdm_jax.losses`), noise schedules as small Flax modules (:mod:`vdm_jax.schedules`), the
-paper's score network (:mod:`vdm_jax.nets`), the model and its bound (:mod:`vdm_jax.model`),
-samplers and the ODE likelihood (:mod:`vdm_jax.sampling`), evaluation over batches
-(:mod:`vdm_jax.evaluation`), weightings of the bound (:mod:`vdm_jax.weightings`) and the
-Frechet distance (:mod:`vdm_jax.frechet`). The training system (config, train step, data,
+forward process and posterior (:mod:`vdm_jax.maths.diffusion`), the bound's terms
+(:mod:`vdm_jax.maths.losses`), noise schedules as small Flax modules
+(:mod:`vdm_jax.maths.schedules`), the paper's score network (:mod:`vdm_jax.models.unet`), the
+model and its bound (:mod:`vdm_jax.models.vdm`), samplers and the ODE likelihood
+(:mod:`vdm_jax.models.sampling`), evaluation over batches (:mod:`vdm_jax.models.evaluation`),
+weightings of the bound (:mod:`vdm_jax.maths.weightings`) and the Frechet distance
+(:mod:`vdm_jax.maths.frechet`). The training system (config, train step, data,
 checkpoints, the trainer) is the subpackage :mod:`vdm_jax.training`; the command line is
 :mod:`vdm_jax.cli` (``python -m vdm_jax``) and the bundled configs are :mod:`vdm_jax.configs`.
 ``vdm_jax.load_run(workdir)`` (:func:`vdm_jax.training.loading.load_run`, which imports the
@@ -16,8 +17,8 @@ Conventions: gamma = -log SNR, alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamm
 are per example in nats unless a name says bits/dim.
 """
 
-from vdm_jax import frechet, weightings
-from vdm_jax.diffusion import (
+from vdm_jax.maths import frechet, weightings
+from vdm_jax.maths.diffusion import (
     alpha_sigma,
     ancestral_step,
     encode,
@@ -37,8 +38,7 @@ from vdm_jax.diffusion import (
     v_from_x,
     x_from_v,
 )
-from vdm_jax.evaluation import EvalResult, evaluate_bpd, independent_pixel_bpd
-from vdm_jax.losses import (
+from vdm_jax.maths.losses import (
     bits_per_dim,
     decoder_log_probs,
     diffusion_loss_continuous,
@@ -48,27 +48,7 @@ from vdm_jax.losses import (
     reconstruction_nll,
     weighted_diffusion_loss,
 )
-from vdm_jax.model import VDM, ObjectiveTerms, VLBTerms, make_schedule
-from vdm_jax.nets import (
-    AttentionBlock,
-    ResNetBlock,
-    ScoreUNet,
-    base2_fourier_features,
-    largest_group_count,
-    timestep_embedding,
-)
-from vdm_jax.sampling import (
-    ODELikelihood,
-    ancestral_sample,
-    ddim_sample,
-    dpm_solver_sample,
-    ode_log_likelihood,
-    ode_log_prob_latent,
-    ode_sample,
-    probability_flow_drift,
-    solve_probability_flow,
-)
-from vdm_jax.schedules import (
+from vdm_jax.maths.schedules import (
     DenseMonotone,
     FixedLinearSchedule,
     LearnedLinearSchedule,
@@ -80,6 +60,28 @@ from vdm_jax.schedules import (
     gamma_and_derivative,
     gamma_with_variance_gradient,
 )
+from vdm_jax.models import evaluation
+from vdm_jax.models.evaluation import EvalResult, evaluate_bpd, independent_pixel_bpd
+from vdm_jax.models.sampling import (
+    ODELikelihood,
+    ancestral_sample,
+    ddim_sample,
+    dpm_solver_sample,
+    ode_log_likelihood,
+    ode_log_prob_latent,
+    ode_sample,
+    probability_flow_drift,
+    solve_probability_flow,
+)
+from vdm_jax.models.unet import (
+    AttentionBlock,
+    ResNetBlock,
+    ScoreUNet,
+    base2_fourier_features,
+    largest_group_count,
+    timestep_embedding,
+)
+from vdm_jax.models.vdm import VDM, ObjectiveTerms, VLBTerms, make_schedule
 
 __version__ = "0.1.0"
 
@@ -114,6 +116,7 @@ __all__ = [
     "eps_from_v",
     "eps_from_x",
     "evaluate_bpd",
+    "evaluation",
     "fixed_linear",
     "frechet",
     "from_eps",

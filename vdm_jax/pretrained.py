@@ -11,7 +11,7 @@ TensorFlow's half, not needed here)::
 
 :func:`load_original_checkpoint` reads one (a local path or ``gs://``, which needs
 ``gcsfs``), infers the architecture from the parameter tree and returns our
-:class:`~vdm_jax.model.VDM` with the checkpoint's weights, computing the same function as their
+:class:`~vdm_jax.models.vdm.VDM` with the checkpoint's weights, computing the same function as their
 code::
 
     model, variables = load_original_checkpoint(path, params="ema")
@@ -47,10 +47,10 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from vdm_jax import schedules
 from vdm_jax.errors import UserError
-from vdm_jax.model import SCHEDULES, VDM, make_schedule
-from vdm_jax.nets import ScoreUNet
+from vdm_jax.maths import schedules
+from vdm_jax.models.unet import ScoreUNet
+from vdm_jax.models.vdm import SCHEDULES, VDM, make_schedule
 
 __all__ = [
     "OriginalArchitecture",
@@ -382,7 +382,7 @@ def build_model(
     num_steps: int = 0,
     antithetic_time_sampling: bool = True,
 ) -> VDM:
-    """Our :class:`~vdm_jax.model.VDM` that computes what the original code's model did.
+    """Our :class:`~vdm_jax.models.vdm.VDM` that computes what the original code's model did.
 
     Args:
       architecture: from :func:`infer_architecture`.
@@ -518,7 +518,7 @@ def load_original_checkpoint(
         ``antithetic_time_sampling``) for what the tree does not record.
 
     Returns:
-      ``(model, variables)``: a :class:`~vdm_jax.model.VDM` and ``{'params': ...}``, with
+      ``(model, variables)``: a :class:`~vdm_jax.models.vdm.VDM` and ``{'params': ...}``, with
       which ``model.apply(variables, t, method=model.gamma)`` is their ``gamma(t)`` and
       ``model.apply(variables, z, gamma_t, conditioning=c, method=model.predict_noise)`` their
       ``score_model(z, gamma_t, c, deterministic=True)``.

@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # What training minimises (Kingma & Gao 2023). Evaluation is always the bound (w = 1).
     config.objective = ml_collections.ConfigDict()
-    # elbo | sigmoid | edm | edm_monotonic | v_mse | min_snr (see vdm_jax.weightings)
+    # elbo | sigmoid | edm | edm_monotonic | v_mse | min_snr (see vdm_jax.maths.weightings)
     config.objective.weighting = "elbo"
     config.objective.bias = 0.0  # sigmoid: w = sigmoid(bias - lambda)
     config.objective.sigma_data = 0.5  # edm, edm_monotonic

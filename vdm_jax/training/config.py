@@ -21,11 +21,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from vdm_jax import diffusion, weightings
 from vdm_jax.configs import base
 from vdm_jax.errors import UserError
-from vdm_jax.model import SCHEDULES, VDM, make_schedule
-from vdm_jax.nets import ATTENTION_KINDS, ScoreUNet
+from vdm_jax.maths import diffusion, weightings
+from vdm_jax.models.unet import ATTENTION_KINDS, ScoreUNet
+from vdm_jax.models.vdm import SCHEDULES, VDM, make_schedule
 from vdm_jax.training import data, parallel, steps
 
 
@@ -292,7 +292,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> VDM:
-    """The :class:`~vdm_jax.model.VDM` a checked config describes, for data with
+    """The :class:`~vdm_jax.models.vdm.VDM` a checked config describes, for data with
     ``vocab_size`` values."""
     m = config.model
     net = ScoreUNet(
@@ -327,7 +327,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> VDM:
 
 
 def build_weighting(config: ml_collections.ConfigDict) -> weightings.Weighting:
-    """The :class:`~vdm_jax.weightings.Weighting` of ``config.objective``, with the parameters
+    """The :class:`~vdm_jax.maths.weightings.Weighting` of ``config.objective``, with the parameters
     that weighting takes."""
     o = config.objective
     values = {"bias": o.bias, "sigma_data": o.sigma_data, "p_mean": o.p_mean,

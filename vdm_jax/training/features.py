@@ -4,7 +4,7 @@ Published FID uses an Inception network trained on ImageNet, which needs a downl
 not fit 8x8 images. For the bundled digits this module trains a small classifier on the
 digits' training split instead (deterministic: fixed seed, full-batch optimisation, float32
 on the CPU), caches its weights in a folder, and uses its penultimate layer as the features
-of :func:`vdm_jax.frechet.frechet_distance`. The resulting "digits Frechet distance" ranks
+of :func:`vdm_jax.maths.frechet.frechet_distance`. The resulting "digits Frechet distance" ranks
 models of the digits against each other; it is NOT comparable with published FID figures.
 """
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vdm_jax import frechet
+from vdm_jax.maths import frechet
 from vdm_jax.training import data
 
 Array = jax.Array

@@ -3,7 +3,7 @@
 ::
 
     run = vdm_jax.load_run("runs/digits")  # the latest checkpoint's EMA parameters
-    terms = vdm_jax.evaluation.bound_terms(run.model, run.variables, batch, key)
+    terms = vdm_jax.models.evaluation.bound_terms(run.model, run.variables, batch, key)
     images = vdm_jax.ddim_sample(run.model, run.variables, key,
                                  shape=(16, *run.info.image_shape), num_steps=50)
 
@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from vdm_jax.errors import UserError
-from vdm_jax.model import VDM
+from vdm_jax.models.vdm import VDM
 from vdm_jax.training import checkpoint, data
 from vdm_jax.training import workdir as workdir_io
 from vdm_jax.training.config import build_model, check_config, with_defaults
@@ -43,7 +43,7 @@ class LoadedRun(NamedTuple):
     """A trained model with its variables and the data it models.
 
     Attributes:
-      model: the :class:`~vdm_jax.model.VDM` the run trained.
+      model: the :class:`~vdm_jax.models.vdm.VDM` the run trained.
       variables: ``{'params': ...}`` (the EMA parameters, or the raw ones: see
         :func:`load_run`), on the first local device.
       info: the data's image shape ``(H, W, C)``, vocabulary size (pixel values
@@ -61,7 +61,7 @@ class LoadedRun(NamedTuple):
     @property
     def eval_key(self) -> jax.Array:
         """The key of the run's own evaluation: batch i of :meth:`eval_batches` used
-        ``fold_in(eval_key, i)``, as :func:`vdm_jax.evaluation.evaluate_bpd` does."""
+        ``fold_in(eval_key, i)``, as :func:`vdm_jax.models.evaluation.evaluate_bpd` does."""
         return jax.random.fold_in(jax.random.key(self.config.seed), EVAL_STREAM)
 
     def eval_batches(

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax import diffusion, losses, schedules
 from vdm_jax.errors import UserError
+from vdm_jax.maths import diffusion, losses, schedules
 
 # One colour per term of the bound, the same in every figure.
 _TERM_COLOURS = {
@@ -319,7 +319,7 @@ def diffusion_loss_by_time(
     the midpoints of ``num_bins`` equal time bins, for every image.
 
     Args:
-      model: a :class:`~vdm_jax.model.VDM`.
+      model: a :class:`~vdm_jax.models.vdm.VDM`.
       variables: the model's variables, ``{'params': ...}``.
       images: integer images ``[N, H, W, C]``, values in 0..V-1.
       key: the noise: image i in bin k uses ``fold_in(fold_in(key, k), i)``, so the result
@@ -544,7 +544,7 @@ def write_report(
 
     Args:
       workdir: the run's folder.
-      model: the run's :class:`~vdm_jax.model.VDM`.
+      model: the run's :class:`~vdm_jax.models.vdm.VDM`.
       variables: the variables to report on, ``{'params': ema_params}``.
       initial_variables: the variables the run started from (for the initial schedule).
       step: the step of ``variables``.

@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vdm_jax import evaluation, losses, weightings
 from vdm_jax.errors import UserError
-from vdm_jax.model import VLBTerms
+from vdm_jax.maths import losses, weightings
+from vdm_jax.models import evaluation
+from vdm_jax.models.vdm import VLBTerms
 
 Array = jax.Array
 PyTree = Any
@@ -132,7 +133,7 @@ def init_state(
     """A fresh :class:`TrainState`: parameters from ``key``, EMA equal to them, step 0.
 
     Args:
-      model: the :class:`~vdm_jax.model.VDM`.
+      model: the :class:`~vdm_jax.models.vdm.VDM`.
       optimizer: from :func:`make_optimizer`.
       key: PRNG key.
       example_images: integer ``[b, H, W, C]`` giving the shapes (values unused).
@@ -228,7 +229,7 @@ def train_step(
     """One optimizer update on a batch; pure.
 
     The gradient is that of the model's objective (the bound for the ELBO weighting; see
-    :class:`~vdm_jax.model.VDM`'s ``weighting``); the bound of the same forward pass is
+    :class:`~vdm_jax.models.vdm.VDM`'s ``weighting``); the bound of the same forward pass is
     reported beside it. With ``state.noise_histogram`` the noise levels are drawn from it
     (adaptive noise levels) and its EMA is updated from this step's global batch.
 
@@ -236,7 +237,7 @@ def train_step(
       state: the current :class:`TrainState`.
       batch: 'image' integer ``[B, H, W, C]``, optionally 'label' int ``[B]``.
       key: the run's loop key (the same every step; folded with ``state.step`` here).
-      model: the :class:`~vdm_jax.model.VDM`.
+      model: the :class:`~vdm_jax.models.vdm.VDM`.
       optimizer: the optax transformation the state was made with.
       ema_decay: decay of the parameter EMA (0.9999 in the paper; 0 copies the parameters).
       num_shards: how many random-number shards ``batch`` holds (see the module docstring).
@@ -244,7 +245,7 @@ def train_step(
         gradients and metrics are averaged over the axis.
       learning_rate_fn: the optimizer's schedule, to report the learning rate.
       noise_floor: the share of the uniform density mixed into the adaptive one, in (0, 1]
-        (:func:`vdm_jax.weightings.histogram_probs`).
+        (:func:`vdm_jax.maths.weightings.histogram_probs`).
       noise_decay: the EMA decay of the noise-level histogram, in [0, 1).
 
     Returns:
@@ -303,17 +304,17 @@ def eval_terms(
     num_steps: int | None = None,
 ) -> VLBTerms:
     """Per-example VLB terms of a batch without dropout; pure. The evaluation bound of
-    :func:`vdm_jax.evaluation.bound_terms` on the 'params' collection, so that the training
-    system evaluates exactly as :func:`vdm_jax.evaluation.evaluate_bpd` does.
+    :func:`vdm_jax.models.evaluation.bound_terms` on the 'params' collection, so that the training
+    system evaluates exactly as :func:`vdm_jax.models.evaluation.evaluate_bpd` does.
 
     Args:
       params: parameters to evaluate (usually the EMA ones).
       batch: 'image' integer ``[B, H, W, C]``, optionally 'label' ``[B]``.
       key: this batch's key.
-      model: the :class:`~vdm_jax.model.VDM`.
+      model: the :class:`~vdm_jax.models.vdm.VDM`.
       num_steps: T for the discrete-time bound, 0 continuous, None the model's own.
 
     Returns:
-      :class:`~vdm_jax.model.VLBTerms`, each ``[B]``.
+      :class:`~vdm_jax.models.vdm.VLBTerms`, each ``[B]``.
     """
     return evaluation.bound_terms(model, {"params": params}, batch, key, num_steps=num_steps)

@@ -50,9 +50,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from vdm_jax import evaluation, sampling
 from vdm_jax.errors import UserError
-from vdm_jax.model import VDM
+from vdm_jax.models import evaluation, sampling
+from vdm_jax.models.vdm import VDM
 from vdm_jax.training import checkpoint, data, features, parallel, steps
 from vdm_jax.training import report as report_io
 from vdm_jax.training import workdir as workdir_io
@@ -270,9 +270,9 @@ def _restore(setup: _Setup, need: bool, step: int | None = None) -> checkpoint.R
 
 
 class _Evaluator:
-    """One exact pass over the evaluation split through :func:`vdm_jax.evaluation.evaluate_bpd`,
-    with the bound compiled once per run for the run's devices (parameters as laid out for
-    training, each batch sharded over the mesh)."""
+    """One exact pass over the evaluation split through
+    :func:`vdm_jax.models.evaluation.evaluate_bpd`, with the bound compiled once per run for the
+    run's devices (parameters as laid out for training, each batch sharded over the mesh)."""
 
     def __init__(self, setup: _Setup):
         self._setup = setup
@@ -381,7 +381,7 @@ def _report_frechet(setup: _Setup, images: np.ndarray, step: int) -> None:
 
 def independent_baseline(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> float:
     """Bits/dim of the best per-pixel independent model fitted on the train split, on the
-    evaluation split (see :func:`vdm_jax.evaluation.independent_pixel_bpd`)."""
+    evaluation split (see :func:`vdm_jax.models.evaluation.independent_pixel_bpd`)."""
     d = config.data
     train_src = data.make_source(d.name, "train", data_dir=d.data_dir)
     test_src = data.make_source(d.name, config.eval.split, data_dir=d.data_dir)
@@ -634,7 +634,7 @@ def start_from_state(
     checkpoint) instead of a fresh initialisation.
 
     After the checks of a training run (config, both data splits, model, devices, a writable
-    workdir), ``make_state(model, optimizer)`` (the run's :class:`~vdm_jax.model.VDM` and
+    workdir), ``make_state(model, optimizer)`` (the run's :class:`~vdm_jax.models.vdm.VDM` and
     optax transformation) gives the state, saved as the run's checkpoint at its ``step`` (no
     data position: training continues from the start of the data order), and
     ``config.json`` and ``data_info.json`` are written. :func:`train_and_evaluate`,

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_jax.model import VLBTerms
+from vdm_jax.models.vdm import VLBTerms
 
 Array = jax.Array
 
@@ -107,7 +107,7 @@ def bound_terms(
     """Per-example variational bound of one batch, without dropout; pure (jit it as you like).
 
     Args:
-      model: a :class:`~vdm_jax.model.VDM`.
+      model: a :class:`~vdm_jax.models.vdm.VDM`.
       variables: its variables, e.g. ``{'params': ema_params}``.
       batch: 'image' integer ``[B, H, W, C]``, optionally 'label' int ``[B]`` (passed to the
         model when present) and 'conditioning' float ``[B]`` (the augmentation flag, passed
@@ -116,7 +116,7 @@ def bound_terms(
       num_steps: T for the discrete-time bound, 0 for continuous, None for the model's own.
 
     Returns:
-      :class:`~vdm_jax.model.VLBTerms`, each ``[B]``: the terms in nats, the total in bits/dim.
+      :class:`~vdm_jax.models.vdm.VLBTerms`, each ``[B]``: the terms in nats, the total in bits/dim.
     """
     # Augmented batches carry the flag whatever the network; only one with the input sees it.
     takes_conditioning = getattr(getattr(model, "score_net", None), "conditioning_input", False)
@@ -151,7 +151,7 @@ def evaluate_bpd(
     """The variational bound over one pass of ``batches``, in bits/dim.
 
     Args:
-      model: a :class:`~vdm_jax.model.VDM` (or a module with its ``__call__`` signature).
+      model: a :class:`~vdm_jax.models.vdm.VDM` (or a module with its ``__call__`` signature).
       params: its variables, e.g. ``{'params': ema_params}`` (what ``bound_fn`` takes).
       batches: dicts with 'image' (integer ``[b, H, W, C]``), optionally 'label' ``[b]`` and
         'mask' ``[b]`` (bool, False for padding). Batches shorter than the first are padded.

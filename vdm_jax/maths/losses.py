@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from vdm_jax.diffusion import _expand, encode
+from vdm_jax.maths.diffusion import _expand, encode
 
 Array = jax.Array
 
@@ -111,7 +111,7 @@ def weighted_diffusion_loss(
       gamma_t: gamma at the sampled times, scalar or ``[B]``.
       dgamma_dt: gamma'(t), scalar or ``[B]``.
       weight: w(lambda_t) as an array (scalar or ``[B]``), or a function of lambda (such as a
-        :class:`vdm_jax.weightings.Weighting`) evaluated at lambda = -gamma_t.
+        :class:`vdm_jax.maths.weightings.Weighting`) evaluated at lambda = -gamma_t.
 
     Returns:
       float ``[B]``, nats (of the weighted objective; nats of the bound only when w = 1).

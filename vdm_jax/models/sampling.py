@@ -1,7 +1,7 @@
 """Samplers and the probability-flow likelihood of a VDM.
 
 Every public function takes ``(model, params, key, ...)`` where ``model`` is any Linen module
-with the methods of :class:`vdm_jax.model.VDM` that sampling needs:
+with the methods of :class:`vdm_jax.models.vdm.VDM` that sampling needs:
 
 * ``gamma(t)``: gamma = -log SNR at times ``t`` (any shape) in [0, 1], float32;
 * ``endpoints()``: ``(gamma(0), gamma(1))``, float32 scalars;
@@ -51,7 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import diffusion, losses, schedules
+from vdm_jax.maths import diffusion, losses, schedules
 
 Array = jax.Array
 
@@ -201,7 +201,7 @@ def ancestral_sample(
     """The paper's ancestral sampler of the discrete-time generative model p(z_s|z_t).
 
     z_1 ~ N(0, I); then for i = T, ..., 1 with t = i/T, s = (i - 1)/T:
-    z_s = :func:`vdm_jax.diffusion.ancestral_step` (z_t, eps_hat(z_t, gamma_t), gamma_s,
+    z_s = :func:`vdm_jax.maths.diffusion.ancestral_step` (z_t, eps_hat(z_t, gamma_t), gamma_s,
     gamma_t, noise), a sample of q(z_s|z_t, x = x_hat); finally z_0 is decoded to integers with
     ``model.decode_log_probs``. One network evaluation per step.
 
@@ -252,7 +252,7 @@ def ddim_sample(
     """The deterministic DDIM sampler (eta = 0), usually with far fewer steps than ancestral.
 
     z_1 ~ N(0, I); then for i = T, ..., 1 with t = i/T, s = (i - 1)/T:
-    x_hat = :func:`vdm_jax.diffusion.predict_x` (z_t, eps_hat, gamma_t) and
+    x_hat = :func:`vdm_jax.maths.diffusion.predict_x` (z_t, eps_hat, gamma_t) and
     z_s = alpha_s x_hat + sigma_s eps_hat (a first-order step of the probability-flow ODE in the
     variable z / alpha); z_0 is decoded as in :func:`ancestral_sample`. The only randomness is
     z_1 (and the decoder with ``decode="sample"``). One network evaluation per step.
@@ -300,7 +300,7 @@ def dpm_solver_sample(
     stochastic variant SDE-DPM-Solver++(2M).
 
     A second-order multistep solver of the probability-flow ODE written for the data
-    prediction x_hat = :func:`vdm_jax.diffusion.predict_x`. With lambda = log(alpha / sigma) =
+    prediction x_hat = :func:`vdm_jax.maths.diffusion.predict_x`. With lambda = log(alpha / sigma) =
     -gamma / 2 on ``num_steps + 1`` levels equally spaced in lambda from gamma(1) to gamma(0)
     (only the schedule's endpoints matter: the network is conditioned on gamma itself), step
     i from level s to the less noisy level t, h = lambda_t - lambda_s, is
@@ -660,7 +660,7 @@ def ode_log_likelihood(
 
     The model of x is p(x) = int p(x|z_0) p_ODE(z_0) dz_0: the ODE's density of z_0
     (:func:`ode_log_prob_latent`) followed by the model's per-dimension categorical decoder.
-    With x encoded by :func:`vdm_jax.diffusion.encode` and ONE sample z_0 = alpha_0 x +
+    With x encoded by :func:`vdm_jax.maths.diffusion.encode` and ONE sample z_0 = alpha_0 x +
     sigma_0 eps_0 of q(z_0|x) per example, the returned
 
         bpd = [-log p(x|z_0) - log p_ODE(z_0) + log q(z_0|x)] / (D ln 2)

@@ -19,9 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdm_jax import diffusion, losses, schedules, weightings
 from vdm_jax.errors import UserError
-from vdm_jax.nets import ScoreUNet
+from vdm_jax.maths import diffusion, losses, schedules, weightings
+from vdm_jax.models.unet import ScoreUNet
 
 Array = jax.Array
 
@@ -64,7 +64,7 @@ def reconstruction_nll(
     *,
     custom_gradient: bool = False,
 ) -> Array:
-    """-log p(x|z_0) per example: :func:`vdm_jax.losses.reconstruction_nll`, optionally cheaper.
+    """-log p(x|z_0) per example: :func:`vdm_jax.maths.losses.reconstruction_nll`, or cheaper.
 
     The same categorical decoder, logits -1/2 (z_0 / alpha_0 - e_v)^2 SNR_0 over the V values
     e_v. With ``window > 0`` and a scalar ``gamma_0`` (the model's gamma(0)), a ``lax.cond``
@@ -230,9 +230,9 @@ class VDM(nn.Module):
 
     Attributes:
       score_net: eps-prediction network, called ``score_net(z, gamma_t, labels, train=...)``
-        with z ``[B, H, W, C]`` float32 and gamma_t ``[B]``; :class:`~vdm_jax.nets.ScoreUNet`
+        with z ``[B, H, W, C]`` float32 and gamma_t ``[B]``; :class:`~vdm_jax.models.unet.ScoreUNet`
         by default.
-      schedule: a schedule module (see :mod:`vdm_jax.schedules`); learned linear by default.
+      schedule: a schedule module (see :mod:`vdm_jax.maths.schedules`); learned linear by default.
       vocab_size: V, the number of values a data dimension takes (256 for 8-bit images).
       num_steps: T; 0 means continuous time (the paper's default), T > 0 the discrete-time
         bound with times i/T.
@@ -240,7 +240,7 @@ class VDM(nn.Module):
       variance_gradient: train the schedule's shape to minimise the variance of the diffusion
         loss (paper, appendix I.2); continuous time only.
       weighting: the weighting w(lambda) of the trained diffusion loss (a
-        :class:`vdm_jax.weightings.Weighting`; the ELBO's w = 1 by default). It is defined
+        :class:`vdm_jax.maths.weightings.Weighting`; the ELBO's w = 1 by default). It is defined
         for the continuous-time loss: training with it in discrete time raises, and a
         discrete-time evaluation reports the bound as the objective. The bound in ``bpd`` is
         always the unweighted one. What trains the schedule when w is not 1: in expectation
@@ -252,7 +252,7 @@ class VDM(nn.Module):
         L_w); with adaptive noise levels it is not used at all.
       parameterization: what ``score_net`` outputs: ``"eps"`` (the noise, the paper's),
         ``"v"`` (v = alpha eps - sigma x, Salimans & Ho 2022) or ``"x"`` (the data);
-        :meth:`predict_noise` converts it to eps_hat with :func:`vdm_jax.diffusion.to_eps`.
+        :meth:`predict_noise` converts it to eps_hat with :func:`vdm_jax.maths.diffusion.to_eps`.
       reconstruction_window: 0 (default) computes the reconstruction term's normaliser over
         all V values; w > 0 sums it over the 2 w + 1 values nearest z_0 / alpha_0 whenever
         gamma(0) is low enough for the result to equal the full one to float32 rounding (see
@@ -313,7 +313,7 @@ class VDM(nn.Module):
         The network's output is converted from the model's ``parameterization``.
         ``conditioning`` (float ``[B]``, e.g. the augmentation flag) is passed to score
         networks that take a scalar conditioning input; None leaves it out (zeros for
-        :class:`~vdm_jax.nets.ScoreUNet`).
+        :class:`~vdm_jax.models.unet.ScoreUNet`).
         """
         if conditioning is None:
             prediction = self.score_net(z, gamma_t, labels, train=train)
@@ -354,7 +354,7 @@ class VDM(nn.Module):
           num_steps: overrides the module's T for this call (e.g. 1000 to evaluate the
             discrete-time bound of a model trained in continuous time); 0 is continuous.
           noise_level_probs: ``[K]`` bin probabilities of an adaptive noise-level density
-            over [gamma(0), gamma(1)] (:func:`vdm_jax.weightings.histogram_probs`); the noise
+            over [gamma(0), gamma(1)] (:func:`vdm_jax.maths.weightings.histogram_probs`); the noise
             levels are then drawn from it instead of the schedule's uniform t, and both the
             bound and the objective are importance-weighted (unbiased). Continuous time only.
           return_objective: also return the training objective of the same pass.

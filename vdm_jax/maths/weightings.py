@@ -268,7 +268,7 @@ def sample_from_histogram(
     The K bins split [gamma_0, gamma_1] into equal parts (gamma = -lambda, so bin 0 is the
     least noisy); gamma is the inverse CDF at ``u``, so stratified or antithetic ``u`` stays
     stratified. It is a piecewise-linear schedule gamma(u) whose derivative is 1 / p(gamma):
-    :func:`vdm_jax.losses.weighted_diffusion_loss` with ``dgamma_dt = 1 / density`` is the
+    :func:`vdm_jax.maths.losses.weighted_diffusion_loss` with ``dgamma_dt = 1 / density`` is the
     importance-sampled loss. gamma depends differentiably on the endpoints.
 
     Args:
