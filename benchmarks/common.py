@@ -198,7 +198,7 @@ def step_flops(
       (FLOPs, the source used: "compiled" or "lowered", the latter also when compiling failed).
     """
     model = build_model(n_layer, n_embd, dtype, dropout_rate, formulation="plain")
-    step_fn = parallel.make_train_step(model, training_steps.make_optimizer(), 0.9999)
+    step_fn = training_steps.make_train_step(model, training_steps.make_optimizer(), 0.9999)
     device = jax.devices()[0]
     state, batch, key = jax.device_put((state, batch, key), device)
     jitted = jax.jit(functools.partial(step_fn, num_shards=num_shards, axis_name=None))
@@ -324,7 +324,7 @@ def compile_train_step(
     k = steps_per_dispatch
     dp = parallel.DataParallel(mode, parallel.make_mesh(num_devices))
     dp.check_batch_size(host_batch["image"].shape[-4])
-    train_step = parallel.make_train_step(model, training_steps.make_optimizer(), 0.9999)
+    train_step = training_steps.make_train_step(model, training_steps.make_optimizer(), 0.9999)
     state = dp.put_state(host_state)
     t0 = time.perf_counter()
     compiled = (
@@ -469,7 +469,7 @@ def bench_eval(
     host_batches = synthetic_batches(2, batch, resolution, channels, seed)
     key = jax.random.key(seed + 2)
     compiled, compile_s = compile_timed(
-        dp.compile_eval_step(parallel.make_eval_step(model)),
+        dp.compile_eval_step(training_steps.make_eval_step(model)),
         params,
         dp.put_global_batch(host_batches[0]),
         key,

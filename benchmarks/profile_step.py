@@ -258,10 +258,10 @@ def our_programs(args, formulation: str) -> dict:
     def evaluate():
         params, batch = dp.put_params(host_state.params), dp.put_global_batch(batches[0])
         compiled, _ = common.compile_timed(
-            dp.compile_eval_step(parallel.make_eval_step(model)), params, batch, key
+            dp.compile_eval_step(steps.make_eval_step(model)), params, batch, key
         )
         flops = _lowered_flops(
-            dp.compile_eval_step(parallel.make_eval_step(plain)), params, batch, key
+            dp.compile_eval_step(steps.make_eval_step(plain)), params, batch, key
         )
 
         def call(i):

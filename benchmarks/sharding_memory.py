@@ -47,7 +47,7 @@ def main(argv=None) -> list[dict]:
 
     model = common.build_model(args.n_layer, args.n_embd, args.dtype)
     optimizer = steps.make_optimizer()
-    step_fn = parallel.make_train_step(model, optimizer, 0.9999)
+    step_fn = steps.make_train_step(model, optimizer, 0.9999)
     shape = (args.batch, args.resolution, args.resolution, args.channels)
     example = jnp.zeros((1, *shape[1:]), jnp.uint8)
     abstract = jax.eval_shape(

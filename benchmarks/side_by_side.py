@@ -148,7 +148,7 @@ def eval_section(args, theirs, formulation):
     batches = common.synthetic_batches(2, args.batch, args.resolution, 3, seed=1)
     key = jax.random.key(2)
     ours, ours_compile = common.compile_timed(
-        dp.compile_eval_step(parallel.make_eval_step(model)),
+        dp.compile_eval_step(steps.make_eval_step(model)),
         params,
         dp.put_global_batch(batches[0]),
         key,

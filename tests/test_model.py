@@ -160,7 +160,7 @@ def test_accumulator_rejects_empty_and_mismatched_masks():
 @pytest.mark.parametrize("vocab_size", [256, 17])
 def test_windowed_reconstruction_equals_the_full_decoder(vocab_size):
     from vdm_jax.maths import diffusion, losses
-    from vdm_jax.models.vdm import reconstruction_nll, window_gamma_limit
+    from vdm_jax.maths.losses import window_gamma_limit, windowed_reconstruction_nll
 
     limit = window_gamma_limit(vocab_size, window=4)
     x_int = jax.random.randint(jax.random.key(0), (4, 6, 6, 3), 0, vocab_size)
@@ -175,7 +175,7 @@ def test_windowed_reconstruction_equals_the_full_decoder(vocab_size):
     def total(fn):
         return jax.jit(jax.value_and_grad(lambda g, scale: jnp.sum(terms(fn, g, scale))))
 
-    windowed = functools.partial(reconstruction_nll, window=4)
+    windowed = functools.partial(windowed_reconstruction_nll, window=4)
     custom = functools.partial(windowed, custom_gradient=True)
     custom_total, plain_total = total(custom), total(windowed)
     theirs_total = total(losses.reconstruction_nll)

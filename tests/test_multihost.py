@@ -125,7 +125,7 @@ def _tiny_vdm():
 def _train_three_steps(dp, state, batches):
     model = _tiny_vdm()
     step_fn = dp.compile_train_step(
-        parallel.make_train_step(model, steps.make_optimizer(), 0.9), state=state
+        steps.make_train_step(model, steps.make_optimizer(), 0.9), state=state
     )
     state = dp.put_state(state)
     losses = []

@@ -51,7 +51,7 @@ def _train(mode):
     example = jnp.zeros((1, 8, 8, 1), jnp.uint8)
     state = steps.init_state(MODEL, optimizer, jax.random.key(0), example, noise_bins=BINS)
     dp = parallel.DataParallel(mode, parallel.make_mesh(8))
-    train_step = parallel.make_train_step(MODEL, optimizer, 0.9, noise_floor=0.1, noise_decay=0.5)
+    train_step = steps.make_train_step(MODEL, optimizer, 0.9, noise_floor=0.1, noise_decay=0.5)
     step = dp.compile_train_step(train_step, 1)
     device_state, records = dp.put_state(state), []
     for i in range(NUM_STEPS):

@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from vdm_jax.configs import digits
-from vdm_jax.training import checkpoint, data, parallel, trainer
+from vdm_jax.training import checkpoint, data, steps, trainer
 from vdm_jax.training import config as config_schema
 from vdm_jax.training import workdir as workdir_io
 
@@ -369,7 +369,7 @@ def test_divergence_stops_at_the_first_bad_step_and_keeps_the_last_good_checkpoi
 
 def _inject_nan_at(monkeypatch, bad_steps):
     """Make the updates that produce the given steps non-finite (loss, gradients, parameters)."""
-    real = parallel.make_train_step
+    real = steps.make_train_step
 
     def make(model, optimizer, ema_decay, learning_rate_fn=None, **noise_levels):
         step_fn = real(model, optimizer, ema_decay, learning_rate_fn, **noise_levels)
@@ -387,7 +387,7 @@ def _inject_nan_at(monkeypatch, bad_steps):
 
         return poisoned
 
-    monkeypatch.setattr(trainer.parallel, "make_train_step", make)
+    monkeypatch.setattr(trainer.steps, "make_train_step", make)
 
 
 def test_skip_nonfinite_updates_keeps_the_parameters_and_counts_skips(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from vdm_jax.maths import losses
-from vdm_jax.maths.diffusion import _expand
+from vdm_jax.maths.diffusion import expand_gamma
 from vdm_jax.maths.schedules import GAMMA_MAX, GAMMA_MIN, FixedLinearSchedule
 from vdm_jax.models import sampling
 from vdm_jax.models.unet import ScoreUNet
@@ -47,7 +47,7 @@ class GaussianModel(nn.Module):
         del train
         if labels is not None:  # the samplers must hand over one label per example
             assert labels.shape == (z.shape[0],), (labels.shape, z.shape)
-        g = _expand(gamma_t, z.ndim)
+        g = expand_gamma(gamma_t, z.ndim)
         alpha2, sigma2 = jax.nn.sigmoid(-g), jax.nn.sigmoid(g)
         return jnp.sqrt(sigma2) * (z - jnp.sqrt(alpha2) * self.mu) / (alpha2 * self.s**2 + sigma2)
 

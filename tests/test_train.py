@@ -56,7 +56,7 @@ def _trajectory(mode, batches, steps_per_dispatch=1, num_devices=8):
     )
     dp = parallel.DataParallel(mode, parallel.make_mesh(num_devices))
     step = dp.compile_train_step(
-        parallel.make_train_step(model, optimizer, 0.9, steps.learning_rate_schedule(1e-3, 2, 0)),
+        steps.make_train_step(model, optimizer, 0.9, steps.learning_rate_schedule(1e-3, 2, 0)),
         steps_per_dispatch,
     )
     device_state, losses = dp.put_state(state), []
@@ -113,7 +113,7 @@ def test_one_and_eight_devices_see_the_same_random_numbers_per_shard():
     state = steps.init_state(
         model, optimizer, jax.random.key(0), jnp.zeros((1, 8, 8, 1), jnp.uint8)
     )
-    step_fn = parallel.make_train_step(model, optimizer, 0.9)
+    step_fn = steps.make_train_step(model, optimizer, 0.9)
     one_device = jax.jit(lambda s, b, k: step_fn(s, b, k, num_shards=8))
     _, m1 = one_device(state, {"image": jnp.asarray(batches[0]["image"])}, jax.random.key(1))
     losses, _ = _trajectory("jit", batches[:1])

@@ -6,6 +6,10 @@ and the remedy. The command line prints it as one ``error:`` line. Any other exc
 bug and keeps its traceback.
 """
 
+__all__ = [
+    "UserError",
+]
+
 
 class UserError(ValueError):
     """Bad input from the user: the message names the offending value and how to fix it.

@@ -5,3 +5,11 @@ The forward process, its posterior and the parameterisation conversions
 schedules (:mod:`vdm_jax.maths.schedules`), weightings of the bound
 (:mod:`vdm_jax.maths.weightings`) and the Frechet distance (:mod:`vdm_jax.maths.frechet`).
 """
+
+__all__ = [
+    "diffusion",
+    "frechet",
+    "losses",
+    "schedules",
+    "weightings",
+]

@@ -16,14 +16,47 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vdm_jax.errors import UserError
+
+__all__ = [
+    "PARAMETERIZATIONS",
+    "alpha_sigma",
+    "ancestral_step",
+    "encode",
+    "eps_from_score",
+    "eps_from_v",
+    "eps_from_x",
+    "expand_gamma",
+    "from_eps",
+    "posterior",
+    "predict_x",
+    "q_sample",
+    "q_step",
+    "score_from_eps",
+    "snr",
+    "to_eps",
+    "transition",
+    "v_from_eps",
+    "v_from_x",
+    "x_from_v",
+]
+
 Array = jax.Array
 
 
-def _expand(gamma: Array, ndim: int) -> Array:
-    """Append singleton axes so that ``gamma`` (a prefix of the data shape) broadcasts."""
+def expand_gamma(gamma: Array, ndim: int) -> Array:
+    """``gamma`` with singleton axes appended, so that it broadcasts against data of ``ndim`` axes.
+
+    Args:
+      gamma: a scalar or an array whose shape is a prefix of the data's shape (e.g. ``[B]``).
+      ndim: the number of axes of the data.
+
+    Returns:
+      ``gamma`` reshaped to ``gamma.shape + (1,) * (ndim - gamma.ndim)``, same dtype.
+    """
     gamma = jnp.asarray(gamma)
     if gamma.ndim > ndim:
-        raise ValueError(
+        raise UserError(
             f"gamma has shape {gamma.shape}, more axes than the data it applies to ({ndim})"
         )
     return gamma.reshape(gamma.shape + (1,) * (ndim - gamma.ndim))
@@ -64,7 +97,7 @@ def q_sample(x: Array, gamma_t: Array, noise: Array) -> Array:
     Returns:
       z_t = alpha_t x + sigma_t noise, ``x.shape``.
     """
-    alpha, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(x)))
+    alpha, sigma = alpha_sigma(expand_gamma(gamma_t, jnp.ndim(x)))
     return alpha * x + sigma * noise
 
 
@@ -100,7 +133,7 @@ def q_step(z_s: Array, gamma_s: Array, gamma_t: Array, noise: Array) -> Array:
       z_t = sqrt(a_t) z_s + sqrt(1 - a_t) noise, ``z_s.shape``.
     """
     ndim = jnp.ndim(z_s)
-    mean_coef, var = transition(_expand(gamma_s, ndim), _expand(gamma_t, ndim))
+    mean_coef, var = transition(expand_gamma(gamma_s, ndim), expand_gamma(gamma_t, ndim))
     return mean_coef * z_s + jnp.sqrt(var) * noise
 
 
@@ -128,7 +161,7 @@ def posterior(z_t: Array, x: Array, gamma_s: Array, gamma_t: Array) -> tuple[Arr
       trailing singleton axes (it is the same for every dimension).
     """
     ndim = jnp.ndim(z_t)
-    gamma_s, gamma_t = _expand(gamma_s, ndim), _expand(gamma_t, ndim)
+    gamma_s, gamma_t = expand_gamma(gamma_s, ndim), expand_gamma(gamma_t, ndim)
     ratio, c, var = _posterior_coefs(gamma_s, gamma_t)
     alpha_s, _ = alpha_sigma(gamma_s)
     return ratio * (1.0 - c) * z_t + alpha_s * c * x, var
@@ -144,7 +177,7 @@ def predict_x(z_t: Array, eps_hat: Array, gamma_t: Array) -> Array:
     Returns:
       x_hat, ``z_t.shape``.
     """
-    alpha, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(z_t)))
+    alpha, sigma = alpha_sigma(expand_gamma(gamma_t, jnp.ndim(z_t)))
     return (z_t - sigma * eps_hat) / alpha
 
 
@@ -158,43 +191,43 @@ PARAMETERIZATIONS = ("eps", "x", "v")
 
 def eps_from_x(z_t: Array, x_hat: Array, gamma_t: Array) -> Array:
     """eps_hat = (z_t - alpha_t x_hat) / sigma_t; arrays ``[B, ...]``, gamma a prefix shape."""
-    alpha, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(z_t)))
+    alpha, sigma = alpha_sigma(expand_gamma(gamma_t, jnp.ndim(z_t)))
     return (z_t - alpha * x_hat) / sigma
 
 
 def eps_from_v(z_t: Array, v_hat: Array, gamma_t: Array) -> Array:
     """eps_hat = sigma_t z_t + alpha_t v_hat; arrays ``[B, ...]``, gamma a prefix shape."""
-    alpha, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(z_t)))
+    alpha, sigma = alpha_sigma(expand_gamma(gamma_t, jnp.ndim(z_t)))
     return sigma * z_t + alpha * v_hat
 
 
 def x_from_v(z_t: Array, v_hat: Array, gamma_t: Array) -> Array:
     """x_hat = alpha_t z_t - sigma_t v_hat; arrays ``[B, ...]``, gamma a prefix shape."""
-    alpha, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(z_t)))
+    alpha, sigma = alpha_sigma(expand_gamma(gamma_t, jnp.ndim(z_t)))
     return alpha * z_t - sigma * v_hat
 
 
 def v_from_eps(z_t: Array, eps_hat: Array, gamma_t: Array) -> Array:
     """v_hat = (eps_hat - sigma_t z_t) / alpha_t; arrays ``[B, ...]``, gamma a prefix shape."""
-    alpha, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(z_t)))
+    alpha, sigma = alpha_sigma(expand_gamma(gamma_t, jnp.ndim(z_t)))
     return (eps_hat - sigma * z_t) / alpha
 
 
 def v_from_x(z_t: Array, x_hat: Array, gamma_t: Array) -> Array:
     """v_hat = (alpha_t z_t - x_hat) / sigma_t; arrays ``[B, ...]``, gamma a prefix shape."""
-    alpha, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(z_t)))
+    alpha, sigma = alpha_sigma(expand_gamma(gamma_t, jnp.ndim(z_t)))
     return (alpha * z_t - x_hat) / sigma
 
 
 def score_from_eps(eps_hat: Array, gamma_t: Array) -> Array:
     """The score of q(z_t), grad_z log q(z_t) = -eps_hat / sigma_t; ``eps_hat.shape``."""
-    _, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(eps_hat)))
+    _, sigma = alpha_sigma(expand_gamma(gamma_t, jnp.ndim(eps_hat)))
     return -eps_hat / sigma
 
 
 def eps_from_score(score: Array, gamma_t: Array) -> Array:
     """eps_hat = -sigma_t score, the inverse of :func:`score_from_eps`; ``score.shape``."""
-    _, sigma = alpha_sigma(_expand(gamma_t, jnp.ndim(score)))
+    _, sigma = alpha_sigma(expand_gamma(gamma_t, jnp.ndim(score)))
     return -sigma * score
 
 
@@ -220,7 +253,7 @@ def from_eps(eps_hat: Array, z_t: Array, gamma_t: Array, parameterization: str) 
 
 def _conversion(table, parameterization: str):
     if parameterization not in table:
-        raise ValueError(
+        raise UserError(
             f"unknown parameterization {parameterization!r}; choose one of {PARAMETERIZATIONS}"
         )
     return table[parameterization]
@@ -248,7 +281,7 @@ def ancestral_step(
       z_s, ``z_t.shape``.
     """
     ndim = jnp.ndim(z_t)
-    gamma_s, gamma_t = _expand(gamma_s, ndim), _expand(gamma_t, ndim)
+    gamma_s, gamma_t = expand_gamma(gamma_s, ndim), expand_gamma(gamma_t, ndim)
     ratio, c, var = _posterior_coefs(gamma_s, gamma_t)
     _, sigma_t = alpha_sigma(gamma_t)
     return ratio * (z_t - c * sigma_t * eps_hat) + jnp.sqrt(var) * noise
@@ -265,5 +298,5 @@ def encode(x_int: Array, vocab_size: int) -> Array:
       float32 array, ``x_int.shape``.
     """
     if vocab_size < 2:
-        raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
+        raise UserError(f"vocab_size must be at least 2, got {vocab_size}")
     return (2.0 * (jnp.asarray(x_int, jnp.float32) + 0.5)) / vocab_size - 1.0

@@ -33,6 +33,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdm_jax.errors import UserError
+
+__all__ = [
+    "GAMMA_MAX",
+    "GAMMA_MIN",
+    "DenseMonotone",
+    "FixedLinearSchedule",
+    "LearnedLinearSchedule",
+    "MonotonicSchedule",
+    "Schedule",
+    "ShiftedSchedule",
+    "UnnormalisedMonotonicSchedule",
+    "emit_variance_gradient",
+    "fixed_linear",
+    "gamma_and_derivative",
+    "gamma_with_variance_gradient",
+]
+
 Array = jax.Array
 
 GAMMA_MIN = -13.3
@@ -55,7 +73,7 @@ def fixed_linear(t: Array, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMM
 
 def _check_endpoints(gamma_min: float, gamma_max: float) -> None:
     if not gamma_min < gamma_max:
-        raise ValueError(
+        raise UserError(
             f"gamma_min must be below gamma_max, got gamma_min={gamma_min}, gamma_max={gamma_max}"
         )
 
@@ -223,7 +241,7 @@ class ShiftedSchedule(_Composed):
     def shift(self) -> float:
         """The change of gamma, -2 log(d_ref / d) (negative for images above the reference)."""
         if not (self.resolution > 0 and self.reference_resolution > 0):
-            raise ValueError(
+            raise UserError(
                 "resolution and reference_resolution must be positive, got "
                 f"{self.resolution} and {self.reference_resolution}"
             )
@@ -368,7 +386,7 @@ def emit_variance_gradient(loss: Array, channel: Array) -> Array:
       channel carries 2 L_i to the shape, turning its gradient into that of L_i^2.
     """
     if jnp.shape(channel) != jnp.shape(loss):
-        raise ValueError(
+        raise UserError(
             "the variance gradient needs one time per example: loss has shape "
             f"{jnp.shape(loss)}, the schedule channel {jnp.shape(channel)}"
         )

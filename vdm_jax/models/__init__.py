@@ -3,3 +3,10 @@
 (:mod:`vdm_jax.models.sampling`) and evaluation of the bound over batches
 (:mod:`vdm_jax.models.evaluation`). They import the maths, never the training system.
 """
+
+__all__ = [
+    "evaluation",
+    "sampling",
+    "unet",
+    "vdm",
+]

@@ -16,7 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdm_jax.errors import UserError
 from vdm_jax.models.vdm import VLBTerms
+
+__all__ = [
+    "BpdAccumulator",
+    "EvalResult",
+    "bound_terms",
+    "evaluate_bpd",
+    "independent_pixel_bpd",
+    "pad_batch",
+]
 
 Array = jax.Array
 
@@ -59,7 +69,7 @@ class BpdAccumulator:
             mask = np.ones(values.shape[1], bool)
         mask = np.asarray(mask, bool)
         if mask.shape != values.shape[1:]:
-            raise ValueError(f"mask has shape {mask.shape}, the batch {values.shape[1:]}")
+            raise UserError(f"mask has shape {mask.shape}, the batch {values.shape[1:]}")
         picked = values[:, mask]
         self._n += int(mask.sum())
         self._sums += np.concatenate([picked.sum(1), [np.square(picked[3]).sum()]])
@@ -67,7 +77,7 @@ class BpdAccumulator:
     def result(self, num_dims: int) -> EvalResult:
         """Averages over everything added; ``num_dims`` converts nats to bits/dim."""
         if self._n == 0:
-            raise ValueError("no examples were evaluated: the data set is empty")
+            raise UserError("no examples were evaluated: the data set is empty")
         prior, recon, diff, bpd, bpd_sq = self._sums / self._n
         var = max(bpd_sq - bpd**2, 0.0) * self._n / max(self._n - 1, 1)
         to_bpd = 1.0 / (num_dims * math.log(2.0))
@@ -85,7 +95,7 @@ def pad_batch(batch: Mapping[str, Any], batch_size: int) -> dict[str, np.ndarray
     """Pad a batch dict along axis 0 to ``batch_size``, adding or extending a bool 'mask'."""
     size = len(batch["image"])
     if size > batch_size:
-        raise ValueError(f"batch of {size} examples is larger than the batch size {batch_size}")
+        raise UserError(f"batch of {size} examples is larger than the batch size {batch_size}")
     out = {k: np.asarray(v) for k, v in batch.items()}
     out.setdefault("mask", np.ones(size, bool))
     if size < batch_size:
@@ -184,7 +194,7 @@ def evaluate_bpd(
             batch.pop("label", None)
         acc.add(bound_fn(params, batch, jax.random.fold_in(key, i)), mask)
     if num_dims is None:
-        raise ValueError("no examples were evaluated: the data set is empty")
+        raise UserError("no examples were evaluated: the data set is empty")
     return acc.result(num_dims)
 
 

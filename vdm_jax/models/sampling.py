@@ -51,6 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdm_jax.errors import UserError
 from vdm_jax.maths import diffusion, losses, schedules
 
 Array = jax.Array
@@ -86,18 +87,18 @@ def _check_shape(shape) -> tuple[int, int, int, int]:
     except TypeError:
         dims = ()
     if len(dims) != 4 or min(dims) < 1:
-        raise ValueError(f"shape must be a tuple of 4 positive ints (B, H, W, C), got {shape!r}")
+        raise UserError(f"shape must be a tuple of 4 positive ints (B, H, W, C), got {shape!r}")
     return dims
 
 
 def _check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        raise UserError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def _check_positive(name: str, value) -> None:
     if not value > 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+        raise UserError(f"{name} must be positive, got {value!r}")
 
 
 def _gamma(model: nn.Module, params, t: Array) -> Array:
@@ -456,7 +457,7 @@ def solve_probability_flow(
     """
     _check_ode_settings(rtol, atol, max_steps, solver)
     if t0 == t1 or not (0.0 <= t0 <= 1.0 and 0.0 <= t1 <= 1.0):
-        raise ValueError(f"t0 and t1 must be distinct times in [0, 1], got t0={t0}, t1={t1}")
+        raise UserError(f"t0 and t1 must be distinct times in [0, 1], got t0={t0}, t1={t1}")
 
     def one(z_i, labels_i):
         def vector_field(t, y, args):
@@ -682,7 +683,7 @@ def ode_log_likelihood(
       :class:`ODELikelihood` (``bpd`` ``[B]`` bits/dim, ``nfe`` ``[B]``, and the terms in nats).
     """
     if images.ndim != 4 or not jnp.issubdtype(images.dtype, jnp.integer):
-        raise ValueError(
+        raise UserError(
             f"images must be integers [B, H, W, C], got shape {images.shape}, dtype {images.dtype}"
         )
     key_z, key_probes = jax.random.split(key)

@@ -79,7 +79,7 @@ def largest_group_count(channels: int, max_groups: int, min_group_size: int = 4)
       4 for (16, 32), 8 for (32, 32), 2 for (8, 32), 1 for (3, 32).
     """
     if channels < 1 or max_groups < 1 or min_group_size < 1:
-        raise ValueError(
+        raise UserError(
             f"channels, max_groups and min_group_size must be >= 1, got channels={channels}, "
             f"max_groups={max_groups}, min_group_size={min_group_size}"
         )
@@ -121,9 +121,9 @@ def timestep_embedding(t: jax.Array, dim: int, scale: float = 1000.0) -> jax.Arr
     """
     t = jnp.asarray(t, jnp.float32)
     if t.ndim != 1:
-        raise ValueError(f"t must have shape [B], got shape {t.shape}")
+        raise UserError(f"t must have shape [B], got shape {t.shape}")
     if dim < 1:
-        raise ValueError(f"dim must be >= 1, got {dim}")
+        raise UserError(f"dim must be >= 1, got {dim}")
     half = dim // 2
     log_step = math.log(10000.0) / max(half - 1, 1)
     freqs = jnp.exp(-log_step * jnp.arange(half, dtype=jnp.float32))  # [half]
@@ -351,7 +351,7 @@ class ResNetBlock(nn.Module):
         in_channels = x.shape[-1]
         out_channels = in_channels if self.out_channels is None else self.out_channels
         if cond.ndim != 2 or cond.shape[0] != x.shape[0]:
-            raise ValueError(
+            raise UserError(
                 f"cond must have shape [B, D] with B={x.shape[0]}, got shape {cond.shape}"
             )
 
@@ -586,22 +586,22 @@ class ScoreUNet(nn.Module):
         """Validate and broadcast the inputs; returns (z, gamma_t [B] float32, labels [B])."""
         z = jnp.asarray(z)
         if z.ndim != 4:
-            raise ValueError(f"z must have shape [B, H, W, C], got shape {z.shape}")
+            raise UserError(f"z must have shape [B, H, W, C], got shape {z.shape}")
         if not jnp.issubdtype(z.dtype, jnp.floating):
-            raise ValueError(f"z must be a floating array, got dtype {z.dtype}")
+            raise UserError(f"z must be a floating array, got dtype {z.dtype}")
         batch = z.shape[0]
 
         gamma_t = jnp.asarray(gamma_t, jnp.float32)
         if gamma_t.ndim == 0:
             gamma_t = jnp.broadcast_to(gamma_t, (batch,))
         elif gamma_t.shape != (batch,):
-            raise ValueError(
+            raise UserError(
                 f"gamma_t must be a scalar or have shape [B]=({batch},), got shape {gamma_t.shape}"
             )
 
         if self.num_classes == 0:
             if labels is not None:
-                raise ValueError(
+                raise UserError(
                     "labels must be None when num_classes=0, got labels of shape "
                     f"{jnp.shape(labels)}: {labels!r}"
                 )
@@ -611,11 +611,11 @@ class ScoreUNet(nn.Module):
             return z, gamma_t, jnp.full((batch,), self.num_classes, jnp.int32)
         labels = jnp.asarray(labels)
         if not jnp.issubdtype(labels.dtype, jnp.integer):
-            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+            raise UserError(f"labels must be integers, got dtype {labels.dtype}")
         if labels.ndim == 0:
             labels = jnp.broadcast_to(labels, (batch,))
         elif labels.shape != (batch,):
-            raise ValueError(
+            raise UserError(
                 f"labels must be a scalar or have shape [B]=({batch},), got shape {labels.shape}"
             )
         return z, gamma_t, labels
@@ -625,7 +625,7 @@ class ScoreUNet(nn.Module):
         None without ``conditioning_input``."""
         if not self.conditioning_input:
             if conditioning is not None:
-                raise ValueError(
+                raise UserError(
                     "conditioning must be None when conditioning_input=False, got an array of "
                     f"shape {jnp.shape(conditioning)}"
                 )
@@ -636,7 +636,7 @@ class ScoreUNet(nn.Module):
         if conditioning.ndim == 0:
             return jnp.broadcast_to(conditioning, (batch,))
         if conditioning.shape != (batch,):
-            raise ValueError(
+            raise UserError(
                 f"conditioning must be a scalar or have shape [B]=({batch},), got shape "
                 f"{conditioning.shape}"
             )

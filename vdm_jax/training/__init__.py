@@ -3,3 +3,5 @@
 Nothing in :mod:`vdm_jax`'s maths and models (the top-level modules) imports this package,
 so a user who only wants the maths gets none of orbax, grain or tfds.
 """
+
+__all__: list[str] = []

@@ -19,8 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vdm_jax.errors import UserError
 from vdm_jax.maths import frechet
 from vdm_jax.training import data
+
+__all__ = [
+    "CACHE_ENV",
+    "LABEL",
+    "DigitsFeatures",
+    "default_cache_dir",
+    "digits_features",
+]
 
 Array = jax.Array
 
@@ -104,7 +113,7 @@ class DigitsFeatures:
         """Features of integer digits ``[N, 8, 8, 1]`` (values 0..16): float32 ``[N, FEATURES]``."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1:] != (8, 8, 1):
-            raise ValueError(f"digits images must be [N, 8, 8, 1], got shape {images.shape}")
+            raise UserError(f"digits images must be [N, 8, 8, 1], got shape {images.shape}")
         return np.asarray(self._apply(self.params, images))
 
     def reference_statistics(self) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,12 @@ import flax
 import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "DivergenceGuard",
+    "GuardState",
+    "TrainingDivergedError",
+]
+
 _NO_STEP = -1
 
 

@@ -34,7 +34,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vdm_jax.errors import UserError
-from vdm_jax.training import steps
 
 PyTree = Any
 MODES = ("jit", "pmap")
@@ -269,7 +268,7 @@ class DataParallel:
         }
         lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
         if hi - lo != b or lo % b or sum(e - s for s, e in spans) != b:
-            raise ValueError(
+            raise UserError(
                 f"process {jax.process_index()}'s devices do not hold one contiguous block of "
                 "the batch; build the mesh with make_mesh"
             )
@@ -381,7 +380,7 @@ class DataParallel:
         if tree is not None:
             return self.state_sharding(tree)
         if self.fsdp_size > 1:
-            raise ValueError("with fsdp > 1, pass the state (or its shapes) to lay it out")
+            raise UserError("with fsdp > 1, pass the state (or its shapes) to lay it out")
         return self.replicated
 
     def compile_eval_step(self, eval_fn: Callable, params: PyTree | None = None) -> Callable:
@@ -427,26 +426,6 @@ def _put(tree: PyTree, shardings: PyTree) -> PyTree:
     return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
 
 
-def make_train_step(
-    model, optimizer, ema_decay: float, learning_rate_fn=None, **noise_levels
-) -> Callable:
-    """:func:`~vdm_jax.training.steps.train_step` with the model and optimizer bound;
-    ``noise_levels`` are its ``noise_floor`` and ``noise_decay``."""
-    return functools.partial(
-        steps.train_step,
-        model=model,
-        optimizer=optimizer,
-        ema_decay=ema_decay,
-        learning_rate_fn=learning_rate_fn,
-        **noise_levels,
-    )
-
-
-def make_eval_step(model, num_steps: int | None = None) -> Callable:
-    """:func:`vdm_jax.training.steps.eval_terms` with the model bound, ready to compile."""
-    return functools.partial(steps.eval_terms, model=model, num_steps=num_steps)
-
-
 def to_host(tree: PyTree) -> PyTree:
     """Arrays to numpy: the whole value of each, also of arrays sharded over other processes
     (gathered; a collective that every process must call)."""
@@ -469,9 +448,7 @@ __all__ = [
     "DataParallel",
     "fsdp_partition_spec",
     "initialize_distributed",
-    "make_eval_step",
     "make_mesh",
-    "make_train_step",
     "mesh_shape",
     "to_host",
 ]

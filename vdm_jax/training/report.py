@@ -40,6 +40,17 @@ import numpy as np
 from vdm_jax.errors import UserError
 from vdm_jax.maths import diffusion, losses, schedules
 
+__all__ = [
+    "LossByTime",
+    "diffusion_loss_by_time",
+    "plot_loss_by_time",
+    "plot_schedule",
+    "plot_training",
+    "read_metrics",
+    "write_html",
+    "write_report",
+]
+
 # One colour per term of the bound, the same in every figure.
 _TERM_COLOURS = {
     "bpd": "black",

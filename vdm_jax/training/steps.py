@@ -14,6 +14,7 @@ the devices (:func:`eval_terms`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,18 @@ from vdm_jax.errors import UserError
 from vdm_jax.maths import losses, weightings
 from vdm_jax.models import evaluation
 from vdm_jax.models.vdm import VLBTerms
+
+__all__ = [
+    "TrainState",
+    "eval_terms",
+    "init_state",
+    "learning_rate_schedule",
+    "make_eval_step",
+    "make_optimizer",
+    "make_train_step",
+    "train_step",
+    "weight_decay_mask",
+]
 
 Array = jax.Array
 PyTree = Any
@@ -169,7 +182,7 @@ def _sharded_terms(model, params, batch, keys, *, train: bool, **kwargs) -> Any:
 
     def split(x):
         if x.shape[0] % num_shards:
-            raise ValueError(
+            raise UserError(
                 f"batch of {x.shape[0]} examples does not split into {num_shards} equal shards"
             )
         return x.reshape(num_shards, x.shape[0] // num_shards, *x.shape[1:])
@@ -318,3 +331,23 @@ def eval_terms(
       :class:`~vdm_jax.models.vdm.VLBTerms`, each ``[B]``.
     """
     return evaluation.bound_terms(model, {"params": params}, batch, key, num_steps=num_steps)
+
+
+def make_train_step(
+    model, optimizer, ema_decay: float, learning_rate_fn=None, **noise_levels
+) -> Callable:
+    """:func:`train_step` with the model and optimizer bound;
+    ``noise_levels`` are its ``noise_floor`` and ``noise_decay``."""
+    return functools.partial(
+        train_step,
+        model=model,
+        optimizer=optimizer,
+        ema_decay=ema_decay,
+        learning_rate_fn=learning_rate_fn,
+        **noise_levels,
+    )
+
+
+def make_eval_step(model, num_steps: int | None = None) -> Callable:
+    """:func:`eval_terms` with the model bound, ready to compile."""
+    return functools.partial(eval_terms, model=model, num_steps=num_steps)

@@ -282,7 +282,7 @@ class _Evaluator:
         dp = self._setup.dp
         if timesteps not in self._compiled:
             self._compiled[timesteps] = dp.compile_eval_step(
-                parallel.make_eval_step(self._setup.model, timesteps), params=params
+                steps.make_eval_step(self._setup.model, timesteps), params=params
             )
         compiled = self._compiled[timesteps]
         return lambda p, batch, key: parallel.to_host(compiled(p, dp.put_global_batch(batch), key))
@@ -499,7 +499,7 @@ def _loop(
         config.data.name, setup.info.image_shape, setup.info.vocab_size, dp.num_shards, dp.mode,
     )  # fmt: skip
     guard = DivergenceGuard(cfg.skip_nonfinite_updates)
-    train_step = parallel.make_train_step(
+    train_step = steps.make_train_step(
         setup.model, setup.optimizer, config.optimizer.ema_decay, setup.lr_fn,
         noise_floor=config.objective.noise_floor, noise_decay=config.objective.noise_ema_decay,
     )  # fmt: skip

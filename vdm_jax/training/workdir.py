@@ -27,6 +27,21 @@ from etils import epath
 
 from vdm_jax.errors import UserError
 
+__all__ = [
+    "DATA_INFO",
+    "MetricWriter",
+    "check_no_run",
+    "format_seconds",
+    "is_remote",
+    "prepare",
+    "read_config",
+    "read_data_info",
+    "resolve",
+    "save_image_grid",
+    "write_atomically",
+    "write_run_config",
+]
+
 
 def is_remote(path: str | os.PathLike) -> bool:
     """A URL such as ``gs://bucket/run`` (a cloud bucket every host of a pod can reach)."""
