@@ -13,7 +13,7 @@ one key, and every sampler of :mod:`vdm_jax.models.sampling` starts from those s
 - ``ancestral`` (stochastic), ``ddim``, ``dpm_solver`` (DPM-Solver++(2M)) and ``dpm_solver_sde``
   (its stochastic variant), each at every ``--nfe`` number of network evaluations (one per
   step for all four);
-- the reference: :func:`vdm_jax.models.sampling.solve_probability_flow` from the same z_1 at
+- the reference: :func:`vdm_jax.models.ode.solve_probability_flow` from the same z_1 at
   ``rtol = atol = --tolerance`` (1e-6). It is solved once more at ``--check_tolerance`` (1e-5)
   and the distance between the two solutions is printed, an estimate of the reference's own
   error.
@@ -51,7 +51,7 @@ import numpy as np
 
 from benchmarks import common
 from vdm_jax.maths import diffusion
-from vdm_jax.models import sampling
+from vdm_jax.models import ode, sampling
 
 #: name -> (sampler, its keyword arguments, stochastic?). Each takes one evaluation per step.
 SAMPLERS = {
@@ -197,7 +197,7 @@ def measure(name, model, variables, image_shape, num_classes, args) -> dict:
         if tol <= 0 or tol in references:
             continue
         t0 = time.perf_counter()
-        z_0, nfe = sampling.solve_probability_flow(
+        z_0, nfe = ode.solve_probability_flow(
             model, variables, z_1, labels=labels, rtol=tol, atol=tol, max_steps=args.max_steps
         )
         references[tol] = {

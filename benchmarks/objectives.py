@@ -68,12 +68,12 @@ def _last(workdir: str, field: str) -> dict:
 def run(args) -> dict:
     import numpy as np
 
-    from vdm_jax.training import data, features, trainer
+    from vdm_jax.training import features, sources, trainer
 
     if args.cache_dir:
         os.environ[features.CACHE_ENV] = args.cache_dir
     extractor = features.digits_features(args.cache_dir)
-    test = data.digits_source("test")
+    test = sources.digits_source("test")
     test_images = np.stack([test[i]["image"] for i in range(len(test))])
     results = {
         "steps": args.steps,

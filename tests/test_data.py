@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from vdm_jax.errors import UserError
-from vdm_jax.training import data
+from vdm_jax.training import pipeline, sources
 
 # ---------------------------------------------------------------------------------------------
 # Helpers.
@@ -22,7 +22,7 @@ def _id_source(n, shape=(2, 2, 1)):
     images = np.broadcast_to(
         (np.arange(n) % 256).astype(np.uint8)[:, None, None, None], (n, *shape)
     )
-    return data.array_source(images, np.arange(n))
+    return sources.array_source(images, np.arange(n))
 
 
 def _take(it, k, key="label"):
@@ -43,26 +43,26 @@ def _grey(value, h=4, w=3):
 
 
 def test_digits_sizes_values_and_info():
-    train, test = data.digits_source("train"), data.digits_source("test")
-    assert len(train) == data.DIGITS_NUM_TRAIN == 1500
-    assert len(test) == data.DIGITS_NUM_TEST == 297
+    train, test = sources.digits_source("train"), sources.digits_source("test")
+    assert len(train) == sources.DIGITS_NUM_TRAIN == 1500
+    assert len(test) == sources.DIGITS_NUM_TEST == 297
     for src in (train, test):
         assert src.images.dtype == np.uint8 and src.images.shape[1:] == (8, 8, 1)
         assert src.images.min() == 0 and src.images.max() == 16
         assert src.labels.dtype == np.int32 and set(src.labels.tolist()) == set(range(10))
-        assert src.info == data.DatasetInfo("digits", (8, 8, 1), 17, 10)
+        assert src.info == sources.DatasetInfo("digits", (8, 8, 1), 17, 10)
     rec = train[5]
     assert rec["image"].shape == (8, 8, 1) and rec["image"].dtype == np.uint8
     assert rec["label"].dtype == np.int32 and np.ndim(rec["label"]) == 0
-    assert data.dataset_info("digits") == train.info
-    assert data.DIGITS_VOCAB_SIZE == train.info.vocab_size == 17
+    assert sources.dataset_info("digits") == train.info
+    assert sources.DIGITS_VOCAB_SIZE == train.info.vocab_size == 17
 
 
 def test_digits_split_is_deterministic_partition():
     from sklearn.datasets import load_digits
 
-    a, b = data.digits_source("train"), data.digits_source("test")
-    again = data.digits_source("train")
+    a, b = sources.digits_source("train"), sources.digits_source("test")
+    again = sources.digits_source("train")
     np.testing.assert_array_equal(a.images, again.images)
     np.testing.assert_array_equal(a.labels, again.labels)
     # Train + test is the whole bundled set (as a multiset of image+label rows).
@@ -79,7 +79,7 @@ def test_digits_split_is_deterministic_partition():
 
 def test_digits_bad_split():
     with pytest.raises(ValueError, match="'validation'"):
-        data.digits_source("validation")
+        sources.digits_source("validation")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,13 +89,13 @@ def test_digits_bad_split():
 def test_array_source_nhw_and_nhwc():
     rng = np.random.default_rng(0)
     nhw = rng.integers(0, 256, (5, 3, 4), dtype=np.uint8)
-    src = data.array_source(nhw, np.arange(5) % 2)
+    src = sources.array_source(nhw, np.arange(5) % 2)
     assert len(src) == 5 and src.info.image_shape == (3, 4, 1) and src.info.num_classes == 2
     np.testing.assert_array_equal(src[2]["image"][..., 0], nhw[2])
     assert src[-1]["label"] == 0 and src[-1]["label"].dtype == np.int32
     nhwc = rng.integers(0, 256, (4, 3, 3, 3), dtype=np.uint8)
-    src = data.array_source(nhwc)
-    assert src.info == data.DatasetInfo("arrays", (3, 3, 3), 256, 1)
+    src = sources.array_source(nhwc)
+    assert src.info == sources.DatasetInfo("arrays", (3, 3, 3), 256, 1)
     assert all(src[i]["label"] == 0 for i in range(4))
     with pytest.raises(IndexError):
         src[4]
@@ -119,7 +119,7 @@ def test_array_source_nhw_and_nhwc():
 )
 def test_array_source_errors(images, labels, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        data.array_source(images, labels, **kwargs)
+        sources.array_source(images, labels, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,19 +134,19 @@ def test_folder_source_grey(tmp_path):
     _write_png(tmp_path / "test" / "dog" / "c.png", _grey(40))
     _write_png(tmp_path / "test" / "emu" / "d.png", _grey(50))
 
-    train = data.folder_source(tmp_path, "train")
+    train = sources.folder_source(tmp_path, "train")
     # Classes are the union over splits, sorted: labels mean the same in both splits.
     assert train.classes == ("cat", "dog", "emu")
     assert [os.path.basename(f) for f in train.files] == ["z.png", "a.PNG", "b.png"]
-    assert train.info == data.DatasetInfo("folder", (4, 3, 1), 256, 3)
+    assert train.info == sources.DatasetInfo("folder", (4, 3, 1), 256, 3)
     recs = [train[i] for i in range(len(train))]
     assert [int(r["label"]) for r in recs] == [0, 1, 1]
     assert [int(r["image"][0, 0, 0]) for r in recs] == [30, 20, 10]
     assert all(r["image"].shape == (4, 3, 1) and r["image"].dtype == np.uint8 for r in recs)
-    test = data.folder_source(str(tmp_path), "test")
+    test = sources.folder_source(str(tmp_path), "test")
     assert [int(test[i]["label"]) for i in range(2)] == [1, 2]
-    assert data.make_source("folder", "test", data_dir=tmp_path).classes == test.classes
-    assert data.dataset_info("folder", data_dir=tmp_path) == train.info
+    assert sources.make_source("folder", "test", data_dir=tmp_path).classes == test.classes
+    assert sources.dataset_info("folder", data_dir=tmp_path) == train.info
     assert str(tmp_path) not in repr(train)  # stable across machines
 
 
@@ -158,7 +158,7 @@ def test_folder_source_colour_and_jpeg(tmp_path):
         tmp_path / "train" / "a" / "rgba.png"
     )
     Image.fromarray(rgb).save(tmp_path / "train" / "a" / "photo.jpeg", quality=95)
-    src = data.folder_source(tmp_path, "train")
+    src = sources.folder_source(tmp_path, "train")
     assert src.info.image_shape == (5, 6, 3)
     by_name = {os.path.basename(f): src[i]["image"] for i, f in enumerate(src.files)}
     np.testing.assert_array_equal(by_name["rgb.png"], rgb)
@@ -169,32 +169,32 @@ def test_folder_source_colour_and_jpeg(tmp_path):
 
 def test_folder_source_missing_root_and_split(tmp_path):
     with pytest.raises(ValueError, match="nowhere"):
-        data.folder_source(tmp_path / "nowhere", "train")
+        sources.folder_source(tmp_path / "nowhere", "train")
     _write_png(tmp_path / "train" / "a" / "x.png", _grey(1))
     with pytest.raises(ValueError, match=r"test"):
-        data.folder_source(tmp_path, "test")
+        sources.folder_source(tmp_path, "test")
     with pytest.raises(ValueError, match="'val'"):
-        data.folder_source(tmp_path, "val")
+        sources.folder_source(tmp_path, "val")
     with pytest.raises(ValueError, match="data_dir"):
-        data.make_source("folder", "train")
+        sources.make_source("folder", "train")
 
 
 def test_folder_source_empty(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(ValueError, match="no image files"):
-        data.folder_source(tmp_path, "train")
+        sources.folder_source(tmp_path, "train")
     (tmp_path / "train" / "a").mkdir()
     (tmp_path / "train" / "a" / "readme.txt").write_text("x")
     _write_png(tmp_path / "train" / "loose.png", _grey(1))  # not in a class folder
     with pytest.raises(ValueError, match=r"no image files.*train"):
-        data.folder_source(tmp_path, "train")
+        sources.folder_source(tmp_path, "train")
 
 
 def test_folder_source_mixed_sizes(tmp_path):
     _write_png(tmp_path / "train" / "a" / "small.png", _grey(1, 4, 3))
     _write_png(tmp_path / "train" / "b" / "big.png", _grey(1, 5, 3))
     with pytest.raises(ValueError, match=r"small\.png.*3x4.*big\.png.*3x5") as e:
-        data.folder_source(tmp_path, "train")
+        sources.folder_source(tmp_path, "train")
     assert str(tmp_path) in str(e.value)
 
 
@@ -202,7 +202,7 @@ def test_folder_source_corrupt_header(tmp_path):
     _write_png(tmp_path / "train" / "a" / "good.png", _grey(1))
     (tmp_path / "train" / "a" / "junk.png").write_bytes(b"this is not a png at all")
     with pytest.raises(ValueError, match=r"junk\.png"):
-        data.folder_source(tmp_path, "train")
+        sources.folder_source(tmp_path, "train")
 
 
 def test_folder_source_truncated_pixels_fail_on_read(tmp_path):
@@ -210,7 +210,7 @@ def test_folder_source_truncated_pixels_fail_on_read(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)).save(buf, "PNG")
     _write_png(tmp_path / "train" / "a" / "good.png", _grey(1, 64, 64))
     (tmp_path / "train" / "a" / "trunc.png").write_bytes(buf.getvalue()[:200])
-    src = data.folder_source(tmp_path, "train")  # headers are fine
+    src = sources.folder_source(tmp_path, "train")  # headers are fine
     assert src[0]["image"].shape == (64, 64, 1)
     with pytest.raises(ValueError, match=r"trunc\.png"):
         src[1]
@@ -219,7 +219,7 @@ def test_folder_source_truncated_pixels_fail_on_read(tmp_path):
 def test_folder_source_rejects_16_bit(tmp_path):
     _write_png(tmp_path / "train" / "a" / "deep.png", np.zeros((4, 4), np.uint16))
     with pytest.raises(ValueError, match=r"deep\.png.*mode"):
-        data.folder_source(tmp_path, "train")
+        sources.folder_source(tmp_path, "train")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,19 +230,19 @@ def test_folder_source_rejects_16_bit(tmp_path):
 @pytest.mark.parametrize("policy", ["AUTO", "USE_CODE"])
 def test_tfds_mock(name, shape, policy):
     with tfds.testing.mock_data(num_examples=9, policy=getattr(tfds.testing.MockPolicy, policy)):
-        src = data.make_source(name, "train")
-        assert isinstance(src, data.TfdsSource) and len(src) == 9
-        assert src.info == data.dataset_info(name) == data.DatasetInfo(name, shape, 256, 10)
+        src = sources.make_source(name, "train")
+        assert isinstance(src, sources.TfdsSource) and len(src) == 9
+        assert src.info == sources.dataset_info(name) == sources.DatasetInfo(name, shape, 256, 10)
         rec = src[3]
         assert rec["image"].shape == shape and rec["image"].dtype == np.uint8
         assert rec["label"].dtype == np.int32 and np.ndim(rec["label"]) == 0
         assert 0 <= int(rec["label"]) < 10
         np.testing.assert_array_equal(src[3]["image"], rec["image"])  # deterministic
-        it = data.make_train_iterator(src, global_batch_size=4, seed=0)
+        it = pipeline.make_train_iterator(src, global_batch_size=4, seed=0)
         batch = next(it)
         assert batch["image"].shape == (4, *shape) and batch["label"].shape == (4,)
         batches = list(
-            data.make_eval_iterator(src, global_batch_size=4, process_count=1, process_index=0)
+            pipeline.make_eval_iterator(src, global_batch_size=4, process_count=1, process_index=0)
         )
         assert len(batches) == 3 and int(sum(b["mask"].sum() for b in batches)) == 9
 
@@ -261,35 +261,35 @@ def test_tfds_imagenet_no_label_and_validation_split(name, side):
     seen = []
     mock = _imagenet_mock((side, side, 3), seen)
     with tfds.testing.mock_data(as_data_source_fn=mock):
-        src = data.tfds_source(name, "test")
+        src = sources.tfds_source(name, "test")
         assert len(src) == 5 and src.tfds_split == "validation"
         rec = src[0]
         assert rec["image"].shape == (side, side, 3) and int(rec["label"]) == 0
-        assert src.info == data.DatasetInfo(name, (side, side, 3), 256, 1)
-        data.tfds_source(name, "train")
+        assert src.info == sources.DatasetInfo(name, (side, side, 3), 256, 1)
+        sources.tfds_source(name, "train")
     assert seen == ["validation", "train"]
 
 
 def test_tfds_wrong_image_shape_is_reported():
     # tfds' own mock draws random sizes for the ImageNet builders (declared (None, None, 3)).
     with tfds.testing.mock_data(as_data_source_fn=_imagenet_mock((41, 8, 3), [])):
-        src = data.tfds_source("imagenet32", "train")
+        src = sources.tfds_source("imagenet32", "train")
         with pytest.raises(ValueError, match=r"\(41, 8, 3\)"):
             src[0]
 
 
 def test_tfds_errors(tmp_path):
     with pytest.raises(ValueError, match=r"'svhn'.*digits.*cifar10.*imagenet64.*folder"):
-        data.make_source("svhn", "train")
+        sources.make_source("svhn", "train")
     with pytest.raises(ValueError, match=r"'svhn'.*cifar10"):
-        data.tfds_source("svhn", "train")
+        sources.tfds_source("svhn", "train")
     with pytest.raises(ValueError, match="'svhn'"):
-        data.dataset_info("svhn")
+        sources.dataset_info("svhn")
     with pytest.raises(ValueError, match="missing"):
-        data.tfds_source("cifar10", "train", data_dir=tmp_path / "missing")
+        sources.tfds_source("cifar10", "train", data_dir=tmp_path / "missing")
     # An existing but unprepared data_dir: tfds' own message is misleading; ours names the fix.
     with pytest.raises(ValueError, match=r"(?s)'cifar10'.*array_record"):
-        data.tfds_source("cifar10", "train", data_dir=tmp_path)
+        sources.tfds_source("cifar10", "train", data_dir=tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_tfds_errors(tmp_path):
 
 def _make(src, count=1, index=0, **kwargs):
     kwargs = {"global_batch_size": 4, "seed": 3, **kwargs}
-    return data.make_train_iterator(src, process_index=index, process_count=count, **kwargs)
+    return pipeline.make_train_iterator(src, process_index=index, process_count=count, **kwargs)
 
 
 def _global_batches(src, count, k, state=None, **kwargs):
@@ -348,8 +348,8 @@ _NO_THREADS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 def test_train_batches_shapes_and_epochs():
     src = _id_source(12, shape=(3, 2, 1))
-    it = data.make_train_iterator(src, global_batch_size=4, seed=1)  # jax's 1 process
-    assert isinstance(it, data.TrainIterator) and iter(it) is it
+    it = pipeline.make_train_iterator(src, global_batch_size=4, seed=1)  # jax's 1 process
+    assert isinstance(it, pipeline.TrainIterator) and iter(it) is it
     batch = next(it)
     assert set(batch) == {"image", "label"}
     assert batch["image"].shape == (4, 3, 2, 1) and batch["image"].dtype == np.uint8
@@ -364,9 +364,9 @@ def test_train_batches_shapes_and_epochs():
 
 def test_train_seed_determinism():
     src = _id_source(30)
-    a = _take(data.make_train_iterator(src, global_batch_size=8, seed=5), 6)
-    b = _take(data.make_train_iterator(src, global_batch_size=8, seed=5), 6)
-    c = _take(data.make_train_iterator(src, global_batch_size=8, seed=6), 6)
+    a = _take(pipeline.make_train_iterator(src, global_batch_size=8, seed=5), 6)
+    b = _take(pipeline.make_train_iterator(src, global_batch_size=8, seed=5), 6)
+    c = _take(pipeline.make_train_iterator(src, global_batch_size=8, seed=6), 6)
     np.testing.assert_array_equal(np.stack(a), np.stack(b))
     assert not np.array_equal(np.stack(a), np.stack(c))
 
@@ -541,12 +541,12 @@ def test_train_set_state_bad_states(state, match):
 def test_train_errors(kwargs, match):
     kwargs = {"seed": 0, **kwargs}
     with pytest.raises(UserError, match=match):
-        data.make_train_iterator(_id_source(5), **kwargs)
+        pipeline.make_train_iterator(_id_source(5), **kwargs)
 
 
 def test_train_on_digits():
-    it = data.make_train_iterator(
-        data.digits_source("train"),
+    it = pipeline.make_train_iterator(
+        sources.digits_source("train"),
         global_batch_size=64,
         seed=0,
         process_index=1,
@@ -566,7 +566,7 @@ def _eval_union(n, global_batch_size, count):
     labels, lengths = [], []
     for index in range(count):
         batches = list(
-            data.make_eval_iterator(
+            pipeline.make_eval_iterator(
                 src,
                 global_batch_size=global_batch_size,
                 process_index=index,
@@ -582,7 +582,9 @@ def _eval_union(n, global_batch_size, count):
                 b["image"][b["mask"], 0, 0, 0], b["label"][b["mask"]] % 256
             )
             labels.extend(b["label"][b["mask"]].tolist())
-    expected = data.num_eval_batches(n, global_batch_size=global_batch_size, process_count=count)
+    expected = pipeline.num_eval_batches(
+        n, global_batch_size=global_batch_size, process_count=count
+    )
     assert lengths == [expected] * count  # lockstep across processes
     return labels
 
@@ -590,7 +592,7 @@ def _eval_union(n, global_batch_size, count):
 def test_eval_single_process_exact_pass_with_padding():
     src = _id_source(10)
     batches = list(
-        data.make_eval_iterator(src, global_batch_size=4, process_index=0, process_count=1)
+        pipeline.make_eval_iterator(src, global_batch_size=4, process_index=0, process_count=1)
     )
     assert len(batches) == 3
     assert [b["mask"].tolist() for b in batches][-1] == [True, True, False, False]
@@ -598,7 +600,7 @@ def test_eval_single_process_exact_pass_with_padding():
     assert all(b["mask"].all() for b in batches[:2])
     # A second call gives a second, identical pass.
     again = list(
-        data.make_eval_iterator(src, global_batch_size=4, process_index=0, process_count=1)
+        pipeline.make_eval_iterator(src, global_batch_size=4, process_index=0, process_count=1)
     )
     for a, b in zip(batches, again, strict=True):
         np.testing.assert_array_equal(a["label"], b["label"])
@@ -615,23 +617,26 @@ def test_eval_union_over_processes_is_the_split_once(n, global_batch_size, count
 
 def test_eval_defaults_and_errors():
     src = _id_source(5)
-    assert sum(int(b["mask"].sum()) for b in data.make_eval_iterator(src, global_batch_size=2)) == 5
+    assert (
+        sum(int(b["mask"].sum()) for b in pipeline.make_eval_iterator(src, global_batch_size=2))
+        == 5
+    )
     with pytest.raises(ValueError, match=r"global_batch_size=4.*process_count=3"):
-        data.make_eval_iterator(src, global_batch_size=4, process_index=0, process_count=3)
+        pipeline.make_eval_iterator(src, global_batch_size=4, process_index=0, process_count=3)
     with pytest.raises(ValueError, match="-1"):
-        data.make_eval_iterator(src, global_batch_size=-1, process_index=0, process_count=1)
+        pipeline.make_eval_iterator(src, global_batch_size=-1, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="no records"):
-        data.make_eval_iterator([], global_batch_size=2, process_index=0, process_count=1)
+        pipeline.make_eval_iterator([], global_batch_size=2, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="process_index"):
-        data.make_eval_iterator(src, global_batch_size=2, process_index=1, process_count=1)
+        pipeline.make_eval_iterator(src, global_batch_size=2, process_index=1, process_count=1)
 
 
 def test_eval_on_folder(tmp_path):
     for i in range(5):
         _write_png(tmp_path / "test" / f"c{i % 2}" / f"{i}.png", _grey(i))
-    src = data.folder_source(tmp_path, "test")
+    src = sources.folder_source(tmp_path, "test")
     batches = list(
-        data.make_eval_iterator(src, global_batch_size=4, process_index=0, process_count=2)
+        pipeline.make_eval_iterator(src, global_batch_size=4, process_index=0, process_count=2)
     )
     assert len(batches) == 2
     assert [b["mask"].tolist() for b in batches] == [[True, True], [True, False]]
@@ -644,7 +649,7 @@ def test_eval_global_batches_do_not_depend_on_the_process_count(count):
     def labels_and_masks(process_index, process_count):
         return [
             (b["label"], b["mask"])
-            for b in data.make_eval_iterator(
+            for b in pipeline.make_eval_iterator(
                 src, global_batch_size=6, process_index=process_index, process_count=process_count
             )
         ]
@@ -664,7 +669,7 @@ def test_eval_global_batches_do_not_depend_on_the_process_count(count):
 def _random_source(n, side=4):
     """n random square images (no symmetry: the 8 flips and rotations of each differ)."""
     rng = np.random.default_rng(1)
-    return data.array_source(rng.integers(0, 256, (n, side, side, 1), np.uint8), np.arange(n))
+    return sources.array_source(rng.integers(0, 256, (n, side, side, 1), np.uint8), np.arange(n))
 
 
 def _transform(image, flip, k):
@@ -722,7 +727,7 @@ def test_augment_needs_square_images():
 def test_eval_with_conditioning_is_unaugmented_with_flag_zero():
     src = _random_source(5)
     batches = list(
-        data.make_eval_iterator(
+        pipeline.make_eval_iterator(
             src, global_batch_size=4, process_index=0, process_count=1, with_conditioning=True
         )
     )

@@ -12,12 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm_jax.models.unet import (
-    ScoreUNet,
-    base2_fourier_features,
-    largest_group_count,
-    timestep_embedding,
-)
+from vdm_jax.models.embeddings import base2_fourier_features, timestep_embedding
+from vdm_jax.models.unet import ScoreUNet, largest_group_count
 
 TINY = {"n_layer": 1, "n_embd": 16, "dropout_rate": 0.1}
 
@@ -259,7 +255,7 @@ def test_fourier_features_and_timestep_embedding():
      ("dot_product", jnp.bfloat16, False)],
 )  # fmt: skip
 def test_dot_product_attention_matches_the_formula(kind, dtype, custom_gradient):
-    from vdm_jax.models import unet as nets
+    from vdm_jax.models import attention
 
     # L = 1024 positions: the [L, L] logits of one example fill the chunk budget, so the
     # chunked formulation runs the 3 examples as a loop of 3 chunks.
@@ -275,7 +271,7 @@ def test_dot_product_attention_matches_the_formula(kind, dtype, custom_gradient)
         return jnp.einsum("bqk,bkc->bqc", weights.astype(v.dtype), v)
 
     def ours(q, k, v):
-        return nets.dot_product_attention(q, k, v, kind=kind, custom_gradient=custom_gradient)
+        return attention.dot_product_attention(q, k, v, kind=kind, custom_gradient=custom_gradient)
 
     def output_and_grads(fn):  # the output and the pullback of g
         def run(q, k, v):
@@ -297,7 +293,7 @@ def test_dot_product_attention_matches_the_formula(kind, dtype, custom_gradient)
         expected = jax.jvp(reference, (q, k, v), (g, g, g))[1]
         np.testing.assert_allclose(tangent, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     with pytest.raises(ValueError, match="attention kind must be one of"):
-        nets.dot_product_attention(q, k, v, kind="flash")
+        attention.dot_product_attention(q, k, v, kind="flash")
 
 
 def test_the_formulation_fields_compute_the_same_network():

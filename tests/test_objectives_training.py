@@ -18,7 +18,7 @@ import pytest
 
 from vdm_jax.maths import weightings
 from vdm_jax.models.vdm import VDM, make_schedule
-from vdm_jax.training import data, parallel, steps
+from vdm_jax.training import parallel, sources, steps
 
 VOCAB, BINS, NUM_STEPS, BATCH = 17, 16, 12, 16
 WEIGHTING = weightings.get("sigmoid", bias=2.0)
@@ -41,7 +41,7 @@ MODEL = VDM(
     parameterization="v",
     antithetic_time_sampling=False,  # independent draws: honest standard errors below
 )
-IMAGES = np.stack([r["image"] for r in data.digits_source("train")])[: NUM_STEPS * BATCH]
+IMAGES = np.stack([r["image"] for r in sources.digits_source("train")])[: NUM_STEPS * BATCH]
 
 
 def _train(mode):

@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from vdm_jax.configs import digits
-from vdm_jax.training import checkpoint, data, steps, trainer
+from vdm_jax.training import checkpoint, sources, steps, trainer
 from vdm_jax.training import config as config_schema
 from vdm_jax.training import workdir as workdir_io
 
@@ -655,7 +655,7 @@ def test_image_whose_pixels_are_truncated_fails_at_the_first_batch(tmp_path):
 def test_pixel_values_beyond_the_vocabulary_are_rejected():
     images = np.full((2, 4, 4), 17, np.uint8)
     with pytest.raises(ValueError, match="pixel value 17 is not below vocab_size=17"):
-        data.array_source(images, vocab_size=17)
+        sources.array_source(images, vocab_size=17)
 
 
 def _make_read_only(path: Path) -> bool:

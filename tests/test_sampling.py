@@ -22,7 +22,7 @@ import pytest
 from vdm_jax.maths import losses
 from vdm_jax.maths.diffusion import expand_gamma
 from vdm_jax.maths.schedules import GAMMA_MAX, GAMMA_MIN, FixedLinearSchedule
-from vdm_jax.models import sampling
+from vdm_jax.models import ode, sampling
 from vdm_jax.models.unet import ScoreUNet
 from vdm_jax.models.vdm import VDM
 
@@ -93,7 +93,7 @@ def test_same_key_same_samples_and_labels_per_example():
             GAUSS, NO_PARAMS, k, shape=shape, num_steps=10, labels=labels, decode=d,
             return_latent=True,
         ),
-        "ode": lambda k, d: sampling.ode_sample(
+        "ode": lambda k, d: ode.ode_sample(
             GAUSS, NO_PARAMS, k, shape=shape, labels=labels, rtol=1e-3, atol=1e-3, decode=d,
             return_latent=True,
         ),
@@ -123,19 +123,25 @@ def test_jitted_and_unjitted_samplers_agree():
         np.testing.assert_array_equal(images, images_ref)
 
 
-def test_progress_bar_counts_every_step_and_changes_nothing(monkeypatch):
+def test_progress_bar_counts_every_step_and_changes_nothing():
+    class Ticks(sampling.StepProgress):
+        def __call__(self, j, total):
+            ticks.append(int(j))
+            super().__call__(j, total)
+
     ticks = []
-    advance = sampling._advance
-    monkeypatch.setattr(sampling, "_advance", lambda j, n: (ticks.append(int(j)), advance(j, n)))
     kwargs = dict(shape=(2, 2, 2, 1), num_steps=6, return_latent=True)
     for sampler in (sampling.ancestral_sample, sampling.ddim_sample, sampling.dpm_solver_sample):
         ticks.clear()
+        bar = Ticks()
         _, z_quiet = sampler(GAUSS, NO_PARAMS, jax.random.key(3), **kwargs)
-        _, z_shown = sampler(GAUSS, NO_PARAMS, jax.random.key(3), progress=True, **kwargs)
+        _, z_shown = sampler(GAUSS, NO_PARAMS, jax.random.key(3), progress=bar, **kwargs)
+        _, z_default_bar = sampler(GAUSS, NO_PARAMS, jax.random.key(3), progress=True, **kwargs)
         jax.effects_barrier()
         np.testing.assert_array_equal(z_quiet, z_shown)
+        np.testing.assert_array_equal(z_quiet, z_default_bar)
         assert sorted(ticks) == list(range(6)), sampler
-    assert not sampling._BARS  # every bar was closed
+        assert not bar.is_open  # the bar was closed
 
 
 def test_ancestral_sampler_reproduces_the_data_distribution():
@@ -153,9 +159,7 @@ def test_ancestral_sampler_reproduces_the_data_distribution():
 
 def test_deterministic_samplers_follow_the_flow_map():
     shape = (4000, 4, 4, 1)
-    _, z_ode = sampling.ode_sample(
-        GAUSS, NO_PARAMS, jax.random.key(0), shape=shape, return_latent=True
-    )
+    _, z_ode = ode.ode_sample(GAUSS, NO_PARAMS, jax.random.key(0), shape=shape, return_latent=True)
     _, z_ddim = sampling.ddim_sample(
         GAUSS, NO_PARAMS, jax.random.key(0), shape=shape, num_steps=100, return_latent=True
     )
@@ -183,14 +187,14 @@ def test_probability_flow_drift_is_f_z_minus_half_g2_score():
         eps_hat = GAUSS.apply(NO_PARAMS, z, gamma_fn(t), method="predict_noise")
         score = -eps_hat / jnp.sqrt(sigma2(t))
         expected = f * z - 0.5 * g2 * score
-        got = jax.jit(sampling.probability_flow_drift, static_argnums=0)(GAUSS, NO_PARAMS, z, t)
+        got = jax.jit(ode.probability_flow_drift, static_argnums=0)(GAUSS, NO_PARAMS, z, t)
         np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6)
 
 
 def test_ode_log_prob_latent_matches_the_closed_form_density():
     batch, dims = 16, 4
     z_0 = M0 + math.sqrt(V0) * jax.random.normal(jax.random.key(0), (batch, 2, 2, 1))
-    log_p, nfe = sampling.ode_log_prob_latent(GAUSS, NO_PARAMS, z_0, jax.random.key(1))
+    log_p, nfe = ode.ode_log_prob_latent(GAUSS, NO_PARAMS, z_0, jax.random.key(1))
     log_p, z = np.asarray(log_p, np.float64), np.asarray(z_0, np.float64).reshape(batch, dims)
     assert nfe.shape == (batch,) and nfe.dtype == jnp.int32 and np.all(nfe > 1)
 
@@ -205,7 +209,7 @@ def test_ode_log_prob_latent_matches_the_closed_form_density():
 
     # Gaussian probes are unbiased but noisy (sd about 2.5 nats here with one probe).
     z_0 = M0 + math.sqrt(V0) * jax.random.normal(jax.random.key(2), (64, 2, 2, 1))
-    log_p, _ = sampling.ode_log_prob_latent(
+    log_p, _ = ode.ode_log_prob_latent(
         GAUSS, NO_PARAMS, z_0, jax.random.key(3), hutchinson="gaussian", num_probes=8,
         rtol=1e-4, atol=1e-4,
     )  # fmt: skip
@@ -217,7 +221,7 @@ def test_ode_log_prob_latent_matches_the_closed_form_density():
 
 def test_ode_log_likelihood_terms_of_the_gaussian_model():
     images = jax.random.randint(jax.random.key(0), (8, 2, 2, 1), 100, 160)
-    result = sampling.ode_log_likelihood(
+    result = ode.ode_log_likelihood(
         GAUSS, NO_PARAMS, images, jax.random.key(1), rtol=1e-4, atol=1e-4
     )
     dims = 4
@@ -243,11 +247,11 @@ def test_invalid_settings_raise_value_error():
     with pytest.raises(ValueError, match="num_steps"):
         sampling.ddim_sample(GAUSS, NO_PARAMS, jax.random.key(0), shape=(1, 1, 1, 1), num_steps=0)
     with pytest.raises(ValueError, match="hutchinson"):
-        sampling.ode_log_prob_latent(
+        ode.ode_log_prob_latent(
             GAUSS, NO_PARAMS, jnp.zeros((1, 1, 1, 1)), jax.random.key(0), hutchinson="normal"
         )
     with pytest.raises(ValueError, match="shape"):
-        sampling.ode_sample(GAUSS, NO_PARAMS, jax.random.key(0), shape=(1, 1, 1))
+        ode.ode_sample(GAUSS, NO_PARAMS, jax.random.key(0), shape=(1, 1, 1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,7 +290,7 @@ def test_tiny_vdm_samplers_run_without_retracing(tiny_vdm, capsys):
         "ddim T=10": lambda k: sampling.ddim_sample(
             model, params, k, shape=shape, num_steps=10, decode="sample"
         ),
-        "ode tol=1e-3": lambda k: sampling.ode_sample(
+        "ode tol=1e-3": lambda k: ode.ode_sample(
             model, params, k, shape=shape, rtol=1e-3, atol=1e-3
         ),
     }
@@ -303,13 +307,9 @@ def test_tiny_vdm_samplers_run_without_retracing(tiny_vdm, capsys):
             assert 0 <= int(out.min()) and int(out.max()) <= 16, name
         assert not np.array_equal(first, second), name
 
-    result = sampling.ode_log_likelihood(
-        model, params, images, jax.random.key(0), rtol=1e-3, atol=1e-3
-    )
+    result = ode.ode_log_likelihood(model, params, images, jax.random.key(0), rtol=1e-3, atol=1e-3)
     traces = TRACES[0]
-    again = sampling.ode_log_likelihood(
-        model, params, images, jax.random.key(1), rtol=1e-3, atol=1e-3
-    )
+    again = ode.ode_log_likelihood(model, params, images, jax.random.key(1), rtol=1e-3, atol=1e-3)
     assert TRACES[0] == traces, "ode_log_likelihood retraced on a new key"
     for r in (result, again):
         assert r.bpd.shape == (4,) and r.bpd.dtype == jnp.float32
@@ -350,7 +350,7 @@ def test_every_sampler_gives_the_same_samples_for_an_eps_model_and_its_v_twin():
             m, NO_PARAMS, key, shape=shape, num_steps=20, return_latent=True),
         "ddim": lambda m: sampling.ddim_sample(
             m, NO_PARAMS, key, shape=shape, num_steps=20, return_latent=True),
-        "ode": lambda m: sampling.ode_sample(
+        "ode": lambda m: ode.ode_sample(
             m, NO_PARAMS, key, shape=shape, rtol=1e-6, atol=1e-6, return_latent=True),
         "dpm": lambda m: sampling.dpm_solver_sample(
             m, NO_PARAMS, key, shape=shape, num_steps=10, return_latent=True),

@@ -1,17 +1,18 @@
 """vdm_jax: Variational Diffusion Models (Kingma, Salimans, Poole, Ho 2021) in JAX.
 
-This namespace is the maths and the models, importable without the training system: the
-forward process and posterior (:mod:`vdm_jax.maths.diffusion`), the bound's terms
+This namespace is the maths and the models, importable without the training system: the forward
+process and posterior (:mod:`vdm_jax.maths.diffusion`), the bound's terms
 (:mod:`vdm_jax.maths.losses`), noise schedules as small Flax modules
 (:mod:`vdm_jax.maths.schedules`), the paper's score network (:mod:`vdm_jax.models.unet`), the
 model and its bound (:mod:`vdm_jax.models.vdm`), samplers and the ODE likelihood
-(:mod:`vdm_jax.models.sampling`), evaluation over batches (:mod:`vdm_jax.models.evaluation`),
-weightings of the bound (:mod:`vdm_jax.maths.weightings`) and the Frechet distance
-(:mod:`vdm_jax.maths.frechet`). The training system (config, train step, data,
-checkpoints, the trainer) is the subpackage :mod:`vdm_jax.training`; the command line is
-:mod:`vdm_jax.cli` (``python -m vdm_jax``) and the bundled configs are :mod:`vdm_jax.configs`.
-``vdm_jax.load_run(workdir)`` (:func:`vdm_jax.training.loading.load_run`, which imports the
-training system on first use) gives a trained run's model, parameters and data info.
+(:mod:`vdm_jax.models.sampling`, :mod:`vdm_jax.models.ode`), evaluation over batches
+(:mod:`vdm_jax.models.evaluation`), weightings of the bound (:mod:`vdm_jax.maths.weightings`)
+and the Frechet distance (:mod:`vdm_jax.maths.frechet`). The training system (config, train
+step, data, checkpoints, the trainer) is the subpackage :mod:`vdm_jax.training`; the command
+line is :mod:`vdm_jax.cli` (``python -m vdm_jax``) and the bundled configs are
+:mod:`vdm_jax.configs`. ``vdm_jax.load_run(workdir)``
+(:func:`vdm_jax.training.loading.load_run`, which imports the training system on first use)
+gives a trained run's model, parameters and data info.
 
 Conventions: gamma = -log SNR, alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma); losses
 are per example in nats unless a name says bits/dim.
@@ -61,26 +62,18 @@ from vdm_jax.maths.schedules import (
     gamma_with_variance_gradient,
 )
 from vdm_jax.models import evaluation
+from vdm_jax.models.embeddings import base2_fourier_features, timestep_embedding
 from vdm_jax.models.evaluation import EvalResult, evaluate_bpd, independent_pixel_bpd
-from vdm_jax.models.sampling import (
+from vdm_jax.models.ode import (
     ODELikelihood,
-    ancestral_sample,
-    ddim_sample,
-    dpm_solver_sample,
     ode_log_likelihood,
     ode_log_prob_latent,
     ode_sample,
     probability_flow_drift,
     solve_probability_flow,
 )
-from vdm_jax.models.unet import (
-    AttentionBlock,
-    ResNetBlock,
-    ScoreUNet,
-    base2_fourier_features,
-    largest_group_count,
-    timestep_embedding,
-)
+from vdm_jax.models.sampling import StepProgress, ancestral_sample, ddim_sample, dpm_solver_sample
+from vdm_jax.models.unet import AttentionBlock, ResNetBlock, ScoreUNet, largest_group_count
 from vdm_jax.models.vdm import VDM, ObjectiveTerms, VLBTerms, make_schedule
 
 __version__ = "0.1.0"
@@ -98,6 +91,7 @@ __all__ = [
     "ResNetBlock",
     "ScoreUNet",
     "ShiftedSchedule",
+    "StepProgress",
     "UnnormalisedMonotonicSchedule",
     "VLBTerms",
     "alpha_sigma",

@@ -24,14 +24,12 @@ the residual stream; parameters are always float32. The sinusoidal embedding, th
 features, the attention softmax and the returned ``eps_hat`` are float32 whatever ``dtype``.
 
 Public names: :class:`ScoreUNet`, :class:`ResNetBlock`, :class:`AttentionBlock`,
-:func:`timestep_embedding`, :func:`base2_fourier_features`, :func:`largest_group_count`.
+:func:`largest_group_count`; the attention itself is :mod:`vdm_jax.models.attention`, the
+sinusoidal and Fourier inputs :mod:`vdm_jax.models.embeddings`.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -39,16 +37,14 @@ import jax
 import jax.numpy as jnp
 
 from vdm_jax.errors import UserError
+from vdm_jax.models.attention import ATTENTION_KINDS, dot_product_attention
+from vdm_jax.models.embeddings import base2_fourier_features, timestep_embedding
 
 __all__ = [
-    "ATTENTION_KINDS",
     "AttentionBlock",
     "ResNetBlock",
     "ScoreUNet",
-    "base2_fourier_features",
-    "dot_product_attention",
     "largest_group_count",
-    "timestep_embedding",
 ]
 
 Dtype = Any
@@ -102,192 +98,6 @@ def _group_norm(
         param_dtype=_PARAM_DTYPE,
         name=name,
     )
-
-
-def timestep_embedding(t: jax.Array, dim: int, scale: float = 1000.0) -> jax.Array:
-    """Sinusoidal embedding of a batch of scalars (the Transformer/fairseq recipe).
-
-    The embedding of ``s = scale * t`` is ``[sin(s * w_0..w_{h-1}), cos(s * w_0..w_{h-1})]``
-    with ``h = dim // 2`` and geometrically spaced ``w_i = 10000 ** (-i / (h - 1))``; an odd
-    ``dim`` gets one trailing zero.
-
-    Args:
-      t: float array [B], typically a normalised time or log-SNR in [0, 1].
-      dim: int >= 1, embedding width.
-      scale: float multiplier applied to ``t`` first (1000, as in the reference).
-
-    Returns:
-      float32 array [B, dim].
-    """
-    t = jnp.asarray(t, jnp.float32)
-    if t.ndim != 1:
-        raise UserError(f"t must have shape [B], got shape {t.shape}")
-    if dim < 1:
-        raise UserError(f"dim must be >= 1, got {dim}")
-    half = dim // 2
-    log_step = math.log(10000.0) / max(half - 1, 1)
-    freqs = jnp.exp(-log_step * jnp.arange(half, dtype=jnp.float32))  # [half]
-    angles = (scale * t)[:, None] * freqs[None, :]  # [B, half]
-    emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [B, 2*half]
-    if dim % 2 == 1:
-        emb = jnp.pad(emb, ((0, 0), (0, 1)))
-    return emb
-
-
-def base2_fourier_features(z: jax.Array, exponents: Sequence[int]) -> jax.Array:
-    """Base-2 Fourier features ``sin(2**n * 2*pi * z)`` and ``cos(...)`` of every channel.
-
-    The channel layout matches the reference release: all sines, then all cosines; within
-    each, channel-major and exponent-minor (``c0 n0, c0 n1, ..., c1 n0, ...``). Computed in
-    float32 whatever the input dtype (``2**7 * 2*pi * z`` would lose its phase in bfloat16).
-
-    Args:
-      z: float array [..., C].
-      exponents: the integer exponents n (the paper uses 6 and 7).
-
-    Returns:
-      float32 array [..., 2 * C * len(exponents)].
-    """
-    z = jnp.asarray(z, jnp.float32)
-    freqs = 2.0 * jnp.pi * 2.0 ** jnp.asarray(exponents, jnp.float32)  # [F]
-    phases = z[..., :, None] * freqs  # [..., C, F]
-    phases = phases.reshape((*z.shape[:-1], z.shape[-1] * len(exponents)))
-    return jnp.concatenate([jnp.sin(phases), jnp.cos(phases)], axis=-1)
-
-
-#: The attention formulations :func:`dot_product_attention` offers.
-ATTENTION_KINDS = ("dot_product", "chunked")
-
-# The chunked attention runs over the batch in chunks whose [b, L, L] float32 logits fit in
-# this many bytes (a few MiB stay in a CPU's caches).
-_ATTENTION_CHUNK_BYTES = 4 << 20
-
-
-def _attention_batch_chunk(batch: int, length: int) -> int:
-    """Examples per chunk of the chunked attention's loop (a divisor of ``batch``)."""
-    fits = max(1, _ATTENTION_CHUNK_BYTES // (4 * length * length))
-    return max((d for d in range(1, min(fits, batch) + 1) if batch % d == 0), default=1)
-
-
-def _chunked(fn, chunk: int, *arrays):
-    """``fn`` over the leading axis of ``arrays`` in chunks of ``chunk`` (a ``lax.map``).
-
-    A loop rather than unrolled chunks: XLA runs the iterations in turn, so each chunk's
-    temporaries stay in the caches (unrolled, it interleaves the chunks and is slower).
-    """
-    batch = arrays[0].shape[0]
-    if chunk >= batch:
-        return fn(*arrays)
-    split = [a.reshape(batch // chunk, chunk, *a.shape[1:]) for a in arrays]
-    out = jax.lax.map(lambda xs: fn(*xs), split)
-    return jax.tree.map(lambda o: o.reshape(batch, *o.shape[2:]), out)
-
-
-def _attention_forward(q, k, v):
-    """(softmax(q k^T / sqrt(C)) v, logsumexp of the scaled logits) of [b, L, C] inputs."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
-    largest = jnp.max(logits, axis=-1, keepdims=True)
-    unnormalised = jnp.exp((logits - largest) * scale)  # float32 [b, L, L], max 1
-    total = jnp.sum(unnormalised, axis=-1, keepdims=True)
-    out = jnp.einsum(
-        "bqk,bkc->bqc", unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
-    return (out / total).astype(v.dtype), largest * scale + jnp.log(total)
-
-
-def _transposed(x):
-    """x with its last two axes swapped, materialised: XLA would otherwise fold the transpose
-    into the following matmul, and a matmul with a transposed left operand is about four times
-    slower on the CPU (XLA's YNNPACK/Eigen kernels) than a copy followed by a plain one."""
-    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
-
-
-def _attention_backward(q, k, v, out, logsumexp, d_out):
-    """Gradients (dq, dk, dv) of the attention of [b, L, C] inputs, recomputing the weights.
-
-    Works with the transposed [b, keys, queries] weights, so that dv and dk are plain matmuls;
-    only dq needs the weights' gradient transposed back (see :func:`_transposed`).
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits_t = jnp.einsum("bkc,bqc->bkq", k, q, preferred_element_type=jnp.float32)
-    weights_t = jnp.exp(logits_t * scale - jnp.swapaxes(logsumexp, -1, -2))  # f32 [b, Lk, Lq]
-    d_v = jnp.einsum("bkq,bqc->bkc", weights_t.astype(d_out.dtype), d_out,
-                     preferred_element_type=jnp.float32)  # fmt: skip
-    d_weights_t = jnp.einsum("bkc,bqc->bkq", v, d_out, preferred_element_type=jnp.float32)
-    # Softmax backward: rowsum(d_weights * weights) = rowsum(d_out * out), one per query.
-    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, None, :]
-    d_logits_t = (weights_t * (d_weights_t - row) * scale).astype(q.dtype)
-    d_k = jnp.einsum("bkq,bqc->bkc", d_logits_t, q, preferred_element_type=jnp.float32)
-    d_q = jnp.einsum("bqk,bkc->bqc", _transposed(d_logits_t), k, preferred_element_type=jnp.float32)
-    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, k, v, chunk):
-    return _chunked(lambda q, k, v: _attention_forward(q, k, v)[0], chunk, q, k, v)
-
-
-def _attention_fwd(q, k, v, chunk):
-    out, logsumexp = _chunked(_attention_forward, chunk, q, k, v)
-    return out, (q, k, v, out, logsumexp)
-
-
-def _attention_bwd(chunk, residuals, d_out):
-    return _chunked(_attention_backward, chunk, *residuals, d_out)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def _textbook_attention(q, k, v):
-    """softmax(q k^T / sqrt(C)) v of [b, L, C] inputs, float32 logits and softmax."""
-    logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits / math.sqrt(q.shape[-1]), axis=-1)  # float32 [b, L, L]
-    return jnp.einsum("bqk,bkc->bqc", weights.astype(v.dtype), v)
-
-
-def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    kind: str = "dot_product",
-    custom_gradient: bool = False,
-) -> jax.Array:
-    """Single-head attention ``softmax(q k^T / sqrt(C)) v`` of each example.
-
-    The logits and softmax are float32 (the inputs may be bfloat16). Two formulations of the
-    same function (equal to float32 rounding):
-
-    - ``"dot_product"``: :func:`jax.nn.dot_product_attention`, which XLA fuses and which uses
-      cuDNN's flash attention on GPUs where it applies. Every transformation works.
-    - ``"chunked"``: organised for a CPU's caches: the batch runs a few examples at a time, a
-      loop whose [b, L, L] logits fit in a few MiB. With ``custom_gradient`` (what
-      ``ScoreUNet`` uses for training) the gradient is a custom VJP that recomputes the
-      attention weights per chunk, as flash attention does, instead of storing [B, L, L]
-      arrays, and places the transposes so that every matmul is a plain one
-      (``_attention_backward``). A custom VJP supports reverse-mode differentiation only
-      (``jax.grad``, ``jax.vjp``); without ``custom_gradient`` every transformation works.
-
-    Args:
-      query, key, value: arrays [B, L, C] of one dtype.
-      kind: one of :data:`ATTENTION_KINDS`.
-      custom_gradient: with ``kind="chunked"``, use its custom VJP (reverse mode only).
-
-    Returns:
-      array [B, L, C] in the inputs' dtype.
-    """
-    if kind == "dot_product":
-        out = jax.nn.dot_product_attention(query[:, :, None], key[:, :, None], value[:, :, None])
-        return out[:, :, 0]
-    if kind != "chunked":
-        raise UserError(f"attention kind must be one of {ATTENTION_KINDS}, got {kind!r}")
-    batch, length, _ = query.shape
-    chunk = _attention_batch_chunk(batch, length)
-    if custom_gradient:
-        return _attention(query, key, value, chunk)
-    return _chunked(_textbook_attention, chunk, query, key, value)
 
 
 def dropout(x: jax.Array, rate: float, keys: jax.Array) -> jax.Array:
@@ -407,8 +217,8 @@ class AttentionBlock(nn.Module):
       norm_groups: preferred GroupNorm group count (see largest_group_count).
       norm_min_group_size: fewest channels per group (see largest_group_count).
       dtype: computation dtype (parameters are float32).
-      attention: the formulation, one of :data:`ATTENTION_KINDS` (see
-        :func:`dot_product_attention`).
+      attention: the formulation, one of :data:`~vdm_jax.models.attention.ATTENTION_KINDS` (see
+        :func:`~vdm_jax.models.attention.dot_product_attention`).
     """
 
     norm_groups: int = 32
@@ -423,8 +233,8 @@ class AttentionBlock(nn.Module):
         Args:
           x: float array [B, H, W, C].
           train: whether this is a training pass: with ``attention="chunked"`` its gradient
-            then comes from the recomputing custom VJP of :func:`dot_product_attention`
-            (reverse mode only).
+            then comes from the recomputing custom VJP of
+            :func:`~vdm_jax.models.attention.dot_product_attention` (reverse mode only).
 
         Returns:
           array [B, H, W, C] in ``dtype``.
@@ -459,17 +269,16 @@ class ScoreUNet(nn.Module):
     See the module docstring for the architecture. All blocks keep ``n_embd`` channels and the
     input resolution, so any H, W and C work (8x8x1 digits, 32x32x3, 64x64x3, ...).
 
-    Conditioning: ``gamma_t`` is normalised to ``(gamma_t - gamma_min) / (gamma_max -
-    gamma_min)``, embedded with :func:`timestep_embedding` (scale 1000) into ``n_embd``
+    Conditioning: ``gamma_t`` is normalised to ``(gamma_t - gamma_min) / (gamma_max - gamma_min)``,
+    embedded with :func:`~vdm_jax.models.embeddings.timestep_embedding` (scale 1000) into ``n_embd``
     features, and, when ``num_classes > 0``, the learned class embedding (an ``nn.Embed`` with
-    ``num_classes + 1`` rows of ``n_embd`` features) is ADDED to it; the sum goes through two
-    swish Dense layers of width ``4 * n_embd``. Label ``num_classes`` means "unconditional",
-    so one model can be trained with label dropout and sampled with classifier-free guidance.
-    Adding (rather than concatenating) keeps the MLP's shapes independent of ``num_classes``.
-    With ``conditioning_input=True`` a float scalar per example (``conditioning``, e.g. a flag
-    saying that the image was augmented) is concatenated to that embedding as one more
-    feature, as in the authors' released network, whose first MLP layer has ``n_embd + 1``
-    inputs.
+    ``num_classes + 1`` rows of ``n_embd`` features) is ADDED to it; the sum goes through two swish
+    Dense layers of width ``4 * n_embd``. Label ``num_classes`` means "unconditional", so one model
+    can be trained with label dropout and sampled with classifier-free guidance. Adding (rather than
+    concatenating) keeps the MLP's shapes independent of ``num_classes``. With
+    ``conditioning_input=True`` a float scalar per example (``conditioning``, e.g. a flag saying
+    that the image was augmented) is concatenated to that embedding as one more feature, as in the
+    authors' released network, whose first MLP layer has ``n_embd + 1`` inputs.
 
     Attributes:
       n_layer: ResNet blocks before the middle (``n_layer + 1`` after it); paper: 32.
@@ -479,7 +288,8 @@ class ScoreUNet(nn.Module):
       dropout_rate: dropout probability inside every ResNet block; paper: 0.1.
       attention_everywhere: add a self-attention block after every ResNet block outside the
         middle (the middle always has one).
-      with_fourier_features: concatenate :func:`base2_fourier_features` of z to the input.
+      with_fourier_features: concatenate
+        :func:`~vdm_jax.models.embeddings.base2_fourier_features` of z to the input.
       fourier_exponents: the base-2 exponents of those features; paper: (6, 7).
       num_classes: number of classes for class conditioning; 0 disables it.
       norm_groups: preferred GroupNorm group count; every norm uses the largest divisor of its
@@ -491,9 +301,10 @@ class ScoreUNet(nn.Module):
       conditioning_input: take the scalar ``conditioning`` input described above.
       dtype: computation dtype (e.g. jnp.bfloat16 for mixed precision); parameters are float32
         and the returned eps_hat is float32.
-      attention: the self-attention formulation, one of :data:`ATTENTION_KINDS`:
-        ``"dot_product"`` (default; :func:`jax.nn.dot_product_attention`, cuDNN flash
-        attention on GPUs) or ``"chunked"`` (faster on CPUs); see :func:`dot_product_attention`.
+      attention: the self-attention formulation, one of
+        :data:`~vdm_jax.models.attention.ATTENTION_KINDS`: ``"dot_product"`` (default;
+        :func:`jax.nn.dot_product_attention`, cuDNN flash attention on GPUs) or ``"chunked"``
+        (faster on CPUs); see :func:`~vdm_jax.models.attention.dot_product_attention`.
       batch_pieces: run the network on the batch in this many equal pieces (the largest
         divisor of the batch not above it); default 1. Results do not depend on it: every
         layer works per example and dropout draws one key per example. On a CPU, XLA runs the

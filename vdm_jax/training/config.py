@@ -24,9 +24,10 @@ import optax
 from vdm_jax.configs import base
 from vdm_jax.errors import UserError
 from vdm_jax.maths import diffusion, weightings
-from vdm_jax.models.unet import ATTENTION_KINDS, ScoreUNet
+from vdm_jax.models.attention import ATTENTION_KINDS
+from vdm_jax.models.unet import ScoreUNet
 from vdm_jax.models.vdm import SCHEDULES, VDM, make_schedule
-from vdm_jax.training import data, parallel, steps
+from vdm_jax.training import parallel, sources, steps
 
 
 def _choice(*options: str) -> tuple:
@@ -43,7 +44,7 @@ _ALL_OR_POSITIVE = (lambda v: v == -1 or v >= 1, "-1 (all, or the rest) or a pos
 #: from the base config) does not say what they may hold.
 RULES: dict[str, tuple] = {
     "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
-    "data.name": _choice(*data.KNOWN_DATASETS),
+    "data.name": _choice(*sources.KNOWN_DATASETS),
     "model.n_layer": _POSITIVE,
     "model.n_embd": _POSITIVE,
     "model.dropout_rate": _UNIT,

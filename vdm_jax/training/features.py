@@ -21,7 +21,7 @@ import optax
 
 from vdm_jax.errors import UserError
 from vdm_jax.maths import frechet
-from vdm_jax.training import data
+from vdm_jax.training import sources
 
 __all__ = [
     "CACHE_ENV",
@@ -85,7 +85,7 @@ def _train(images: Array, labels: Array) -> dict[str, Array]:
 
 
 def _split_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
-    source = data.digits_source(split)
+    source = sources.digits_source(split)
     images = np.stack([source[i]["image"] for i in range(len(source))])
     labels = np.asarray([source[i]["label"] for i in range(len(source))], np.int32)
     return images, labels

@@ -30,7 +30,7 @@ from etils import epath
 
 from vdm_jax import pretrained
 from vdm_jax.errors import UserError
-from vdm_jax.training import data, steps, trainer
+from vdm_jax.training import sources, steps, trainer
 from vdm_jax.training import workdir as workdir_io
 
 __all__ = ["MARKER", "ImportResult", "import_original", "is_imported"]
@@ -150,7 +150,7 @@ def import_original(
         config, arch.model_fields(), explicit, f"the checkpoint {original.path}"
     )
     config = _set_model(config, {name: new for name, (_, new) in changes.items()})
-    info = data.dataset_info(config.data.name, data_dir=config.data.data_dir)
+    info = sources.dataset_info(config.data.name, data_dir=config.data.data_dir)
     if info.image_shape[-1] != arch.image_channels:
         raise UserError(
             f"the checkpoint {original.path} models {arch.image_channels}-channel images, but "

@@ -28,7 +28,7 @@ import numpy as np
 
 from vdm_jax.errors import UserError
 from vdm_jax.models.vdm import VDM
-from vdm_jax.training import checkpoint, data
+from vdm_jax.training import checkpoint, pipeline, sources
 from vdm_jax.training import workdir as workdir_io
 from vdm_jax.training.config import build_model, check_config, with_defaults
 
@@ -54,7 +54,7 @@ class LoadedRun(NamedTuple):
 
     model: VDM
     variables: dict[str, Any]
-    info: data.DatasetInfo
+    info: sources.DatasetInfo
     config: ml_collections.ConfigDict
     step: int
 
@@ -72,8 +72,8 @@ class LoadedRun(NamedTuple):
         ``[b, H, W, C]``), 'label' and 'mask' (the last batch padded, its padding masked).
         ``split`` defaults to ``config.eval.split``. Needs the data (``config.data``)."""
         d, size = self.config.data, batch_size or self.config.eval.batch_size
-        source = data.make_source(d.name, split or self.config.eval.split, data_dir=d.data_dir)
-        for i, batch in enumerate(data.make_eval_iterator(source, global_batch_size=size)):
+        source = sources.make_source(d.name, split or self.config.eval.split, data_dir=d.data_dir)
+        for i, batch in enumerate(pipeline.make_eval_iterator(source, global_batch_size=size)):
             yield dict(batch, mask=np.arange(i * size, (i + 1) * size) < len(source))
 
 
@@ -116,9 +116,9 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, params: str = 
     check_config(config)
     saved = workdir_io.read_data_info(path)
     if saved is None:  # a run written before data_info.json: the data set tells
-        info = data.dataset_info(config.data.name, data_dir=config.data.data_dir)
+        info = sources.dataset_info(config.data.name, data_dir=config.data.data_dir)
     else:
-        info = data.DatasetInfo(
+        info = sources.DatasetInfo(
             name=saved["name"], image_shape=tuple(saved["image_shape"]),
             vocab_size=int(saved["vocab_size"]), num_classes=int(saved["num_classes"]),
         )  # fmt: skip

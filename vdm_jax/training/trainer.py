@@ -51,9 +51,9 @@ from absl import logging
 from etils import epath
 
 from vdm_jax.errors import UserError
-from vdm_jax.models import evaluation, sampling
+from vdm_jax.models import evaluation, ode, sampling
 from vdm_jax.models.vdm import VDM
-from vdm_jax.training import checkpoint, data, features, parallel, steps
+from vdm_jax.training import checkpoint, features, parallel, pipeline, sources, steps
 from vdm_jax.training import report as report_io
 from vdm_jax.training import workdir as workdir_io
 from vdm_jax.training.config import (
@@ -115,7 +115,7 @@ class _Setup:
 
     config: ml_collections.ConfigDict
     workdir: str
-    info: data.DatasetInfo
+    info: sources.DatasetInfo
     train_source: Any
     eval_source: Any
     model: VDM
@@ -148,7 +148,7 @@ class _Setup:
             logging.error("while stopping: %s", e)
 
 
-def _check_eval_source(source: Any, info: data.DatasetInfo, split: str) -> None:
+def _check_eval_source(source: Any, info: sources.DatasetInfo, split: str) -> None:
     """The evaluation split must look like the training split (shape and vocabulary)."""
     other = source.info
     if tuple(other.image_shape) != tuple(info.image_shape):
@@ -164,7 +164,7 @@ def _check_eval_source(source: Any, info: data.DatasetInfo, split: str) -> None:
 
 
 def _init_fn(
-    model: VDM, optimizer: Any, key: jax.Array, info: data.DatasetInfo, labels: bool, bins: int
+    model: VDM, optimizer: Any, key: jax.Array, info: sources.DatasetInfo, labels: bool, bins: int
 ):
     """A function of no arguments making a fresh train state (for jit and eval_shape)."""
     example = jnp.zeros((1, *info.image_shape), jnp.uint8)
@@ -191,12 +191,12 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, mode: str) -> _Setup
     d = config.data
     train_source = eval_source = None
     if mode == "train":
-        train_source = data.make_source(d.name, "train", data_dir=d.data_dir)
+        train_source = sources.make_source(d.name, "train", data_dir=d.data_dir)
         info = train_source.info
     else:
-        info = data.dataset_info(d.name, data_dir=d.data_dir)
+        info = sources.dataset_info(d.name, data_dir=d.data_dir)
     if mode in ("train", "eval"):
-        eval_source = data.make_source(d.name, config.eval.split, data_dir=d.data_dir)
+        eval_source = sources.make_source(d.name, config.eval.split, data_dir=d.data_dir)
         _check_eval_source(eval_source, info, config.eval.split)
     if 0 < config.model.num_classes < info.num_classes:
         raise UserError(
@@ -292,7 +292,7 @@ class _Evaluator:
         global batch i holds records i * B .. i * B + B - 1 (``make_eval_iterator``), so every
         process knows the mask without asking the others."""
         s = self._setup
-        batches = data.make_eval_iterator(
+        batches = pipeline.make_eval_iterator(
             s.eval_source, global_batch_size=batch_size, process_index=s.data_slot,
             process_count=s.data_slots,
         )  # fmt: skip
@@ -354,7 +354,7 @@ def _write_samples(setup: _Setup, params: Any, step: int, quality: bool = False)
     variables = {"params": parallel.to_host(params)}
     start = time.time()
     if cfg.sampler == "ode":
-        images = sampling.ode_sample(setup.model, variables, key, shape=shape, decode=cfg.decode)
+        images = ode.ode_sample(setup.model, variables, key, shape=shape, decode=cfg.decode)
     else:
         sampler = sampling.ancestral_sample if cfg.sampler == "ancestral" else sampling.ddim_sample
         images = sampler(
@@ -379,12 +379,12 @@ def _report_frechet(setup: _Setup, images: np.ndarray, step: int) -> None:
         writer.write(step, {"frechet_digits": distance, "frechet_samples": float(len(images))})
 
 
-def independent_baseline(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> float:
+def independent_baseline(config: ml_collections.ConfigDict, info: sources.DatasetInfo) -> float:
     """Bits/dim of the best per-pixel independent model fitted on the train split, on the
     evaluation split (see :func:`vdm_jax.models.evaluation.independent_pixel_bpd`)."""
     d = config.data
-    train_src = data.make_source(d.name, "train", data_dir=d.data_dir)
-    test_src = data.make_source(d.name, config.eval.split, data_dir=d.data_dir)
+    train_src = sources.make_source(d.name, "train", data_dir=d.data_dir)
+    test_src = sources.make_source(d.name, config.eval.split, data_dir=d.data_dir)
     limit = 20_000  # a sample is plenty for a reference figure on large data sets
 
     def images(src):
@@ -606,7 +606,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
 
 def _train(setup: _Setup, preemption: PreemptionWatcher) -> steps.TrainState:
     config = setup.config
-    iterator = data.make_train_iterator(
+    iterator = pipeline.make_train_iterator(
         setup.train_source, global_batch_size=config.training.batch_size, seed=config.seed,
         process_index=setup.data_slot, process_count=setup.data_slots,
         augment=config.data.augment,

@@ -131,13 +131,13 @@ def read_config(workdir: str) -> dict:
     return saved
 
 
-#: Beside ``config.json``: the :class:`~vdm_jax.training.data.DatasetInfo` of the run's data.
+#: Beside ``config.json``: the :class:`~vdm_jax.training.sources.DatasetInfo` of the run's data.
 DATA_INFO = "data_info.json"
 
 
 def write_run_config(workdir: str, config: Any, info: Any) -> None:
     """``workdir/config.json`` (the config) and ``workdir/data_info.json`` (``info``, a
-    :class:`~vdm_jax.training.data.DatasetInfo`); process 0 writes, the others do nothing."""
+    :class:`~vdm_jax.training.sources.DatasetInfo`); process 0 writes, the others do nothing."""
     if jax.process_index() != 0:
         return
     write_atomically(os.path.join(workdir, "config.json"), config.to_json(indent=2))
