@@ -1,4 +1,5 @@
-"""Tests for vdm_jax.training.data: sources (digits, arrays, folders, tfds mock) and iterators."""
+"""Tests for vdm_jax.training.sources and vdm_jax.training.pipeline: sources (digits, arrays,
+folders, tfds mock) and iterators."""
 
 import io
 import json

@@ -56,7 +56,7 @@ def test_elbo_objective_is_the_bound_itself():
 
 
 def test_weighted_objective_keeps_the_bound_of_the_same_pass():
-    weighting = weightings.get("sigmoid", bias=2.0)
+    weighting = weightings.get_weighting("sigmoid", bias=2.0)
     elbo, weighted = _terms(_model(), PARAMS), _terms(_model(weighting=weighting), PARAMS)
     np.testing.assert_array_equal(weighted.bpd, elbo.bpd)  # the same t, noise and bound
     ratio = (weighted.objective - weighted.prior - weighted.reconstruction) / elbo.diffusion
@@ -65,7 +65,7 @@ def test_weighted_objective_keeps_the_bound_of_the_same_pass():
 
 
 def test_uniform_adaptive_density_is_the_linear_schedule_and_reports_its_statistics():
-    weighting = weightings.get("v_mse")
+    weighting = weightings.get_weighting("v_mse")
     uniform = jnp.full((8,), 1.0 / 8)
     plain = _terms(_model(weighting=weighting), PARAMS)
     adaptive = _terms(_model(weighting=weighting), PARAMS, noise_level_probs=uniform)
@@ -98,7 +98,7 @@ def test_uniform_adaptive_density_is_the_linear_schedule_and_reports_its_statist
 
 
 def test_bad_objective_settings_raise():
-    discrete = _model(weighting=weightings.get("sigmoid"), num_steps=10)
+    discrete = _model(weighting=weightings.get_weighting("sigmoid"), num_steps=10)
     with pytest.raises(ValueError, match="continuous-time loss"):
         discrete.apply(PARAMS, IMAGES, train=True, rngs=RNGS)
     evaluated = _terms(discrete, PARAMS)  # evaluation in discrete time reports the bound

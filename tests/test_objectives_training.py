@@ -21,7 +21,7 @@ from vdm_jax.models.vdm import VDM, make_schedule
 from vdm_jax.training import parallel, sources, steps
 
 VOCAB, BINS, NUM_STEPS, BATCH = 17, 16, 12, 16
-WEIGHTING = weightings.get("sigmoid", bias=2.0)
+WEIGHTING = weightings.get_weighting("sigmoid", bias=2.0)
 
 
 class _PixelNet(nn.Module):

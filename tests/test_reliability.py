@@ -27,9 +27,8 @@ import pytest
 from PIL import Image
 
 from vdm_jax.configs import digits
-from vdm_jax.training import checkpoint, sources, steps, trainer
+from vdm_jax.training import checkpoint, run_files, sources, steps, trainer
 from vdm_jax.training import config as config_schema
-from vdm_jax.training import workdir as workdir_io
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -270,7 +269,7 @@ def test_sigterm_during_startup_exits_cleanly_and_saves_nothing_new(tmp_path, mo
 
 def test_metrics_after_a_kill_mid_line_start_on_a_fresh_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "bpd": 5.0}\n{"step": 2, "bp')
-    writer = workdir_io.MetricWriter(str(tmp_path))
+    writer = run_files.MetricWriter(str(tmp_path))
     writer.write(3, {"bpd": 4.0})
     writer.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()

@@ -16,7 +16,7 @@ from PIL import Image
 from vdm_jax import VDM, FixedLinearSchedule, ScoreUNet
 from vdm_jax.configs import digits
 from vdm_jax.errors import UserError
-from vdm_jax.training import report, trainer
+from vdm_jax.training import report_data, report_render, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,18 +62,18 @@ def test_plots_and_page_from_plain_records(tmp_path):
                     "test/reconstruction_bpd": 0.03, "test/diffusion_bpd": 2.87})  # fmt: skip
     t = np.linspace(0.0, 1.0, 101)
     figures = [
-        ("schedule", report.plot_schedule(t, -7 + 12 * t**1.5, tmp_path / "s.png",
+        ("schedule", report_render.plot_schedule(t, -7 + 12 * t**1.5, tmp_path / "s.png",
                                           initial=-8 + 14 * t)),
-        ("training", report.plot_training(records, tmp_path / "t.png")),
-        ("per t", report.plot_loss_by_time(
-            report.LossByTime(t=t, mean=np.exp(-5 * t), variance=np.exp(-8 * t), num_images=9),
+        ("training", report_render.plot_training(records, tmp_path / "t.png")),
+        ("per t", report_render.plot_loss_by_time(
+            report_data.LossByTime(t=t, mean=np.exp(-5 * t), variance=np.exp(-8 * t), num_images=9),
             tmp_path / "l.png",
-            linear=report.LossByTime(t=t, mean=np.exp(-4 * t), variance=np.exp(-6 * t),
+            linear=report_data.LossByTime(t=t, mean=np.exp(-4 * t), variance=np.exp(-6 * t),
                                      num_images=9))),
     ]  # fmt: skip
     for _, png in figures:
         _assert_not_blank(open(png, "rb").read())
-    page = report.write_html(
+    page = report_render.write_html(
         tmp_path / "index.html", title="a <run>", summary={"test bound": "2.9 bits/dim"},
         figures=figures, samples=[("grid", figures[0][1])], config_text='{"seed": 0}',
     )  # fmt: skip
@@ -122,14 +122,14 @@ def test_report_errors_name_the_workdir_and_the_remedy(tmp_path):
 def test_read_metrics_skips_a_partial_last_line_only(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "bpd": 2.5}\n{"step": 2, "bpd": 2.4}\n{"step": 3, "bp')
-    assert report.read_metrics(path) == [{"step": 1, "bpd": 2.5}, {"step": 2, "bpd": 2.4}]
+    assert report_data.read_metrics(path) == [{"step": 1, "bpd": 2.5}, {"step": 2, "bpd": 2.4}]
     path.write_text('{"step": 1, "bp\n{"step": 2, "bpd": 2.4}\n')
     with pytest.raises(UserError, match="line 1"):
-        report.read_metrics(path)
+        report_data.read_metrics(path)
     with pytest.raises(UserError, match="no metrics file"):
-        report.read_metrics(tmp_path / "none.jsonl")
+        report_data.read_metrics(tmp_path / "none.jsonl")
     with pytest.raises(UserError, match="no training record"):
-        report.plot_training([{"step": 4, "test/bpd": 2.0}], tmp_path / "t.png")
+        report_render.plot_training([{"step": 4, "test/bpd": 2.0}], tmp_path / "t.png")
 
 
 def test_loss_by_time_does_not_depend_on_batching_and_matches_linear_for_a_linear_schedule():
@@ -143,9 +143,11 @@ def test_loss_by_time_does_not_depend_on_batching_and_matches_linear_for_a_linea
         {"params": jax.random.key(1), "diffusion": jax.random.key(2)}, images, train=False
     )
     key = jax.random.key(3)
-    whole = report.diffusion_loss_by_time(model, variables, images, key, num_bins=2)
-    padded = report.diffusion_loss_by_time(model, variables, images, key, num_bins=2, batch_size=3)
-    linear = report.diffusion_loss_by_time(
+    whole = report_data.diffusion_loss_by_time(model, variables, images, key, num_bins=2)
+    padded = report_data.diffusion_loss_by_time(
+        model, variables, images, key, num_bins=2, batch_size=3
+    )
+    linear = report_data.diffusion_loss_by_time(
         model, variables, images, key, num_bins=2, batch_size=3, linear=True
     )
     np.testing.assert_allclose(padded.mean, whole.mean, rtol=1e-5)

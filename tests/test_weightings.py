@@ -69,11 +69,11 @@ SCHEDULES = {
     "monotonic": _monotonic_schedule(),
 }
 WEIGHTINGS = {
-    "elbo": weightings.get("elbo"),
-    "sigmoid": weightings.get("sigmoid", bias=1.0),
-    "v_mse": weightings.get("v_mse"),
-    "edm": weightings.get("edm"),
-    "min_snr": weightings.get("min_snr", gamma=5.0),
+    "elbo": weightings.get_weighting("elbo"),
+    "sigmoid": weightings.get_weighting("sigmoid", bias=1.0),
+    "v_mse": weightings.get_weighting("v_mse"),
+    "edm": weightings.get_weighting("edm"),
+    "min_snr": weightings.get_weighting("min_snr", gamma=5.0),
 }
 
 
@@ -98,7 +98,7 @@ def test_weighted_loss_at_weight_one_is_the_continuous_loss_bit_for_bit():
     eps, eps_hat = _gaussian_batch(jax.random.key(4), gamma)
     dgamma_dt = jnp.linspace(0.5, 30.0, 64)
     reference = losses.diffusion_loss_continuous(eps, eps_hat, dgamma_dt)
-    for weight in (1.0, jnp.ones(64), weightings.get("elbo")):
+    for weight in (1.0, jnp.ones(64), weightings.get_weighting("elbo")):
         loss = losses.weighted_diffusion_loss(eps, eps_hat, gamma, dgamma_dt, weight)
         np.testing.assert_array_equal(loss, reference)
         jitted = jax.jit(losses.weighted_diffusion_loss, static_argnums=4)
@@ -111,7 +111,7 @@ def test_weighted_loss_at_weight_one_is_the_continuous_loss_bit_for_bit():
 
 @pytest.mark.parametrize("name", sorted(weightings.WEIGHTINGS))
 def test_monotone_flags_and_the_noise_augmented_elbo_identity(name):
-    weighting = weightings.get(name)
+    weighting = weightings.get_weighting(name)
     lam = jnp.linspace(-GAMMA_1, -GAMMA_0, 4001)
     dw = np.asarray(jax.vmap(jax.grad(weighting))(lam))
     w = np.asarray(weighting(lam))
@@ -140,7 +140,7 @@ def test_monotone_flags_and_the_noise_augmented_elbo_identity(name):
 
 
 def test_edm_monotonic_is_edm_from_its_peak_on():
-    edm, mono = weightings.get("edm"), weightings.get("edm_monotonic")
+    edm, mono = weightings.get_weighting("edm"), weightings.get_weighting("edm_monotonic")
     lam = jnp.linspace(-10.0, 15.0, 2001)
     peak = float(lam[jnp.argmax(edm(lam))])
     high = lam > peak + 0.05
@@ -149,22 +149,28 @@ def test_edm_monotonic_is_edm_from_its_peak_on():
 
 
 def test_weightings_are_hashable_values_and_check_their_parameters():
-    assert weightings.get("sigmoid", bias=2) == weightings.get("sigmoid", bias=2.0)
-    assert hash(weightings.get("edm")) == hash(weightings.get("edm", sigma_data=0.5))
-    assert weightings.get("sigmoid", bias=1.0) != weightings.get("sigmoid", bias=2.0)
+    assert weightings.get_weighting("sigmoid", bias=2) == weightings.get_weighting(
+        "sigmoid", bias=2.0
+    )
+    assert hash(weightings.get_weighting("edm")) == hash(
+        weightings.get_weighting("edm", sigma_data=0.5)
+    )
+    assert weightings.get_weighting("sigmoid", bias=1.0) != weightings.get_weighting(
+        "sigmoid", bias=2.0
+    )
     np.testing.assert_allclose(
-        weightings.get("sigmoid", bias=2.0)(jnp.array([2.0, -50.0])), [0.5, 1.0]
+        weightings.get_weighting("sigmoid", bias=2.0)(jnp.array([2.0, -50.0])), [0.5, 1.0]
     )
     with pytest.raises(UserError, match="unknown weighting 'sigmod'"):
-        weightings.get("sigmod")
+        weightings.get_weighting("sigmod")
     with pytest.raises(UserError, match=r"no parameter\(s\) \['b'\]"):
-        weightings.get("sigmoid", b=1.0)
+        weightings.get_weighting("sigmoid", b=1.0)
     with pytest.raises(UserError, match="gamma > 0"):
-        weightings.get("min_snr", gamma=0.0)
+        weightings.get_weighting("min_snr", gamma=0.0)
 
 
 def test_adaptive_noise_levels_keep_the_mean_and_lower_the_variance(capsys):
-    weighting = weightings.get("sigmoid", bias=1.0)
+    weighting = weightings.get_weighting("sigmoid", bias=1.0)
     n, num_bins = 20_000, 32
     expected = _quadrature(weighting)
     u = (jax.random.uniform(jax.random.key(5), ()) + jnp.arange(n) / n) % 1.0

@@ -10,7 +10,8 @@ model and its bound (:mod:`vdm_jax.models.vdm`), samplers and the ODE likelihood
 and the Frechet distance (:mod:`vdm_jax.maths.frechet`). The training system (config, train
 step, data, checkpoints, the trainer) is the subpackage :mod:`vdm_jax.training`; the command
 line is :mod:`vdm_jax.cli` (``python -m vdm_jax``) and the bundled configs are
-:mod:`vdm_jax.configs`. ``vdm_jax.load_run(workdir)``
+:mod:`vdm_jax.configs`. ``vdm_jax.pretrained`` (:mod:`vdm_jax.pretrained`, imported on first
+use) reads the original code's checkpoints. ``vdm_jax.load_run(workdir)``
 (:func:`vdm_jax.training.loading.load_run`, which imports the training system on first use)
 gives a trained run's model, parameters and data info.
 
@@ -18,6 +19,7 @@ Conventions: gamma = -log SNR, alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamm
 are per example in nats unless a name says bits/dim.
 """
 
+from vdm_jax.errors import UserError
 from vdm_jax.maths import frechet, weightings
 from vdm_jax.maths.diffusion import (
     alpha_sigma,
@@ -61,6 +63,7 @@ from vdm_jax.maths.schedules import (
     gamma_and_derivative,
     gamma_with_variance_gradient,
 )
+from vdm_jax.maths.weightings import get_weighting, histogram_probs
 from vdm_jax.models import evaluation
 from vdm_jax.models.embeddings import base2_fourier_features, timestep_embedding
 from vdm_jax.models.evaluation import EvalResult, evaluate_bpd, independent_pixel_bpd
@@ -93,6 +96,7 @@ __all__ = [
     "ShiftedSchedule",
     "StepProgress",
     "UnnormalisedMonotonicSchedule",
+    "UserError",
     "VLBTerms",
     "alpha_sigma",
     "ancestral_sample",
@@ -116,6 +120,8 @@ __all__ = [
     "from_eps",
     "gamma_and_derivative",
     "gamma_with_variance_gradient",
+    "get_weighting",
+    "histogram_probs",
     "importance_weighted_diffusion_loss",
     "independent_pixel_bpd",
     "largest_group_count",
@@ -126,6 +132,7 @@ __all__ = [
     "ode_sample",
     "posterior",
     "predict_x",
+    "pretrained",
     "prior_kl",
     "probability_flow_drift",
     "q_sample",
@@ -146,10 +153,14 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # load_run belongs to the training system (orbax, grain): imported on first use, so that
-    # `import vdm_jax` stays the maths and the models.
+    # load_run belongs to the training system (orbax, grain) and pretrained reads files (etils):
+    # imported on first use, so that `import vdm_jax` stays the maths and the models.
     if name == "load_run":
         from vdm_jax.training.loading import load_run
 
         return load_run
+    if name == "pretrained":
+        import vdm_jax.pretrained
+
+        return vdm_jax.pretrained
     raise AttributeError(f"module 'vdm_jax' has no attribute {name!r}")

@@ -45,6 +45,8 @@ from ml_collections import config_flags
 from vdm_jax import configs
 from vdm_jax.errors import UserError
 
+__all__ = ["main", "run"]
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
     "A bundled config (digits, cifar10, cifar10_aug, mnist, imagenet32, imagenet64; "
@@ -281,8 +283,7 @@ def main(argv):
     if workdir is None and mode != "show_config":
         _fail(f"--mode={mode} needs --workdir: the folder of the run")
     # Imported here so that --help is fast and flags parse before jax initialises.
-    from vdm_jax.training import checkpoint, importer, parallel, trainer
-    from vdm_jax.training import workdir as workdir_io
+    from vdm_jax.training import checkpoint, importer, parallel, run_files, trainer
     from vdm_jax.training.config import check_config, for_trained_run
 
     user_errors = (
@@ -308,7 +309,7 @@ def main(argv):
         # The fields that fix a trained run's checkpoint come from the run; when training, only
         # from a run imported from the original code (its --config is not the run's own).
         if mode in _READS_RUN or (mode == "train" and importer.is_imported(workdir)):
-            config = for_trained_run(config, workdir_io.read_config(workdir), explicit)
+            config = for_trained_run(config, run_files.read_config(workdir), explicit)
         # Before anything else touches the devices; does nothing for a single process.
         parallel.initialize_distributed(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value

@@ -6,9 +6,7 @@ and the remedy. The command line prints it as one ``error:`` line. Any other exc
 bug and keeps its traceback.
 """
 
-__all__ = [
-    "UserError",
-]
+__all__ = ["UserError"]
 
 
 class UserError(ValueError):

@@ -18,6 +18,8 @@ from ml_collections import config_dict
 
 from vdm_jax.errors import UserError
 
+__all__ = ["VARIANTS", "field_descriptions", "get_config", "smoke", "with_variant"]
+
 
 def get_config() -> ml_collections.ConfigDict:
     """The base config (CIFAR-10 as in the paper)."""

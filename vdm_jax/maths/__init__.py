@@ -6,10 +6,4 @@ schedules (:mod:`vdm_jax.maths.schedules`), weightings of the bound
 (:mod:`vdm_jax.maths.weightings`) and the Frechet distance (:mod:`vdm_jax.maths.frechet`).
 """
 
-__all__ = [
-    "diffusion",
-    "frechet",
-    "losses",
-    "schedules",
-    "weightings",
-]
+__all__ = ["diffusion", "frechet", "losses", "schedules", "weightings"]

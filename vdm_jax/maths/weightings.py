@@ -21,8 +21,8 @@ at lambda_max): training a monotone weighting is maximum likelihood under that d
 augmentation.
 
 Every weighting here is a :class:`Weighting`, a hashable callable ``w(lambda)`` (elementwise,
-float32 in and out), made by :func:`get`. The constant factor of a weighting is arbitrary: it
-rescales the loss (and the learning rate's effect), not the optimum.
+float32 in and out), made by :func:`get_weighting`. The constant factor of a weighting is
+arbitrary: it rescales the loss (and the learning rate's effect), not the optimum.
 
 The second half of the module is the noise-level distribution p(lambda) that may replace
 the schedule's uniform t (their adaptive noise schedule): importance sampling
@@ -51,7 +51,7 @@ Array = jax.Array
 __all__ = [
     "WEIGHTINGS",
     "Weighting",
-    "get",
+    "get_weighting",
     "histogram_probs",
     "sample_from_histogram",
     "update_histogram",
@@ -190,7 +190,7 @@ WEIGHTINGS: dict[str, tuple[Callable[..., Callable[[Array], Array]], bool, str]]
 }
 
 
-def get(name: str, **params: float) -> Weighting:
+def get_weighting(name: str, **params: float) -> Weighting:
     """The weighting ``name`` with the given parameters.
 
     Known weightings (lambda = log SNR = -gamma; monotone = non-increasing in lambda):

@@ -7,13 +7,4 @@ the bound over batches (:mod:`vdm_jax.models.evaluation`). They import the maths
 training system.
 """
 
-__all__ = [
-    "attention",
-    "embeddings",
-    "evaluation",
-    "ode",
-    "protocol",
-    "sampling",
-    "unet",
-    "vdm",
-]
+__all__ = ["attention", "embeddings", "evaluation", "ode", "protocol", "sampling", "unet", "vdm"]

@@ -40,12 +40,7 @@ from vdm_jax.errors import UserError
 from vdm_jax.models.attention import ATTENTION_KINDS, dot_product_attention
 from vdm_jax.models.embeddings import base2_fourier_features, timestep_embedding
 
-__all__ = [
-    "AttentionBlock",
-    "ResNetBlock",
-    "ScoreUNet",
-    "largest_group_count",
-]
+__all__ = ["AttentionBlock", "ResNetBlock", "ScoreUNet", "largest_group_count"]
 
 Dtype = Any
 

@@ -21,13 +21,7 @@ from vdm_jax.errors import UserError
 from vdm_jax.maths import diffusion, losses, schedules, weightings
 from vdm_jax.models.unet import ScoreUNet
 
-__all__ = [
-    "SCHEDULES",
-    "VDM",
-    "ObjectiveTerms",
-    "VLBTerms",
-    "make_schedule",
-]
+__all__ = ["SCHEDULES", "VDM", "ObjectiveTerms", "VLBTerms", "make_schedule"]
 
 Array = jax.Array
 
@@ -135,7 +129,7 @@ class VDM(nn.Module):
     antithetic_time_sampling: bool = True
     variance_gradient: bool = False
     parameterization: str = "eps"
-    weighting: weightings.Weighting = weightings.get("elbo")
+    weighting: weightings.Weighting = weightings.get_weighting("elbo")
     reconstruction_window: int = 0
 
     def __post_init__(self):

@@ -29,6 +29,20 @@ from vdm_jax.models.unet import ScoreUNet
 from vdm_jax.models.vdm import SCHEDULES, VDM, make_schedule
 from vdm_jax.training import parallel, sources, steps
 
+__all__ = [
+    "build_model",
+    "build_optimizer",
+    "build_weighting",
+    "check_config",
+    "field_defaults",
+    "field_names",
+    "flatten",
+    "for_trained_run",
+    "noise_bins",
+    "resume_keys",
+    "with_defaults",
+]
+
 
 def _choice(*options: str) -> tuple:
     return (lambda v: v in options, "one of " + ", ".join(map(repr, options)))
@@ -335,7 +349,9 @@ def build_weighting(config: ml_collections.ConfigDict) -> weightings.Weighting:
               "p_std": o.p_std, "gamma": o.snr_gamma}  # fmt: skip
     taken = {"sigmoid": ("bias",), "edm": ("sigma_data", "p_mean", "p_std"),
              "edm_monotonic": ("sigma_data", "p_mean", "p_std"), "min_snr": ("gamma",)}  # fmt: skip
-    return weightings.get(o.weighting, **{k: values[k] for k in taken.get(o.weighting, ())})
+    return weightings.get_weighting(
+        o.weighting, **{k: values[k] for k in taken.get(o.weighting, ())}
+    )
 
 
 def noise_bins(config: ml_collections.ConfigDict) -> int:

@@ -17,11 +17,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-__all__ = [
-    "DivergenceGuard",
-    "GuardState",
-    "TrainingDivergedError",
-]
+__all__ = ["DivergenceGuard", "GuardState", "TrainingDivergedError"]
 
 _NO_STEP = -1
 

@@ -30,8 +30,7 @@ from etils import epath
 
 from vdm_jax import pretrained
 from vdm_jax.errors import UserError
-from vdm_jax.training import sources, steps, trainer
-from vdm_jax.training import workdir as workdir_io
+from vdm_jax.training import run_files, sources, steps, trainer
 
 __all__ = ["MARKER", "ImportResult", "import_original", "is_imported"]
 
@@ -90,7 +89,7 @@ def _set_model(config: ml_collections.ConfigDict, fields: Mapping[str, Any]):
 
 def is_imported(workdir: str) -> bool:
     """Whether ``workdir`` holds a run written by :func:`import_original`."""
-    return (epath.Path(workdir_io.resolve(workdir)) / MARKER).exists()
+    return (epath.Path(run_files.resolve(workdir)) / MARKER).exists()
 
 
 def _fill_adam(node: Any, count: jax.Array, mu: Any, nu: Any) -> Any:
@@ -142,8 +141,8 @@ def import_original(
         command line, or the config's data (image channels), that disagrees with the
         checkpoint. Nothing is written then.
     """
-    path = workdir_io.resolve(workdir)
-    workdir_io.check_no_run(path)  # before reading what may be a large file
+    path = run_files.resolve(workdir)
+    run_files.check_no_run(path)  # before reading what may be a large file
     original = pretrained.read_original_checkpoint(source)
     arch = original.architecture
     changes = _model_changes(
@@ -188,6 +187,6 @@ def import_original(
                 k: {"config": _json(a), "checkpoint": _json(b)} for k, (a, b) in changes.items()
             },
         }
-        workdir_io.write_atomically(os.path.join(path, MARKER), json.dumps(record, indent=2))
+        run_files.write_atomically(os.path.join(path, MARKER), json.dumps(record, indent=2))
     logging.info("imported %s at step %d into %s", original.path, original.step, path)
     return ImportResult(original.step, changes)

@@ -28,15 +28,11 @@ import numpy as np
 
 from vdm_jax.errors import UserError
 from vdm_jax.models.vdm import VDM
-from vdm_jax.training import checkpoint, pipeline, sources
-from vdm_jax.training import workdir as workdir_io
+from vdm_jax.training import checkpoint, pipeline, run_files, sources
 from vdm_jax.training.config import build_model, check_config, with_defaults
+from vdm_jax.training.run_setup import EVAL_STREAM
 
 __all__ = ["LoadedRun", "load_run"]
-
-#: Folded into the run's key (``jax.random.key(config.seed)``) by the run's own evaluation
-#: (the trainer's ``EVAL_STREAM``, repeated here so that loading imports no trainer).
-EVAL_STREAM = 0xE7A1
 
 
 class LoadedRun(NamedTuple):
@@ -111,10 +107,10 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, params: str = 
     """
     if params not in ("ema", "params"):
         raise UserError(f"params must be 'ema' or 'params', got {params!r}")
-    path = workdir_io.resolve(workdir)
-    config = with_defaults(workdir_io.read_config(path))
+    path = run_files.resolve(workdir)
+    config = with_defaults(run_files.read_config(path))
     check_config(config)
-    saved = workdir_io.read_data_info(path)
+    saved = run_files.read_data_info(path)
     if saved is None:  # a run written before data_info.json: the data set tells
         info = sources.dataset_info(config.data.name, data_dir=config.data.data_dir)
     else:

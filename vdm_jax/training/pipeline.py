@@ -23,12 +23,7 @@ import numpy as np
 from vdm_jax.errors import UserError
 from vdm_jax.training.sources import ArraySource, ImageSource, Record
 
-__all__ = [
-    "TrainIterator",
-    "make_eval_iterator",
-    "make_train_iterator",
-    "num_eval_batches",
-]
+__all__ = ["TrainIterator", "make_eval_iterator", "make_train_iterator", "num_eval_batches"]
 
 
 # grain's MapDataset does the order (seeded shuffle, repeat, batch, per-process slice).
