@@ -77,7 +77,7 @@ __all__ = [
 
 def _write_samples(setup: RunSetup, params: Any, step: int, frechet: bool = False) -> str | None:
     """:func:`vdm_jax.training.quality.write_samples` of ``params`` at ``step``, with the key
-    of ``run_setup.SAMPLE_STREAM`` folded with the step."""
+    of :data:`~vdm_jax.training.run_setup.SAMPLE_STREAM` folded with the step."""
     key = jax.random.fold_in(jax.random.fold_in(setup.key, run_setup.SAMPLE_STREAM), step)
     return quality.write_samples(
         setup.config, setup.model, {"params": parallel.to_host(params)}, key, step,
