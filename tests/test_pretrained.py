@@ -1,7 +1,8 @@
 """Checkpoints of the original VDM code: agreement with what that code computes, bad input.
 
-The fixtures (``shared/fixtures/authors_vdm`` beside the checkout, see its README) are two
-small checkpoints written by the original code, with its outputs from their EMA weights.
+The fixtures (``tests/fixtures/authors_vdm``, see ``tests/fixtures/README.md``) are two small
+checkpoints written by the original code, with its outputs from their EMA weights, made by
+``tests/fixtures/make_authors_vdm.py``.
 """
 
 import json
@@ -31,15 +32,16 @@ from vdm_jax.models.vdm import VDM
 from vdm_jax.training import importer, steps, trainer
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "authors_vdm"
+FIXTURES = REPO / "tests" / "fixtures" / "authors_vdm"
+#: The larger checkpoints of the same code kept beside the checkout, when there are some.
+SHARED = REPO.parent / "shared" / "fixtures" / "authors_vdm"
 NAMES = ["scalar", "nnet_aug"]
 KINDS = {"learnable_scalar": "learned_linear", "learnable_nnet": "monotonic_unnormalised"}
 
 
 def _fixture(name: str) -> Path:
     root = FIXTURES / name
-    if not (root / "expected.npz").exists():
-        pytest.skip(f"the original code's checkpoints are not at {root} (shared/fixtures)")
+    assert (root / "expected.npz").exists(), f"{root}: remake it, see tests/fixtures/README.md"
     return root
 
 
@@ -65,6 +67,20 @@ def test_architecture_is_read_from_the_tree(loaded):
 
 def test_gamma_and_eps_hat_equal_the_original_code(loaded):
     _, expected, model, variables = loaded
+    _assert_gamma_and_eps_hat(expected, model, variables)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shared_checkpoints_still_import(name):
+    """The checkpoints beside the checkout (trained on CIFAR-10 images), when present."""
+    root = SHARED / name
+    if not (root / "expected.npz").exists():
+        pytest.skip(f"no checkpoints of the original code at {root}")
+    model, variables = pretrained.load_original_checkpoint(root / "checkpoints-0", params="ema")
+    _assert_gamma_and_eps_hat(dict(np.load(root / "expected.npz")), model, variables)
+
+
+def _assert_gamma_and_eps_hat(expected, model, variables):
     gamma = model.apply(variables, jnp.asarray(expected["t"]), method=model.gamma)
     np.testing.assert_allclose(gamma, expected["gamma_t"], rtol=0, atol=1e-5)
 
@@ -274,6 +290,7 @@ def _image_folder(root: Path, images: np.ndarray) -> Path:
 CONFIGS = {"scalar": "cifar10.py", "nnet_aug": "cifar10_aug.py"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_command_line_import_eval_sample_and_train(tmp_path, name):
     root = _fixture(name)
