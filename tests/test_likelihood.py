@@ -328,15 +328,19 @@ def test_importance_weighted_bound_tightens_towards_minus_log_p_with_k():
     )
 
     # The first K' draws at K are the draws at K'; ode at K averages the same draws.
-    small = {"image": images[:4]}
-    iw4 = likelihood.ode_iw(GAUSS, NO_PARAMS, small, jax.random.key(9), num_draws=4,
-                            rtol=1e-4, atol=1e-4)  # fmt: skip
-    np.testing.assert_allclose(iw4.draws, draws[:4, :4], rtol=1e-6)
-    np.testing.assert_allclose(iw4.nats, _iw(draws[:4], 4), rtol=1e-5)
-    avg = likelihood.estimate("ode", GAUSS, NO_PARAMS, small, jax.random.key(9), num_draws=4,
-                              rtol=1e-4, atol=1e-4)  # fmt: skip
+    small, key = {"image": images[:4]}, jax.random.key(9)
+    settings = dict(rtol=1e-4, atol=1e-4)
+    iw16 = likelihood.ode_iw(GAUSS, NO_PARAMS, small, key, num_draws=16, **settings)
+    iw4 = likelihood.ode_iw(GAUSS, NO_PARAMS, small, key, num_draws=4, **settings)
+    avg = likelihood.estimate("ode", GAUSS, NO_PARAMS, small, key, num_draws=4, **settings)
+    np.testing.assert_allclose(iw4.draws, iw16.draws[:, :4], rtol=1e-6)
+    np.testing.assert_allclose(iw4.nats, _iw(np.asarray(iw16.draws), 4), rtol=1e-5)
     np.testing.assert_allclose(avg.draws, iw4.draws, rtol=1e-6)
     assert np.all(np.asarray(avg.nats) >= np.asarray(iw4.nats))  # Jensen, draw by draw
+    # In a batch 128 times larger the float rounding of the vectorised arithmetic differs and
+    # the adaptive solver can take other steps: the same draws to about its tolerance (measured
+    # 3.5e-3 nats on bounds of 9 nats at rtol = atol = 1e-4; NFE up by 10 per draw).
+    np.testing.assert_allclose(iw16.draws, draws[:4], atol=2e-2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,21 +349,29 @@ def test_importance_weighted_bound_tightens_towards_minus_log_p_with_k():
 
 @pytest.mark.slow
 def test_dense_vlb_on_the_digits_smoke_run(digits_smoke_run):
+    """One exact pass over the run's test split (padded batches, global indices): the dense
+    bound's mean is the VLB's within standard errors, with a smaller standard error."""
     import vdm_jax
 
     run = vdm_jax.load_run(digits_smoke_run[0])
-    batch = next(run.eval_batches())
-    mask = batch.pop("mask")
-    batch = {"image": jnp.asarray(batch["image"])}
     key = run.eval_key
-    single = likelihood.vlb(run.model, run.variables, batch, key)
-    dense = likelihood.dense_vlb(run.model, run.variables, batch, key, num_draws=8)
-    results = {}
-    for name, est, k in (("vlb", single, 1), ("dense_vlb", dense, 8)):
-        acc = likelihood.Accumulator(name, k)
-        acc.add(est, mask)
-        results[name] = acc.result(num_dims=64)
-    a, b = results["vlb"], results["dense_vlb"]
+    accumulators = {"vlb": likelihood.Accumulator("vlb"),
+                    "dense_vlb": likelihood.Accumulator("dense_vlb", 8)}  # fmt: skip
+    start = 0
+    for batch in run.eval_batches():
+        size = len(batch["image"])
+        indices = jnp.arange(start, start + size)
+        images = {"image": jnp.asarray(batch["image"])}
+        accumulators["vlb"].add(
+            likelihood.vlb(run.model, run.variables, images, key, indices=indices), batch["mask"]
+        )
+        dense = likelihood.dense_vlb(
+            run.model, run.variables, images, key, num_draws=8, indices=indices
+        )
+        accumulators["dense_vlb"].add(dense, batch["mask"])
+        start += size
+    dims = math.prod(run.info.image_shape)
+    a, b = (acc.result(num_dims=dims) for acc in accumulators.values())
     assert a.num_examples == b.num_examples == 297
     assert abs(a.bpd - b.bpd) < 4 * math.hypot(a.bpd_stderr, b.bpd_stderr), (a, b)
     assert b.bpd_stderr < a.bpd_stderr

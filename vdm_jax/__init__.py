@@ -60,7 +60,7 @@ from vdm_jax.maths.schedules import (
     gamma_and_derivative,
     gamma_with_variance_gradient,
 )
-from vdm_jax.models import evaluation
+from vdm_jax.models import evaluation, likelihood
 from vdm_jax.models.evaluation import EvalResult, evaluate_bpd, independent_pixel_bpd
 from vdm_jax.models.sampling import (
     ODELikelihood,
@@ -125,6 +125,7 @@ __all__ = [
     "importance_weighted_diffusion_loss",
     "independent_pixel_bpd",
     "largest_group_count",
+    "likelihood",
     "load_run",
     "make_schedule",
     "ode_log_likelihood",

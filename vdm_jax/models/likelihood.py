@@ -451,6 +451,7 @@ class Estimator:
     cost: str
 
 
+#: The estimators by name, in the order a cost table lists them.
 ESTIMATORS: dict[str, Estimator] = {
     e.name: e
     for e in (
