@@ -410,8 +410,8 @@ def ode_iw(
     a model whose Jacobian is diagonal, remove that.
 
     Args:
-      model, params, batch, key, num_draws, indices, rtol, atol, hutchinson, num_probes,
-        max_steps, solver: as in :func:`ode`.
+      model, params, batch, key, num_draws, indices: as in :func:`ode`.
+      rtol, atol, hutchinson, num_probes, max_steps, solver: as in :func:`ode`.
 
     Returns:
       :class:`Estimate`: ``nats`` the importance-weighted bound, ``draws`` ``[B, K]`` the b_k
