@@ -157,12 +157,13 @@ BOUNDS = {
     "vlb": lambda b, k, i: likelihood.vlb(CHEAP_VDM, NO_PARAMS, b, k, indices=i),
     "dense_vlb": lambda b, k, i: likelihood.dense_vlb(
         CHEAP_VDM, NO_PARAMS, b, k, num_draws=8, indices=i),
+    # A discrete-time model: its own T is the default.
     "discrete": lambda b, k, i: likelihood.discrete(
-        CHEAP_VDM, NO_PARAMS, b, k, num_steps=1000, num_draws=8, indices=i),
+        CHEAP_VDM.clone(num_steps=1000), NO_PARAMS, b, k, num_draws=8, indices=i),
 }  # fmt: skip
 
 
-def test_dense_vlb_has_the_vlbs_mean_and_a_smaller_spread_and_discrete_bounds_order():
+def test_dense_vlb_has_the_vlbs_mean_and_a_smaller_spread_and_discrete_tends_to_it():
     batch = {"image": IMAGES}
     single, dense, fine = (BOUNDS[n](batch, KEY, INDICES) for n in BOUNDS)
     for e, k in ((single, 1), (dense, 8), (fine, 8)):
@@ -184,14 +185,9 @@ def test_dense_vlb_has_the_vlbs_mean_and_a_smaller_spread_and_discrete_bounds_or
         f"(sd {b.std():.4f}, per-image spread {np.mean(dense.spread):.4f}) bits/dim"
     )
 
-    # The discrete bound of the same denoiser: the VLB's at T = 1000, far above at T = 2 (a
-    # discrete-time model's own T is the default).
+    # The discrete bound of the same denoiser at T = 1000 steps: the VLB's, to its noise.
     f = np.asarray(fine.bpd, np.float64)
     assert abs(f.mean() - b.mean()) < 4 * math.sqrt((f.var() + b.var()) / NUM)
-    coarse = likelihood.discrete(CHEAP_VDM.clone(num_steps=2), NO_PARAMS, batch, KEY,
-                                 num_draws=8, indices=INDICES)  # fmt: skip
-    c = np.asarray(coarse.bpd, np.float64)
-    assert c.mean() > f.mean() + 10 * math.sqrt((c.var() + f.var()) / NUM)
 
 
 def test_vlb_estimators_do_not_depend_on_the_batch_split_and_accumulate_with_stderr():
