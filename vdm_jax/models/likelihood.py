@@ -9,7 +9,7 @@ same masking of padded examples as :mod:`vdm_jax.models.evaluation`.
 The estimators (look them up by name with :func:`get_estimator`; :data:`ESTIMATORS` lists them):
 
 ``vlb``
-    The continuous-time VLB (Kingma et al. 2021, eq. 17): prior + reconstruction + the
+    The continuous-time VLB (Kingma et al. 2021, the L_inf bound): prior + reconstruction + the
     diffusion loss at one uniform t per image. 1 network evaluation per image.
 ``dense_vlb``
     The same bound with the diffusion loss averaged over K stratified noise levels per image,
@@ -17,7 +17,7 @@ The estimators (look them up by name with :func:`get_estimator`; :data:`ESTIMATO
     the reconstruction term), as in MuLAN's supplement 15.1 (Sahoo et al. 2024). The same
     expectation as ``vlb`` with a smaller variance per image. K network evaluations.
 ``discrete``
-    The discrete-time bound at T steps (Kingma et al. 2021, eq. 11) of the model's schedule
+    The discrete-time bound at T steps (Kingma et al. 2021, the L_T bound) of the model's schedule
     and denoiser, e.g. T = 1000 for a model trained in continuous time, K stratified steps
     per image. K network evaluations.
 ``ode``
@@ -37,7 +37,10 @@ Why the results do not depend on how a data set is cut into batches, nor on the 
 devices: example i draws everything it uses (noise levels, noise, z_0, probes) from
 ``fold_in(key, indices[i])``, its global index in the data set, and every example is
 evaluated on its own (``jax.vmap``); the ODE solves take their own adaptive steps per
-example. Give each example its index in the data set (padded examples any index).
+example. Give each example its index in the data set (padded examples any index). Batches of
+one size give the same values to the bit; a batch of another size may round differently
+(XLA vectorises by size), which the VLB estimators keep at float32 rounding and an adaptive
+ODE solve can amplify to about its tolerance, with other steps taken.
 
 Costs are counted in network evaluations (forward passes of the score network). An ODE
 function evaluation is also the network's linearisation and ``num_probes`` Jacobian-vector
@@ -203,7 +206,7 @@ def _bound_draws(model, variables, batch, key, indices, num_draws, num_steps) ->
 def vlb(model, variables, batch: Mapping[str, Array], key: Array, *, indices=None) -> Estimate:
     """The continuous-time VLB, one noise level t ~ U(0, 1) and one z_0 per image.
 
-    Kingma et al. 2021, eq. 17: KL(q(z_1|x) || p(z_1)) + E[-log p(x|z_0)] +
+    Kingma et al. 2021 (T -> infinity): KL(q(z_1|x) || p(z_1)) + E[-log p(x|z_0)] +
     1/2 E_t[gamma'(t) ||eps - eps_hat(z_t, t)||^2], each expectation estimated with one draw.
     The same estimator as :func:`vdm_jax.models.evaluation.evaluate_bpd`, with draws per
     example instead of per batch (antithetic times over a batch tie examples together).
@@ -267,7 +270,7 @@ def discrete(
 ) -> Estimate:
     """The discrete-time bound at T steps, K stratified steps per image.
 
-    Kingma et al. 2021, eq. 11 with the diffusion loss L_T = T/2 E_i[expm1(gamma_t - gamma_s)
+    Kingma et al. 2021 with the discrete-time diffusion loss L_T = T/2 E_i[expm1(gamma_t - gamma_s)
     ||eps - eps_hat||^2], t = i/T, s = (i - 1)/T: the bound of the discrete-time model that the
     schedule and the denoiser define at T steps, whether the model was trained in continuous
     time (it approaches the continuous VLB from above as T grows) or at its own T. The steps
@@ -353,9 +356,10 @@ def ode(
 
     b_k = -log p(x|z_0k) - log p_ODE(z_0k) + log q(z_0k|x) with z_0k ~ q(z_0|x) =
     N(alpha_0 x, sigma_0^2 I) and log p_ODE from the instantaneous change of variables
-    (Song et al. 2021, eq. 39) with Hutchinson's trace; the estimate is mean_k b_k, unbiased
-    for the variational bound E_q[b] >= -log p(x) of the model p(x) = int p(x|z_0)
-    p_ODE(z_0) dz_0. K lowers its variance, not its expectation (see :func:`ode_iw`).
+    (Chen et al. 2018; Song et al. 2021, appendix D.2) with Hutchinson's trace; the estimate
+    is mean_k b_k, unbiased for the variational bound E_q[b] >= -log p(x) of the model
+    p(x) = int p(x|z_0) p_ODE(z_0) dz_0. K lowers its variance, not its expectation (see
+    :func:`ode_iw`).
 
     Args:
       model: a continuous-time VDM-like module (see :mod:`vdm_jax.models.sampling`); static.
