@@ -575,24 +575,19 @@ class Accumulator:
         self._n = 0
         self._sums: dict[str, float] = {}
 
-    def add(self, estimate_: Estimate, mask=None) -> None:
-        """Add a batch; ``mask`` bool ``[B]`` marks the real examples (None: all)."""
-        nats = np.asarray(estimate_.nats, np.float64)
-        mask = np.ones(nats.shape, bool) if mask is None else np.asarray(mask, bool)
-        if mask.shape != nats.shape:
-            raise ValueError(f"mask has shape {mask.shape}, the batch {nats.shape}")
-        bpd = np.asarray(estimate_.bpd, np.float64)[mask]
-        nats = nats[mask]
-        values = {
-            "bpd": bpd,
-            "bpd_sq": np.square(bpd),
-            "spread": np.asarray(estimate_.spread, np.float64)[mask],
-            "nfe": np.asarray(estimate_.nfe, np.float64)[mask],
-        }
-        values.update({"term_" + k: np.asarray(v, np.float64)[mask] for k, v in
-                       estimate_.terms.items()})  # fmt: skip
-        for k, v in values.items():
-            self._sums[k] = self._sums.get(k, 0.0) + float(v.sum())
+    def add(self, batch_estimate: Estimate, mask=None) -> None:
+        """Add a batch's :class:`Estimate`; ``mask`` bool ``[B]`` marks the real examples
+        (None: all)."""
+        est = batch_estimate
+        bpd = np.asarray(est.bpd, np.float64)
+        mask = np.ones(bpd.shape, bool) if mask is None else np.asarray(mask, bool)
+        if mask.shape != bpd.shape:
+            raise ValueError(f"mask has shape {mask.shape}, the batch {bpd.shape}")
+        columns = {"bpd": bpd, "bpd_sq": np.square(bpd), "spread": est.spread, "nfe": est.nfe}
+        columns.update({"term_" + k: v for k, v in est.terms.items()})
+        for k, v in columns.items():
+            picked = np.asarray(v, np.float64)[mask]
+            self._sums[k] = self._sums.get(k, 0.0) + float(picked.sum())
         self._n += int(mask.sum())
 
     def result(self, num_dims: int) -> LikelihoodResult:
