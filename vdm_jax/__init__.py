@@ -64,7 +64,7 @@ from vdm_jax.maths.schedules import (
     gamma_with_variance_gradient,
 )
 from vdm_jax.maths.weightings import get_weighting, histogram_probs
-from vdm_jax.models import evaluation
+from vdm_jax.models import evaluation, likelihood
 from vdm_jax.models.embeddings import base2_fourier_features, timestep_embedding
 from vdm_jax.models.evaluation import EvalResult, evaluate_bpd, independent_pixel_bpd
 from vdm_jax.models.ode import (
@@ -125,6 +125,7 @@ __all__ = [
     "importance_weighted_diffusion_loss",
     "independent_pixel_bpd",
     "largest_group_count",
+    "likelihood",
     "load_run",
     "make_schedule",
     "ode_log_likelihood",
