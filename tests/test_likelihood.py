@@ -24,7 +24,7 @@ from scipy.special import log_softmax, logsumexp
 
 from vdm_jax.errors import UserError
 from vdm_jax.maths import losses
-from vdm_jax.maths.diffusion import _expand
+from vdm_jax.maths.diffusion import expand_gamma
 from vdm_jax.maths.schedules import FixedLinearSchedule
 from vdm_jax.models import likelihood
 from vdm_jax.models.vdm import VDM
@@ -52,7 +52,7 @@ VALUES = (2.0 * np.arange(V) + 1.0) / V - 1.0  # the encoded data values e_v
 
 
 def _optimal_eps(z, gamma_t):
-    g = _expand(gamma_t, z.ndim)
+    g = expand_gamma(gamma_t, z.ndim)
     alpha2, sigma2 = jax.nn.sigmoid(-g), jax.nn.sigmoid(g)
     return jnp.sqrt(sigma2) * (z - jnp.sqrt(alpha2) * MU) / (alpha2 * S**2 + sigma2)
 

@@ -23,7 +23,7 @@ The estimators (look them up by name with :func:`get_estimator`; :data:`ESTIMATO
 ``ode``
     The probability-flow ODE bound with dequantization: E_q(z_0|x)[-log p(x|z_0) -
     log p_ODE(z_0) + log q(z_0|x)], averaged over K draws of z_0 (and of the Hutchinson
-    probes) per image; see :func:`vdm_jax.models.sampling.ode_log_likelihood`. The same
+    probes) per image; see :func:`vdm_jax.models.ode.ode_log_likelihood`. The same
     expectation for every K; adaptive cost (the solver's function evaluations, summed over
     the K draws).
 ``ode_iw``
@@ -64,7 +64,7 @@ import numpy as np
 
 from vdm_jax.errors import UserError
 from vdm_jax.models.evaluation import bound_terms
-from vdm_jax.models.sampling import ode_log_likelihood
+from vdm_jax.models.ode import ode_log_likelihood
 
 Array = jax.Array
 
@@ -370,7 +370,7 @@ def ode(
       num_draws: K >= 1, draws of z_0 (and probes) per image; static.
       indices: int ``[B]``, each example's global index in the data set (default 0..B-1).
       rtol, atol, hutchinson, num_probes, max_steps, solver: the ODE solve's settings, as in
-        :func:`vdm_jax.models.sampling.ode_log_prob_latent`; static.
+        :func:`vdm_jax.models.ode.ode_log_prob_latent`; static.
 
     Returns:
       :class:`Estimate`: ``draws`` ``[B, K]`` the b_k in nats, ``nfe`` the solver's function
