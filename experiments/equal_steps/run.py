@@ -37,20 +37,16 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _ROOT not in sys.path:  # `python experiments/equal_steps/run.py` from a checkout
     sys.path.insert(0, _ROOT)
 
+from experiments import common  # noqa: E402
+
 NUM_TRAIN = 10_000
 NUM_TEST = 1_000
 SIDES = ("ours", "original")
 
 
 def _load_config(steps: int, data: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "equal_steps_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(str(steps))
+    """This study's ``config.py`` for ``steps`` steps on the subset folder ``data``."""
+    config = common.load_config("equal_steps", str(steps))
     config.data.data_dir = data
     return config
 
