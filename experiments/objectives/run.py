@@ -1,19 +1,21 @@
 """The ELBO against a weighted objective on the digits, at equal training steps.
 
-    python benchmarks/objectives.py --steps 2000 --json out.json   # the BENCHMARKS.md figures
-    python benchmarks/objectives.py --smoke                        # a tiny model, 2 steps each
+    python experiments/objectives/run.py --steps 2000 --json out.json   # the README's figures
+    python experiments/objectives/run.py --smoke                        # a tiny model, 2 steps each
 
-Trains the digits config (vdm_jax/configs/digits.py) once per variant for the same number of
-steps, each in a fresh workdir, then reports for each: the test-split VLB in bits/dim (the
-final evaluation of the run: one exact pass, EMA parameters) with its standard error, the
+Trains the study's config (``config.py``: the bundled digits config, one variant of the
+objective each) once per variant for the same number of steps, each in a fresh workdir, then
+reports for each: the test-split VLB in bits/dim (the final evaluation of the run: one exact
+pass, EMA parameters) with its standard error, the
 digits Frechet distance of ``--samples`` ancestral samples to the training split (what
 ``--mode=sample`` reports: a small digits classifier's features, NOT comparable with published
 FID), and the training wall time; and the same distance for the held-out test split itself
 (the floor a perfect model would reach with that many images, up to sample size).
 
-Variants: ``elbo`` (the VDM objective, learned linear schedule, eps-prediction), ``sigmoid``
-(sigmoid weighting, adaptive noise levels, eps-prediction) and ``sigmoid_v`` (the same with
-v-prediction). Every number is measured by this run.
+Variants (``config.py``): ``elbo`` (the VDM objective, learned linear schedule,
+eps-prediction), ``sigmoid`` (sigmoid weighting with b = 2, adaptive noise levels,
+eps-prediction) and ``sigmoid_v`` (the same with v-prediction). Every number is measured by
+this run.
 """
 
 from __future__ import annotations
@@ -25,37 +27,14 @@ import sys
 import tempfile
 import time
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `python benchmarks/objectives.py` from a checkout
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _ROOT not in sys.path:  # `python experiments/objectives/run.py` from a checkout
     sys.path.insert(0, _ROOT)
 
-VARIANTS = {
-    "elbo": {},
-    "sigmoid": {"objective.weighting": "sigmoid", "objective.noise_levels": "adaptive"},
-    "sigmoid_v": {
-        "objective.weighting": "sigmoid",
-        "objective.noise_levels": "adaptive",
-        "model.parameterization": "v",
-    },
-}
+from experiments import common  # noqa: E402
+from experiments.objectives.config import VARIANTS  # noqa: E402
+
 SMOKE = {"steps": 2, "samples": 16, "sampling_steps": 2}
-
-
-def _config(args, overrides: dict):
-    from vdm_jax.configs import digits
-
-    config = digits.get_config("smoke" if args.smoke else "")
-    config.training.num_train_steps = args.steps
-    config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, args.steps // 10)
-    config.optimizer.decay_steps = max(args.steps - config.optimizer.warmup_steps, 1)
-    config.training.checkpoint_every = args.steps
-    config.training.log_every = max(args.steps // 4, 1)
-    config.training.eval_every = 0  # once, at the end
-    config.objective.bias = args.bias
-    for name, value in overrides.items():
-        section, field = name.split(".")
-        config[section][field] = value
-    return config
 
 
 def _last(workdir: str, field: str) -> dict:
@@ -79,7 +58,7 @@ def run(args) -> dict:
         "steps": args.steps,
         "samples": args.samples,
         "sampling_steps": args.sampling_steps,
-        "sigmoid_bias": args.bias,
+        "sigmoid_bias": VARIANTS["sigmoid"]["objective.bias"],
         "smoke": args.smoke,
         "classifier_test_accuracy": extractor.test_accuracy,
         "test_split_frechet": extractor.distance(test_images),
@@ -87,7 +66,8 @@ def run(args) -> dict:
     }
     root = args.workdir or tempfile.mkdtemp(prefix="vdm_objectives_")
     for name in args.variants.split(","):
-        config = _config(args, VARIANTS[name])
+        arg = f"{name},{args.steps}" + (",smoke" if args.smoke else "")
+        config = common.load_config("objectives", arg)
         workdir = os.path.join(root, name)
         if os.path.exists(workdir):  # a resumed run would not train for the time measured
             raise SystemExit(f"{workdir} exists; give a new --workdir")
@@ -110,12 +90,11 @@ def run(args) -> dict:
     return results
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--sampling-steps", type=int, default=200)
-    p.add_argument("--bias", type=float, default=2.0, help="the sigmoid weighting's bias b")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--smoke", action="store_true", help="the digits smoke model, 2 steps each")
     p.add_argument("--workdir", default=None, help="a new folder (default: a temporary one)")
@@ -134,8 +113,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             f.write(text + "\n")
-    return 0
+    return results
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

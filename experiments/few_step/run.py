@@ -1,10 +1,11 @@
 """Few-step samplers against the probability-flow solution: RMS distance vs network evaluations.
 
-    python benchmarks/few_step.py --workdir RUN [--checkpoint CKPT] --plot few_step.png
-    python benchmarks/few_step.py --smoke --plot /tmp/few_step.png    # a tiny untrained model
-    python benchmarks/few_step.py --from_json a.json --from_json b.json --plot both.png
+    python experiments/few_step/run.py --workdir RUN [--checkpoint CKPT] --plot few_step.png
+    python experiments/few_step/run.py --smoke --plot /tmp/few_step.png    # a tiny untrained model
+    python experiments/few_step/run.py --from_json a.json --from_json b.json --plot both.png
 
-For each model (``--workdir``: a vdm_jax training run, its latest checkpoint's EMA parameters;
+For each model (``--workdir``: a vdm_jax training run, e.g. of this study's ``config.py``, the
+EMA parameters of its latest checkpoint or of the one at ``--step``;
 ``--checkpoint``: an original-code checkpoint folder, read by
 :func:`vdm_jax.pretrained.load_original_checkpoint` with its EMA parameters; each flag may be
 repeated, one plot panel per model), ``--batch`` prior latents z_1 ~ N(0, I) are drawn from
@@ -43,7 +44,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,9 @@ SMOKE = dict(nfe="2,4", batch=2, tolerance=1e-3, check_tolerance=0.0)
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--workdir", action="append", default=[], help="a vdm_jax training run")
+    p.add_argument(
+        "--step", type=int, default=None, help="the --workdir runs' checkpoint (default: latest)"
+    )
     p.add_argument(
         "--checkpoint", action="append", default=[], help="an original-code checkpoint folder"
     )
@@ -108,12 +112,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------ the models
 
 
-def workdir_model(workdir: str):
-    """(name, model, variables, image shape, num_classes) of a training run's latest checkpoint
-    (its EMA parameters, :func:`vdm_jax.load_run`)."""
+def workdir_model(workdir: str, step: int | None = None):
+    """(name, model, variables, image shape, num_classes) of a training run's checkpoint at
+    ``step`` (default: the latest; its EMA parameters, :func:`vdm_jax.load_run`)."""
     import vdm_jax
 
-    run = vdm_jax.load_run(workdir)
+    run = vdm_jax.load_run(workdir, step=step)
     name = f"{run.info.name} {'x'.join(map(str, run.info.image_shape))}, step {run.step}"
     return name, run.model, run.variables, tuple(run.info.image_shape), run.config.model.num_classes
 
@@ -296,7 +300,7 @@ def plot(results: list[dict], path: str) -> None:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     models = [smoke_model] if args.smoke else []
-    models += [lambda w=w: workdir_model(w) for w in args.workdir]
+    models += [lambda w=w: workdir_model(w, args.step) for w in args.workdir]
     models += [lambda c=c: checkpoint_model(c) for c in args.checkpoint]
     results = []
     for path in args.from_json:
