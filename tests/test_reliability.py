@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from vdm_jax.configs import digits
-from vdm_jax.training import checkpoint, run_files, sources, steps, trainer
+from vdm_jax.training import checkpoint, run_files, run_setup, sources, steps, trainer
 from vdm_jax.training import config as config_schema
 
 REPO = Path(__file__).resolve().parent.parent
@@ -348,7 +348,7 @@ def test_divergence_stops_at_the_first_bad_step_and_keeps_the_last_good_checkpoi
 ):
     # Updates 1..4 normal, update 5 with lr 1e30 (parameters ~1e30), update 6 overflows. The
     # guard is read only at steps 4 and 8 (checkpoint/log), yet names step 6.
-    monkeypatch.setattr(trainer, "build_optimizer", _exploding_optimizer(4))
+    monkeypatch.setattr(run_setup, "build_optimizer", _exploding_optimizer(4))
     config = _config(
         training__num_train_steps=12, training__log_every=8, training__checkpoint_every=4
     )
