@@ -23,6 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.common import environment  # noqa: E402, F401 (re-exported for the scripts)
 from vdm_jax.models import sampling  # noqa: E402
 from vdm_jax.models.unet import ScoreUNet  # noqa: E402
 from vdm_jax.models.vdm import VDM, make_schedule  # noqa: E402
@@ -248,20 +249,6 @@ def process_memory() -> dict[str, float]:
     if "peak_bytes_in_use" in stats:
         out["device_peak_bytes"] = float(stats["peak_bytes_in_use"])
     return out
-
-
-def environment() -> dict[str, Any]:
-    """What ran the benchmark."""
-    device = jax.devices()[0]
-    return {
-        "backend": jax.default_backend(),
-        "device_kind": device.device_kind,
-        "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "jax_version": jax.__version__,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "date": time.strftime("%Y-%m-%d"),
-    }
 
 
 # ------------------------------------------------------------------------------ benchmarks

@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 
-from benchmarks import common, original
+from benchmarks import common
+from experiments import original
 
 PAPER = dict(
     n_layer=32,

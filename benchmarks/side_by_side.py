@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 
-from benchmarks import common, original
+from benchmarks import common
+from experiments import original
 from vdm_jax.models import sampling
 from vdm_jax.training import parallel, steps
 

@@ -1,11 +1,17 @@
-"""What the studies' scripts share: reading a study's own ``config.py``."""
+"""What the studies' scripts share (and the benchmarks reuse): reading a study's own
+``config.py`` and a record of the machine that ran a script."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import time
+from typing import TYPE_CHECKING, Any
 
-import ml_collections
+import jax
+
+if TYPE_CHECKING:  # ml_collections is absent where only the benchmarks run
+    import ml_collections
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -18,3 +24,17 @@ def load_config(study: str, arg: str = "") -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
+
+
+def environment() -> dict[str, Any]:
+    """What ran a script: backend, devices, jax version, XLA flags and the date."""
+    device = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "date": time.strftime("%Y-%m-%d"),
+    }

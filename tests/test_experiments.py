@@ -131,25 +131,25 @@ def test_few_step_smoke_prints_every_sampler_and_writes_the_plot(tmp_path, capsy
 
 def test_equal_steps_images_and_the_protocols_subset(tmp_path):
     from experiments.equal_steps import make_images, run
-    from vdm_jax.training import data
+    from vdm_jax.training import sources
 
     images, subset = tmp_path / "images", tmp_path / "subset"
     make_images.main(["--out", str(images), "--train_per_photo", "6", "--test_per_photo", "3"])
-    train = data.folder_source(images, "train")
+    train = sources.folder_source(images, "train")
     assert len(train) == 12 and train.info.image_shape == (32, 32, 3)
-    assert len(data.folder_source(images, "test")) == 6
+    assert len(sources.folder_source(images, "test")) == 6
     run.write_subset(str(images), str(subset), num_train=5, num_test=4)
-    drawn, first = data.folder_source(subset, "train"), data.folder_source(subset, "test")
+    drawn, first = sources.folder_source(subset, "train"), sources.folder_source(subset, "test")
     assert len(drawn) == 5 and len(first) == 4
     names = [os.path.relpath(f, subset / "test") for f in first.files]
     everything = [
-        os.path.relpath(f, images / "test") for f in data.folder_source(images, "test").files
+        os.path.relpath(f, images / "test") for f in sources.folder_source(images, "test").files
     ]
     assert names == everything[:4]
     # The same draw again: seed 0, whatever the run.
     again = tmp_path / "again"
     run.write_subset(str(images), str(again), num_train=5, num_test=4)
-    assert [os.path.relpath(f, again) for f in data.folder_source(again, "train").files] == [
+    assert [os.path.relpath(f, again) for f in sources.folder_source(again, "train").files] == [
         os.path.relpath(f, subset) for f in drawn.files
     ]
     with pytest.raises(UserError, match="needs at least 13"):

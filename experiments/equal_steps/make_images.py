@@ -3,7 +3,7 @@
     python experiments/equal_steps/make_images.py --out /tmp/equal_steps/images
 
 Writes ``OUT/{train,test}/<photo>/<index>.png`` (the ``folder`` source of
-:mod:`vdm_jax.training.data`): each photograph (``china.jpg`` and ``flower.jpg`` of
+:mod:`vdm_jax.training.sources`): each photograph (``china.jpg`` and ``flower.jpg`` of
 ``sklearn.datasets.load_sample_images``, 427x640 RGB) is halved in size (2x2 means, to
 213x320), then ``--train_per_photo`` 32x32 crops at positions drawn with ``--seed`` from its
 left three quarters go to ``train`` and ``--test_per_photo`` crops from its right quarter go

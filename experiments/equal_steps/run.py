@@ -7,7 +7,7 @@
 The protocol (see README.md):
 
 1. ``IMAGES`` is a folder ``root/{train,test}/<class>/*.png`` of 32x32 RGB images (the
-   ``folder`` source of :mod:`vdm_jax.training.data`; ``make_images.py`` makes one offline).
+   ``folder`` source of :mod:`vdm_jax.training.sources`; ``make_images.py`` makes one offline).
    Its subset, written as symbolic links into ``--data``: 10,000 training images drawn without
    replacement with seed 0 (``numpy.random.default_rng(0)``) and the first 1,000 test images
    in the folder source's sorted order (class folders sorted, then file names).
@@ -17,7 +17,7 @@ The protocol (see README.md):
    a parameter moving average of decay ``config.optimizer.ema_decay``.
 3. Ours: ``trainer.train_and_evaluate`` with ``config.py`` (the command line's training).
    Theirs: their ``model_vdm.py`` from ``--original`` (a checkout of google-research/vdm),
-   trained by :class:`benchmarks.original.OriginalVDM` (their loss, optimiser and EMA as their
+   trained by :class:`experiments.original.OriginalVDM` (their loss, optimiser and EMA as their
    ``experiment.py`` runs them) on batches of the same training images (each epoch a
    permutation drawn with seed 0; ours are shuffled by our pipeline with config.seed = 0).
 4. Each side's moving-average parameters after ``--steps`` updates: the test bound in
@@ -57,10 +57,10 @@ def write_subset(images: str, data: str, num_train: int = NUM_TRAIN, num_test: i
     import numpy as np
 
     from vdm_jax.errors import UserError
-    from vdm_jax.training import data as data_lib
+    from vdm_jax.training import sources
 
-    train = data_lib.folder_source(images, "train")
-    test = data_lib.folder_source(images, "test")
+    train = sources.folder_source(images, "train")
+    test = sources.folder_source(images, "test")
     if len(train) < num_train or len(test) < num_test:
         raise UserError(
             f"{images!r} holds {len(train)} training and {len(test)} test images; the protocol "
@@ -80,9 +80,9 @@ def write_subset(images: str, data: str, num_train: int = NUM_TRAIN, num_test: i
 def _arrays(data: str, split: str):
     import numpy as np
 
-    from vdm_jax.training import data as data_lib
+    from vdm_jax.training import sources
 
-    source = data_lib.folder_source(data, split)
+    source = sources.folder_source(data, split)
     return np.stack([source[i]["image"] for i in range(len(source))])
 
 
@@ -113,7 +113,7 @@ def run_original(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from benchmarks import original
+    from experiments import original
 
     config = _load_config(args.steps, args.data)
     theirs = original.OriginalVDM(
@@ -166,7 +166,7 @@ def run_original(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    from benchmarks import original
+    from experiments import original
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", help="a folder root/{train,test}/<class>/*.png of 32x32 RGB images")

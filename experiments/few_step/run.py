@@ -50,9 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from experiments import common
 from vdm_jax.maths import diffusion
 from vdm_jax.models import ode, sampling
+from vdm_jax.models.unet import ScoreUNet
+from vdm_jax.models.vdm import VDM, make_schedule
 
 #: name -> (sampler, its keyword arguments, stochastic?). Each takes one evaluation per step.
 SAMPLERS = {
@@ -140,7 +142,11 @@ def checkpoint_model(path: str):
 
 def smoke_model():
     """A tiny untrained model (1 block of 16 channels, 8x8x3)."""
-    model = common.build_model(1, 16, dropout_rate=0.0)
+    model = VDM(
+        score_net=ScoreUNet(n_layer=1, n_embd=16, dropout_rate=0.0),
+        schedule=make_schedule("learned_linear"),
+        vocab_size=256,
+    )
     shape = (8, 8, 3)
     k_params, k_diffusion = jax.random.split(jax.random.key(0))
     init = jax.jit(functools.partial(model.init, train=False))  # one program, not op by op

@@ -13,7 +13,7 @@ variance gradient; ``linear``: the learned linear schedule), this trains the dig
 ``--steps`` steps in ``WORKDIR/<kind>``, then, with the run's EMA parameters and every test
 image, computes the diffusion loss at the midpoints of ``--bins`` time bins under the run's own
 schedule and under the linear schedule with the same endpoints, the same noise for both
-(:func:`vdm_jax.training.report.diffusion_loss_by_time`). It reports, in bits/dim: each one's
+(:func:`vdm_jax.training.report_data.diffusion_loss_by_time`). It reports, in bits/dim: each one's
 expected diffusion term E_t[L(t)] (the midpoint rule) and the standard deviation of the
 one-sample estimator (t ~ U(0, 1), one noise draw per image), the run's own test bound, and
 writes the per-t plot ``WORKDIR/<kind>/loss_by_time.png``.
@@ -43,18 +43,18 @@ def measure(workdir: str, bins: int, seed: int = 0) -> dict:
     import numpy as np
 
     import vdm_jax
-    from vdm_jax.training import report
+    from vdm_jax.training import report_data, report_render
 
     run = vdm_jax.load_run(workdir)
     images = np.concatenate([b["image"][b["mask"]] for b in run.eval_batches()])
     key = jax.random.key(seed)
     own, linear = (
-        report.diffusion_loss_by_time(
+        report_data.diffusion_loss_by_time(
             run.model, run.variables, images, key, num_bins=bins, linear=flag
         )
         for flag in (False, True)
     )
-    report.plot_loss_by_time(own, os.path.join(workdir, "loss_by_time.png"), linear=linear)
+    report_render.plot_loss_by_time(own, os.path.join(workdir, "loss_by_time.png"), linear=linear)
     gamma_0, gamma_1 = run.model.apply(run.variables, method="endpoints")
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         final = [r for r in map(json.loads, f) if "test/bpd" in r][-1]

@@ -28,8 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import common
-
 FILE = "model_vdm.py"
 
 
@@ -85,9 +83,9 @@ def timed_train_step(theirs: OriginalVDM, batches, key) -> tuple[Any, float, Any
       and waits for the loss; it returns its seconds.
     """
     holder = {"state": theirs.init_state()}
-    compiled, compile_s = common.compile_timed(
-        jax.jit(theirs.train_step), holder["state"], batches[0]["image"], key
-    )
+    t0 = time.perf_counter()
+    compiled = jax.jit(theirs.train_step).lower(holder["state"], batches[0]["image"], key).compile()
+    compile_s = time.perf_counter() - t0
 
     def call(i: int) -> float:
         t0 = time.perf_counter()
