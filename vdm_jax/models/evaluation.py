@@ -22,6 +22,7 @@ from vdm_jax.models.vdm import VLBTerms
 __all__ = [
     "BpdAccumulator",
     "EvalResult",
+    "MaskedMeans",
     "bound_terms",
     "evaluate_bpd",
     "independent_pixel_bpd",
@@ -55,39 +56,65 @@ class EvalResult:
         return {prefix + k: v for k, v in dataclasses.asdict(self).items()}
 
 
-class BpdAccumulator:
-    """Running float64 sums of masked per-example VLB terms; :meth:`result` averages them."""
+class MaskedMeans:
+    """Running float64 sums of named per-example columns over the examples a mask keeps.
+
+    The sums do not depend on the order or the cut of the batches, up to float64 rounding;
+    :meth:`means` and :meth:`stderr` read them.
+    """
 
     def __init__(self):
-        self._n = 0
-        self._sums = np.zeros(5)  # prior, reconstruction, diffusion (nats), bpd, bpd^2
+        self.count = 0
+        self._sums: dict[str, float] = {}
+        self._squares: dict[str, float] = {}
+
+    def add(self, columns: Mapping[str, Any], mask: Array | np.ndarray | None = None) -> None:
+        """Add a batch: ``columns`` maps names to ``[B]`` values; ``mask`` ``[B]`` bool marks
+        the real examples (None: all)."""
+        values = {k: np.asarray(v, np.float64) for k, v in columns.items()}
+        size = next(iter(values.values())).shape
+        mask = np.ones(size, bool) if mask is None else np.asarray(mask, bool)
+        if mask.shape != size:
+            raise UserError(f"mask has shape {mask.shape}, the batch {size}")
+        for k, v in values.items():
+            self._sums[k] = self._sums.get(k, 0.0) + float(v[mask].sum())
+            self._squares[k] = self._squares.get(k, 0.0) + float(np.square(v[mask]).sum())
+        self.count += int(mask.sum())
+
+    def means(self) -> dict[str, float]:
+        """The mean of every column over the examples added."""
+        if self.count == 0:
+            raise UserError("no examples were evaluated: the data set is empty")
+        return {k: v / self.count for k, v in self._sums.items()}
+
+    def stderr(self, name: str) -> float:
+        """The standard error of column ``name``'s mean: sample std (n - 1) / sqrt(n)."""
+        n, mean = self.count, self.means()[name]
+        var = max(self._squares[name] / n - mean**2, 0.0) * n / max(n - 1, 1)
+        return math.sqrt(var / n)
+
+
+class BpdAccumulator:
+    """The VLB's per-example terms averaged over masked batches; :meth:`result` reads them."""
+
+    def __init__(self):
+        self._sums = MaskedMeans()
 
     def add(self, terms: VLBTerms, mask: Array | np.ndarray | None = None) -> None:
         """Add a batch of per-example terms ``[B]``; ``mask`` ``[B]`` bool marks real examples."""
-        values = np.stack([np.asarray(v, np.float64) for v in terms])  # [4, B]
-        if mask is None:
-            mask = np.ones(values.shape[1], bool)
-        mask = np.asarray(mask, bool)
-        if mask.shape != values.shape[1:]:
-            raise UserError(f"mask has shape {mask.shape}, the batch {values.shape[1:]}")
-        picked = values[:, mask]
-        self._n += int(mask.sum())
-        self._sums += np.concatenate([picked.sum(1), [np.square(picked[3]).sum()]])
+        self._sums.add(terms._asdict(), mask)
 
     def result(self, num_dims: int) -> EvalResult:
         """Averages over everything added; ``num_dims`` converts nats to bits/dim."""
-        if self._n == 0:
-            raise UserError("no examples were evaluated: the data set is empty")
-        prior, recon, diff, bpd, bpd_sq = self._sums / self._n
-        var = max(bpd_sq - bpd**2, 0.0) * self._n / max(self._n - 1, 1)
+        mean = self._sums.means()
         to_bpd = 1.0 / (num_dims * math.log(2.0))
         return EvalResult(
-            bpd=float(bpd),
-            bpd_stderr=math.sqrt(var / self._n),
-            prior_bpd=float(prior * to_bpd),
-            reconstruction_bpd=float(recon * to_bpd),
-            diffusion_bpd=float(diff * to_bpd),
-            num_examples=self._n,
+            bpd=mean["bpd"],
+            bpd_stderr=self._sums.stderr("bpd"),
+            prior_bpd=mean["prior"] * to_bpd,
+            reconstruction_bpd=mean["reconstruction"] * to_bpd,
+            diffusion_bpd=mean["diffusion"] * to_bpd,
+            num_examples=self._sums.count,
         )
 
 

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax.errors import UserError
-from vdm_jax.models.evaluation import bound_terms
+from vdm_jax.models.evaluation import MaskedMeans, bound_terms
 from vdm_jax.models.ode import ode_log_likelihood
 
 Array = jax.Array
@@ -564,47 +564,32 @@ class LikelihoodResult:
 
 
 class Accumulator:
-    """Running float64 sums of an estimator's per-example values; :meth:`result` averages them.
-
-    Add each batch's :class:`Estimate` with its mask (False for padded examples); the sums do
-    not depend on the order or the cut of the batches, up to float64 rounding.
-    """
+    """An estimator's per-example values averaged over masked batches (a
+    :class:`~vdm_jax.models.evaluation.MaskedMeans` of them); :meth:`result` reads them."""
 
     def __init__(self, estimator: str, num_draws: int = 1):
         self.estimator, self.num_draws = estimator, num_draws
-        self._n = 0
-        self._sums: dict[str, float] = {}
+        self._sums = MaskedMeans()
 
     def add(self, batch_estimate: Estimate, mask=None) -> None:
         """Add a batch's :class:`Estimate`; ``mask`` bool ``[B]`` marks the real examples
         (None: all)."""
         est = batch_estimate
-        bpd = np.asarray(est.bpd, np.float64)
-        mask = np.ones(bpd.shape, bool) if mask is None else np.asarray(mask, bool)
-        if mask.shape != bpd.shape:
-            raise ValueError(f"mask has shape {mask.shape}, the batch {bpd.shape}")
-        columns = {"bpd": bpd, "bpd_sq": np.square(bpd), "spread": est.spread, "nfe": est.nfe}
-        columns.update({"term_" + k: v for k, v in est.terms.items()})
-        for k, v in columns.items():
-            picked = np.asarray(v, np.float64)[mask]
-            self._sums[k] = self._sums.get(k, 0.0) + float(picked.sum())
-        self._n += int(mask.sum())
+        columns = {"bpd": est.bpd, "spread": est.spread, "nfe": est.nfe}
+        self._sums.add({**columns, **{"term_" + k: v for k, v in est.terms.items()}}, mask)
 
     def result(self, num_dims: int) -> LikelihoodResult:
         """The averages over everything added; ``num_dims`` (H W C) converts the terms' nats
         to bits/dim."""
-        if self._n == 0:
-            raise ValueError("no examples were evaluated: the data set is empty")
-        mean = {k: v / self._n for k, v in self._sums.items()}
-        var = max(mean["bpd_sq"] - mean["bpd"] ** 2, 0.0) * self._n / max(self._n - 1, 1)
+        mean = self._sums.means()
         to_bpd = 1.0 / (num_dims * math.log(2.0))
         return LikelihoodResult(
             estimator=self.estimator,
             num_draws=self.num_draws,
             bpd=mean["bpd"],
-            bpd_stderr=math.sqrt(var / self._n),
+            bpd_stderr=self._sums.stderr("bpd"),
             spread_bpd=mean["spread"],
             nfe=mean["nfe"],
-            num_examples=self._n,
+            num_examples=self._sums.count,
             terms_bpd={k[5:]: v * to_bpd for k, v in mean.items() if k.startswith("term_")},
         )
