@@ -45,7 +45,7 @@ from ml_collections import config_flags
 from vdm_jax import configs
 from vdm_jax.errors import UserError
 
-__all__ = ["main", "run"]
+__all__ = ["run"]
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,

@@ -46,7 +46,8 @@ DECODE_MODES = ("argmax", "sample")
 
 
 def check_shape(shape) -> tuple[int, int, int, int]:
-    """``shape`` as a tuple of 4 positive ints ``(B, H, W, C)``; a :class:`UserError` if not."""
+    """``shape`` as a tuple of 4 positive ints ``(B, H, W, C)``; else a
+    :class:`~vdm_jax.errors.UserError`."""
     try:
         dims = tuple(operator.index(n) for n in shape)
     except TypeError:
@@ -57,13 +58,14 @@ def check_shape(shape) -> tuple[int, int, int, int]:
 
 
 def check_choice(name: str, value: str, choices) -> None:
-    """A :class:`UserError` naming ``name`` unless ``value`` is one of ``choices``."""
+    """A :class:`~vdm_jax.errors.UserError` naming ``name`` unless ``value`` is one of
+    ``choices``."""
     if value not in choices:
         raise UserError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def check_positive(name: str, value) -> None:
-    """A :class:`UserError` naming ``name`` unless ``value > 0``."""
+    """A :class:`~vdm_jax.errors.UserError` naming ``name`` unless ``value > 0``."""
     if not value > 0:
         raise UserError(f"{name} must be positive, got {value!r}")
 

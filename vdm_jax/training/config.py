@@ -30,6 +30,7 @@ from vdm_jax.models.vdm import SCHEDULES, VDM, make_schedule
 from vdm_jax.training import parallel, sources, steps
 
 __all__ = [
+    "RULES",
     "build_model",
     "build_optimizer",
     "build_weighting",

@@ -23,7 +23,14 @@ from vdm_jax.errors import UserError
 from vdm_jax.maths import frechet
 from vdm_jax.training import sources
 
-__all__ = ["CACHE_ENV", "LABEL", "DigitsFeatures", "default_cache_dir", "digits_features"]
+__all__ = [
+    "CACHE_ENV",
+    "EXTRACTORS",
+    "LABEL",
+    "DigitsFeatures",
+    "default_cache_dir",
+    "digits_features",
+]
 
 Array = jax.Array
 

@@ -241,7 +241,8 @@ def make_train_iterator(
 
     Args:
       source: random-access source of ``{"image": uint8 [H, W, C], "label": int32 []}``
-        records; :class:`ArraySource` batches are gathered with one indexing per batch.
+        records; :class:`~vdm_jax.training.sources.ArraySource` batches are gathered with one
+        indexing per batch.
       global_batch_size: ``B``, examples per step over all processes; must be divisible by
         ``process_count``.
       seed: shuffle seed, an integer in ``[0, 2**32)``. Use the same seed on every process.
@@ -253,7 +254,7 @@ def make_train_iterator(
       augment: apply the random flips and rotations (square images only).
       read_options: grain's reading threads and prefetch buffer, counted in *batches* (each
         read by one thread). None: 16 threads and 32 batches, or 1 thread and 2 batches for
-        an :class:`ArraySource`.
+        an :class:`~vdm_jax.training.sources.ArraySource`.
 
     Returns:
       A :class:`TrainIterator` yielding ``{"image": uint8 [b, H, W, C], "label": int32
