@@ -5,6 +5,8 @@ continuous time, adamw (lr 2e-4, b2 0.99, weight decay 0.01), EMA 0.9999, batch 
 
 from vdm_jax.configs import base
 
+__all__ = ["get_config"]
+
 
 def get_config(variant: str = ""):
     """CIFAR-10; ``variant='smoke'`` for a seconds-long run."""

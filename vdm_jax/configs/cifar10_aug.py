@@ -13,6 +13,8 @@ field the checkpoint's parameter tree sets otherwise)::
 
 from vdm_jax.configs import base
 
+__all__ = ["get_config"]
+
 
 def get_config(variant: str = ""):
     """CIFAR-10 with augmentation; ``variant='smoke'`` for a seconds-long run."""

@@ -6,6 +6,8 @@ runs a few steps only.
 
 from vdm_jax.configs import base
 
+__all__ = ["get_config"]
+
 
 def get_config(variant: str = ""):
     """Digits; ``variant='smoke'`` for a seconds-long run."""

@@ -2,6 +2,8 @@
 
 from vdm_jax.configs import base
 
+__all__ = ["get_config"]
+
 
 def get_config(variant: str = ""):
     """MNIST; ``variant='smoke'`` for a seconds-long run."""

@@ -1,8 +1,8 @@
 """Experiments from a config: :func:`train_and_evaluate`, :func:`evaluate`, :func:`sample`,
 :func:`report`.
 
-The config's fields are those of ``vdm_jax/configs/base.py`` (checked by
-:func:`vdm_jax.training.config.check_config`). The workdir's files are listed in
+The config's fields are those of :data:`vdm_jax.training.schema.FIELDS` (checked by
+:func:`vdm_jax.training.schema.check_config`). The workdir's files are listed in
 :mod:`vdm_jax.training.workdir`. Only process 0 writes metrics and images; every process
 takes part in checkpoints.
 
@@ -56,15 +56,10 @@ from vdm_jax.models.vdm import VDM
 from vdm_jax.training import checkpoint, data, features, parallel, steps
 from vdm_jax.training import report as report_io
 from vdm_jax.training import workdir as workdir_io
-from vdm_jax.training.config import (
-    build_model,
-    build_optimizer,
-    check_config,
-    noise_bins,
-    resume_keys,
-)
+from vdm_jax.training.builders import build_optimizer, model_from_config, noise_bins
 from vdm_jax.training.guard import DivergenceGuard, GuardState, TrainingDivergedError
 from vdm_jax.training.preemption import PreemptionWatcher
+from vdm_jax.training.schema import check_config, resume_keys
 
 __all__ = [
     "EVAL_STREAM",
@@ -210,7 +205,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, mode: str) -> _Setup
             f"data.augment=True rotates images by 90 degrees, but the data's are {height}x"
             f"{width}; use square images or data.augment=False"
         )
-    model = build_model(config, info.vocab_size)
+    model = model_from_config(config, info.vocab_size)
     optimizer, lr_fn = build_optimizer(config)
     p = config.parallel
     mesh = parallel.make_mesh(p.num_devices, data=p.data, fsdp=p.fsdp)
@@ -699,7 +694,7 @@ def restore_state(
 
     Raises:
       UserError: a bad config, no workdir or no checkpoint, or a checkpoint written with a
-        config that disagrees on :func:`~vdm_jax.training.config.resume_keys`.
+        config that disagrees on :func:`~vdm_jax.training.schema.resume_keys`.
     """
     setup = _setup(config, workdir, "restore")
     try:
