@@ -274,6 +274,8 @@ def _format_config(config) -> str:
 
 
 def main(argv):
+    """Runs ``--mode`` on the parsed flags (absl's ``app.run`` calls it with the arguments left
+    after the flags, which must be none); user errors exit with one ``error:`` line."""
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     mode, workdir = _MODE.value, _WORKDIR.value
