@@ -26,9 +26,6 @@ LAYERS = {
     "training": ("vdm_jax.cli", "vdm_jax.configs"),
     "errors": ("vdm_jax.",),
 }  # fmt: skip
-# The one edge against the layers, removed by the work on the config schema (the schema then
-# lives in the training layer and the bundled configs are built from it).
-ALLOWED = {("training.config", "vdm_jax.configs.base")}
 
 
 def _modules():
@@ -70,16 +67,9 @@ def test_every_layer_imports_only_the_layers_above_it():
         for imported, names in _imports(module, path):
             targets = [f"{imported}.{n}" for n in names] or [imported]
             for target in targets:
-                if (module, target) in ALLOWED:
-                    continue
                 if target.startswith(LAYERS.get(layer, ())):
                     bad.append(f"{module} imports {target}")
     assert not bad, bad
-    # The allowed edge is still there: when the schema work removes it, remove it here too.
-    assert any(
-        "vdm_jax.configs.base" in (imported, *(f"{imported}.{n}" for n in names))
-        for imported, names in _imports("training.config", modules["training.config"])
-    ), "training.config no longer imports configs.base: empty ALLOWED"
 
 
 def test_every_module_is_short_and_declares_its_public_names():

@@ -215,16 +215,16 @@ def test_the_reconstruction_window_field_gives_the_same_bound_and_gradient():
 
 def test_configs_choose_the_formulation_fields():
     from vdm_jax.configs import base, digits
-    from vdm_jax.training.config import build_model
+    from vdm_jax.training.builders import model_from_config
 
-    plain = build_model(base.get_config(), 256)
+    plain = model_from_config(base.get_config(), 256)
     assert (plain.score_net.attention, plain.score_net.batch_pieces, plain.score_net.remat) == (
         "dot_product", 1, False,
     )  # fmt: skip
     assert plain.reconstruction_window == 0
     config = digits.get_config()
     config.model.remat = True
-    fast = build_model(config, 17)
+    fast = model_from_config(config, 17)
     assert (fast.score_net.attention, fast.score_net.batch_pieces, fast.score_net.remat) == (
         "chunked", 2, True,
     )  # fmt: skip

@@ -13,8 +13,10 @@ a few-step variant, the path of a config file (``path.py[:ARG]``, its ``get_conf
 ``run:WORKDIR``, a trained run's own config (:mod:`vdm_jax.configs.run`), which eval, sample,
 report and show_config take when ``--workdir`` is given without ``--config``.
 ``--config.SECTION.FIELD=VALUE`` overrides a field; ``--mode=show_config`` lists them all
-with their defaults and meanings. On a trained run, the fields that fix its checkpoint come
-from the run (:func:`vdm_jax.training.config.for_trained_run`).
+with their defaults and meanings (:data:`vdm_jax.training.schema.FIELDS`). On a trained run
+(eval, sample, report, and show_config given ``--workdir``), the fields that fix its checkpoint
+come from the run, and an override that disagrees with the run is refused
+(:func:`vdm_jax.training.schema.for_trained_run`).
 
 ``--mode=import --import_from=PATH`` writes a checkpoint of the original VDM code into a new
 workdir as a run of ours (:mod:`vdm_jax.training.importer`); eval, sample and training on
@@ -45,7 +47,7 @@ from ml_collections import config_flags
 from vdm_jax import configs
 from vdm_jax.errors import UserError
 
-__all__ = ["run"]
+__all__ = ["main", "run"]
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
@@ -61,7 +63,8 @@ _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "eval", "sample", "report", "show_config", "import"],
     "What to run: train (and evaluate and sample at the end), eval, sample, report (plots "
     "and an HTML page of a trained run in WORKDIR/report), show_config (print every "
-    "field of the config with its default and meaning; needs no --workdir), or import (a "
+    "field of the config with its default and meaning; given --workdir, the config eval "
+    "would use on that run), or import (a "
     "checkpoint of the original VDM code, --import_from, as a new run in WORKDIR).",
 )  # fmt: skip
 _IMPORT_FROM = flags.DEFINE_string(
@@ -168,7 +171,7 @@ def _check_override_names(argv: list[str]) -> None:
     names = [(m.group(0), m.group(1)) for m in map(_OVERRIDE.match, argv[1:]) if m]
     if not names:
         return
-    from vdm_jax.training.config import field_defaults
+    from vdm_jax.training.schema import field_defaults
 
     fields = field_defaults()
     sections = {name.split(".")[0] for name in fields if "." in name}
@@ -214,9 +217,9 @@ def _flag_error(error: flags.Error, config_label: str) -> str:
         return f"{config_label}{cause}"
     m = re.match(r"flag --config\.([\w.]+)=(.*?): ", text)
     if m:
-        from vdm_jax.training.config import field_defaults
+        from vdm_jax.training.schema import field
 
-        kind = type(field_defaults().get(m.group(1)))
+        kind = field(m.group(1)).type
         if kind in _KINDS:
             return (
                 f"--config.{m.group(1)}={m.group(2)}: {m.group(1)} must be {_KINDS[kind]}, "
@@ -253,16 +256,16 @@ def _parse_flags(argv):
 
 
 def _format_config(config) -> str:
-    """Every field of ``config``, one a line after a header: ``name = value  [default D]
-    meaning``, the default and the meaning taken from the base config
-    (:mod:`vdm_jax.configs.base`)."""
-    from vdm_jax.configs import base
-    from vdm_jax.training.config import field_defaults, flatten
+    """Every field of a checked ``config``, one a line in the schema's order after a header:
+    ``name = value  [default D]  meaning``, the default and the meaning taken from the schema
+    (:data:`vdm_jax.training.schema.FIELDS`)."""
+    from vdm_jax.training.schema import field_defaults, field_meanings, flatten
 
-    defaults, meanings = field_defaults(), base.field_descriptions()
+    defaults, meanings = field_defaults(), field_meanings()
+    values = flatten(config.to_dict())
     rows = [
-        (f"{name} = {value!r}", f"[default {defaults.get(name)!r}]", meanings.get(name, ""))
-        for name, value in flatten(config.to_dict()).items()
+        (f"{name} = {values[name]!r}", f"[default {default!r}]", meanings[name])
+        for name, default in defaults.items()
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows]
@@ -271,6 +274,8 @@ def _format_config(config) -> str:
 
 
 def main(argv):
+    """Runs ``--mode`` on the parsed flags (absl's ``app.run`` calls it with the arguments left
+    after the flags, which must be none); user errors exit with one ``error:`` line."""
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     mode, workdir = _MODE.value, _WORKDIR.value
@@ -284,7 +289,7 @@ def main(argv):
         _fail(f"--mode={mode} needs --workdir: the folder of the run")
     # Imported here so that --help is fast and flags parse before jax initialises.
     from vdm_jax.training import checkpoint, importer, parallel, run_files, trainer
-    from vdm_jax.training.config import check_config, for_trained_run
+    from vdm_jax.training.schema import check_config, for_trained_run
 
     user_errors = (
         UserError,  # a bad config value, data set, workdir or incompatible checkpoint
@@ -298,6 +303,13 @@ def main(argv):
     except OSError as e:  # e.g. the config file does not exist
         _fail(_without_traceback(str(e)))
     try:
+        explicit = config_flags.get_override_values(flags.FLAGS["config"])
+        # The fields that fix a trained run's checkpoint come from the run; when training, only
+        # from a run imported from the original code (its --config is not the run's own);
+        # show_config shows what eval would use, so only given a run.
+        reads_run = mode in _READS_RUN and workdir is not None
+        if reads_run or (mode == "train" and importer.is_imported(workdir)):
+            config = for_trained_run(config, run_files.read_config(workdir), explicit)
         if mode == "show_config":
             check_config(config)
             try:
@@ -305,11 +317,6 @@ def main(argv):
             except BrokenPipeError:  # e.g. piped into head: the reader has what it wanted
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return
-        explicit = config_flags.get_override_values(flags.FLAGS["config"])
-        # The fields that fix a trained run's checkpoint come from the run; when training, only
-        # from a run imported from the original code (its --config is not the run's own).
-        if mode in _READS_RUN or (mode == "train" and importer.is_imported(workdir)):
-            config = for_trained_run(config, run_files.read_config(workdir), explicit)
         # Before anything else touches the devices; does nothing for a single process.
         parallel.initialize_distributed(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value
@@ -359,8 +366,21 @@ class _QuietLibraries(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or not noisy
 
 
+def _plain_text(doc: str) -> str:
+    """A docstring as the command line's help prints it: Sphinx roles (such as
+    :func:`name`) and inline literals (in double backquotes) as their plain text, and a
+    literal block's double colon as one."""
+    doc = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
+    doc = re.sub(r"``([^`]+)``", r"\1", doc)
+    return re.sub(r"::$", ":", doc, flags=re.M)
+
+
 def run():
     """Console-script entry point."""
+    # --help and --helpshort print the running program's docstring: this module's, as text.
+    main_module = sys.modules.get("__main__")
+    if main_module is not None:
+        main_module.__doc__ = _plain_text(__doc__)
     # --helpshort lists the flags of the program that runs (sys.argv[0]): these.
     for flag in flags.FLAGS.flags_by_module_dict().get(__name__, []):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)

@@ -7,8 +7,7 @@ override its fields as with any config.
 """
 
 from vdm_jax.errors import UserError
-from vdm_jax.training import config as config_schema
-from vdm_jax.training import run_files
+from vdm_jax.training import run_files, schema
 
 __all__ = ["get_config"]
 
@@ -17,4 +16,4 @@ def get_config(workdir: str = ""):
     """The config in ``workdir/config.json`` over the base config's defaults."""
     if not workdir:
         raise UserError("the config 'run' reads a run's own config: --config=run:WORKDIR")
-    return config_schema.with_defaults(run_files.read_config(workdir))
+    return schema.with_defaults(run_files.read_config(workdir))

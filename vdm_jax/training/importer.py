@@ -9,7 +9,7 @@ at their step holding their parameters, their EMA and their Adam moments and ste
 
 Later runs on that workdir (``--mode=eval``, ``--mode=sample``, training on from their step)
 take the fields that fix the checkpoint from the run
-(:func:`vdm_jax.training.config.for_trained_run`; the command line does so for training when
+(:func:`vdm_jax.training.schema.for_trained_run`; the command line does so for training when
 :func:`is_imported`), and the data, evaluation, sampling and training settings from the
 config given then.
 """

@@ -29,8 +29,9 @@ import numpy as np
 from vdm_jax.errors import UserError
 from vdm_jax.models.vdm import VDM
 from vdm_jax.training import checkpoint, pipeline, run_files, sources
-from vdm_jax.training.config import build_model, check_config, with_defaults
+from vdm_jax.training.builders import model_from_config
 from vdm_jax.training.run_setup import EVAL_STREAM
+from vdm_jax.training.schema import check_config, with_defaults
 
 __all__ = ["LoadedRun", "load_run"]
 
@@ -118,7 +119,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, params: str = 
             name=saved["name"], image_shape=tuple(saved["image_shape"]),
             vocab_size=int(saved["vocab_size"]), num_classes=int(saved["num_classes"]),
         )  # fmt: skip
-    model = build_model(config, info.vocab_size)
+    model = model_from_config(config, info.vocab_size)
     example = jnp.zeros((1, *info.image_shape), jnp.uint8)
     labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes > 0 else None
     key = jax.random.key(0)  # only shapes are taken

@@ -31,13 +31,8 @@ from vdm_jax.errors import UserError
 from vdm_jax.models import evaluation
 from vdm_jax.models.vdm import VDM
 from vdm_jax.training import checkpoint, parallel, pipeline, run_files, sources, steps
-from vdm_jax.training.config import (
-    build_model,
-    build_optimizer,
-    check_config,
-    noise_bins,
-    resume_keys,
-)
+from vdm_jax.training.builders import build_optimizer, model_from_config, noise_bins
+from vdm_jax.training.schema import check_config, resume_keys
 
 __all__ = [
     "EVAL_STREAM",
@@ -176,7 +171,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> Run
             f"data.augment=True rotates images by 90 degrees, but the data's are {height}x"
             f"{width}; use square images or data.augment=False"
         )
-    model = build_model(config, info.vocab_size)
+    model = model_from_config(config, info.vocab_size)
     optimizer, lr_fn = build_optimizer(config)
     p = config.parallel
     mesh = parallel.make_mesh(p.num_devices, data=p.data, fsdp=p.fsdp)

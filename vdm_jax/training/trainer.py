@@ -1,8 +1,8 @@
 """Experiments from a config: :func:`train_and_evaluate`, :func:`evaluate`, :func:`sample`,
 :func:`report`.
 
-The config's fields are those of ``vdm_jax/configs/base.py`` (checked by
-:func:`vdm_jax.training.config.check_config`). The workdir's files are listed in
+The config's fields are those of :data:`vdm_jax.training.schema.FIELDS` (checked by
+:func:`vdm_jax.training.schema.check_config`). The workdir's files are listed in
 :mod:`vdm_jax.training.run_files`. Only process 0 writes metrics and images; every process
 takes part in checkpoints.
 
@@ -392,7 +392,7 @@ def restore_state(
 
     Raises:
       UserError: a bad config, no workdir or no checkpoint, or a checkpoint written with a
-        config that disagrees on :func:`~vdm_jax.training.config.resume_keys`.
+        config that disagrees on :func:`~vdm_jax.training.schema.resume_keys`.
     """
     setup = run_setup.setup_run(config, workdir, "restore")
     try:
