@@ -60,7 +60,7 @@ def _show_config(value: str) -> str:
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        cli.main(cli._parse_flags(["vdm_jax", f"--config={value}", "--mode=show_config"]))
+        cli.main(cli.parse_flags(["vdm_jax", f"--config={value}", "--mode=show_config"]))
     return out.getvalue()
 
 

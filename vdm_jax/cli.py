@@ -47,7 +47,7 @@ from ml_collections import config_flags
 from vdm_jax import configs
 from vdm_jax.errors import UserError
 
-__all__ = ["main", "run"]
+__all__ = ["main", "parse_flags", "run"]
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
@@ -228,8 +228,10 @@ def _flag_error(error: flags.Error, config_label: str) -> str:
     return f"{text} (--helpshort lists the flags)"
 
 
-def _parse_flags(argv):
-    """absl's flag parsing after two rewrites of argv: a bundled config's name becomes its
+def parse_flags(argv):
+    """The command line's flags from ``argv`` (``[program, *flags]``), for :func:`main`.
+
+    absl's flag parsing after two rewrites of argv: a bundled config's name becomes its
     file's path, and a mode that reads a trained run given ``--workdir`` and no ``--config``
     gets ``--config=run:WORKDIR`` (before the overrides, as ml_collections requires)."""
     argv, label = list(argv), ""
@@ -386,7 +388,7 @@ def run():
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
