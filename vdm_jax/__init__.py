@@ -19,6 +19,8 @@ Conventions: gamma = -log SNR, alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamm
 are per example in nats unless a name says bits/dim.
 """
 
+from importlib import metadata as _metadata
+
 from vdm_jax.errors import UserError
 from vdm_jax.maths import frechet, weightings
 from vdm_jax.maths.diffusion import (
@@ -79,7 +81,10 @@ from vdm_jax.models.sampling import StepProgress, ancestral_sample, ddim_sample,
 from vdm_jax.models.unet import AttentionBlock, ResNetBlock, ScoreUNet, largest_group_count
 from vdm_jax.models.vdm import VDM, ObjectiveTerms, VLBTerms, make_schedule
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("vdm-jax")  # pyproject.toml holds the one version string
+except _metadata.PackageNotFoundError:  # a checkout on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "VDM",

@@ -17,7 +17,7 @@
 #   PROJECT      the Google Cloud project                (gcloud's default)
 #   CONFIG       the experiment config                   (vdm_jax/configs/cifar10.py)
 #   WORKDIR      a gs:// folder every host can write     (required for start)
-#   FLAGS        more flags for experiments.main, e.g. "--config.parallel.fsdp=4"
+#   FLAGS        more flags for python3 -m vdm_jax, e.g. "--config.parallel.fsdp=4"
 #
 # Running `start` again after a stop or a preemption resumes from the latest checkpoint in
 # WORKDIR. The data set must be readable on every host (tfds data in a gs:// data_dir, e.g.
@@ -33,6 +33,8 @@ WORKDIR=${WORKDIR:-}
 FLAGS=${FLAGS:-}
 REMOTE_DIR=vdm_jax
 LOG=vdm_jax_train.log
+# The process that start launches and stop signals.
+TRAIN_COMMAND="python3 -m vdm_jax"
 
 gcloud_tpu() {
   gcloud compute tpus tpu-vm "$@" --zone="$ZONE" ${PROJECT:+--project="$PROJECT"}
@@ -64,7 +66,7 @@ case "${1:-}" in
       exit 1
     fi
     # nohup: training goes on when the ssh session ends. Every host logs to ~/$LOG.
-    on_all_hosts "cd $REMOTE_DIR && nohup python3 -m vdm_jax --multihost \
+    on_all_hosts "cd $REMOTE_DIR && nohup $TRAIN_COMMAND --multihost \
       --config=$CONFIG --workdir=$WORKDIR $FLAGS > ~/$LOG 2>&1 < /dev/null &"
     echo "started; follow with: $0 logs"
     ;;
@@ -72,8 +74,10 @@ case "${1:-}" in
     gcloud_tpu ssh "$TPU_NAME" --worker=0 --command="tail -n 100 -f ~/$LOG"
     ;;
   stop)
-    # SIGTERM: each process saves a checkpoint at the same step and exits with status 0.
-    on_all_hosts "pkill -TERM -f experiments.main || true"
+    # SIGTERM: each process saves a checkpoint at the same step and exits with status 0. The
+    # pattern is anchored at the start of the command line that start runs (nohup execs it), so
+    # it matches the training process and not the remote shell that runs this pkill.
+    on_all_hosts "pkill -TERM -f '^$TRAIN_COMMAND ' || echo 'stop: no training process on this host'"
     ;;
   delete)
     gcloud_tpu delete "$TPU_NAME" --quiet
