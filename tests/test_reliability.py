@@ -423,19 +423,16 @@ def test_skip_nonfinite_updates_keeps_the_parameters_and_counts_skips(tmp_path, 
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    from orbax.checkpoint._src.handlers import json_checkpoint_handler
-
-    handler = json_checkpoint_handler.JsonCheckpointHandler
-    real_save = handler._save_fn
+    real_write = checkpoint.write_text
     failed = []
 
-    async def save_or_fail(self, x, directory):
-        if re.search(r"/6\.orbax-checkpoint-tmp", str(directory)):
-            failed.append(str(directory))
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
-        return await real_save(self, x, directory)
+    def write_or_fail(path, text):
+        if re.search(r"/6\.orbax-checkpoint-tmp", str(path)):
+            failed.append(str(path))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_write(path, text)
 
-    monkeypatch.setattr(handler, "_save_fn", save_or_fail)
+    monkeypatch.setattr(checkpoint, "write_text", write_or_fail)
     config = _config(
         training__num_train_steps=8, training__checkpoint_every=2, training__keep_checkpoints=1
     )
