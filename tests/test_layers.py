@@ -5,6 +5,8 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import vdm_jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,6 +15,7 @@ OUTSIDE = {"cli", "__main__", "pretrained", "configs", "training"}
 FORBIDDEN = ("vdm_jax.training", "orbax", "grain", "tensorflow_datasets")
 
 
+@pytest.mark.slow
 def test_maths_and_model_modules_import_no_training_system():
     names = sorted(
         m.name.removeprefix("vdm_jax.")

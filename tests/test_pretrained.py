@@ -274,6 +274,7 @@ def _image_folder(root: Path, images: np.ndarray) -> Path:
 CONFIGS = {"scalar": "cifar10.py", "nnet_aug": "cifar10_aug.py"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_command_line_import_eval_sample_and_train(tmp_path, name):
     root = _fixture(name)

@@ -173,6 +173,7 @@ OBJECTIVE = {
 }
 
 
+@pytest.mark.slow
 def test_sigkill_sigterm_and_restart_end_bitwise_equal_to_an_uninterrupted_run(tmp_path, cli_env):
     """One run killed with SIGKILL during a checkpoint write, preempted with SIGTERM, killed
     with SIGKILL between writes, each time restarted with the same command, ends with the same
@@ -287,6 +288,7 @@ def _truncate_array_files(step_dir: Path) -> None:
         os.truncate(p, p.stat().st_size // 2)
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoints_fall_back_to_the_last_good_one(tmp_path, caplog):
     config = _config(training__num_train_steps=6, training__keep_checkpoints=5)
     whole = trainer.train_and_evaluate(config, str(tmp_path / "a"))
@@ -344,6 +346,7 @@ def _exploding_optimizer(explode_after):
     return build
 
 
+@pytest.mark.slow
 def test_divergence_stops_at_the_first_bad_step_and_keeps_the_last_good_checkpoint(
     tmp_path, monkeypatch
 ):
@@ -390,6 +393,7 @@ def _inject_nan_at(monkeypatch, bad_steps):
     monkeypatch.setattr(trainer.parallel, "make_train_step", make)
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_updates_keeps_the_parameters_and_counts_skips(tmp_path, monkeypatch):
     # Steps 5, 6 bad (skipped: at most 2 in a row), then 9, 10, 11 bad (the third stops it).
     _inject_nan_at(monkeypatch, [5, 6, 9, 10, 11])
@@ -422,6 +426,7 @@ def test_skip_nonfinite_updates_keeps_the_parameters_and_counts_skips(tmp_path, 
 # ----------------------------------------------------------------------------- disk full
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     real_write = checkpoint.write_text
     failed = []
@@ -720,6 +725,7 @@ def test_bad_workdirs_stop_and_change_nothing(tmp_path):
         assert _snapshot(tmp_path) == before, case
 
 
+@pytest.mark.slow
 def test_training_data_changed_since_the_checkpoint(tmp_path):
     root = _image_folder(tmp_path / "imgs")
     config = _folder_config(
@@ -833,6 +839,7 @@ def _cli_case_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_command_line_user_errors_print_one_line_and_exit_1(tmp_path, cli_env):
     cases = _cli_case_files(tmp_path)
     before = _snapshot(tmp_path)

@@ -82,6 +82,7 @@ def test_plots_and_page_from_plain_records(tmp_path):
     assert "a &lt;run&gt;" in text and "2.9 bits/dim" in text and "&quot;seed&quot;" in text
 
 
+@pytest.mark.slow
 def test_report_on_a_digits_smoke_run(tmp_path):
     config = digits.get_config("smoke")
     trainer.train_and_evaluate(config, str(tmp_path))
@@ -102,6 +103,7 @@ def test_report_on_a_digits_smoke_run(tmp_path):
     assert b"report/schedule" in events and b"report/samples" in events
 
 
+@pytest.mark.slow
 def test_report_errors_name_the_workdir_and_the_remedy(tmp_path):
     config = digits.get_config("smoke")
     with pytest.raises(ValueError, match="does not exist: train first"):
