@@ -48,6 +48,15 @@ def digits_smoke_run(tmp_path_factory):
     return workdir, trainer.train_and_evaluate(digits.get_config("smoke"), str(workdir))
 
 
+@pytest.fixture
+def digits_smoke_copy(digits_smoke_run, tmp_path):
+    """A copy of the ``digits_smoke_run`` workdir of this test's own, for a test that writes
+    into a trained run (a report, a refused resume) without training one."""
+    workdir = tmp_path / "digits_smoke"
+    shutil.copytree(digits_smoke_run[0], workdir)
+    return workdir
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _feature_cache(tmp_path_factory):
     """Feature extractors (the digits classifier of the Frechet distance) cache their weights

@@ -91,8 +91,8 @@ def test_train_on_tfds_mock_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_incompatible_resume_stops_and_keeps_the_checkpoints(tmp_path):
-    trainer.train_and_evaluate(_smoke(), str(tmp_path))
+def test_incompatible_resume_stops_and_keeps_the_checkpoints(digits_smoke_copy):
+    tmp_path = digits_smoke_copy
     before = _listing(tmp_path / "checkpoints")
     with pytest.raises(UserError, match=r"model\.n_embd=16 \(this run has 32\)"):
         trainer.train_and_evaluate(_smoke(**{"model.n_embd": 32}), str(tmp_path))

@@ -83,9 +83,8 @@ def test_plots_and_page_from_plain_records(tmp_path):
 
 
 @pytest.mark.slow
-def test_report_on_a_digits_smoke_run(tmp_path):
-    config = digits.get_config("smoke")
-    trainer.train_and_evaluate(config, str(tmp_path))
+def test_report_on_a_digits_smoke_run(digits_smoke_copy):
+    tmp_path, config = digits_smoke_copy, digits.get_config("smoke")
     page = trainer.report(config, str(tmp_path), num_bins=3, num_images=20)
 
     assert page == str(tmp_path / "report" / "index.html")
