@@ -3,22 +3,38 @@ a shared smoke run.
 
 XLA reads ``XLA_FLAGS`` once, when jax first initialises a backend, so this must run before any
 test module imports jax.
+
+The compilation cache is ``JAX_COMPILATION_CACHE_DIR`` if set, else a temporary folder made
+here and removed at the end. It goes into the environment before pytest-xdist starts its
+workers, so the workers and every command-line subprocess of the run share one cache: a
+program compiled once (the digits smoke model, its eval and sampling steps) is read back
+everywhere else.
 """
 
 import os
+import shutil
+import tempfile
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+_own_cache = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _own_cache = tempfile.mkdtemp(prefix="vdm_jax_tests_compilation_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _own_cache
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-_cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-if _cache:
-    jax.config.update("jax_compilation_cache_dir", _cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_unconfigure(config):
+    if _own_cache:  # made by this process (the controller under xdist): the last to end
+        shutil.rmtree(_own_cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +46,15 @@ def digits_smoke_run(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("digits_smoke")
     return workdir, trainer.train_and_evaluate(digits.get_config("smoke"), str(workdir))
+
+
+@pytest.fixture
+def digits_smoke_copy(digits_smoke_run, tmp_path):
+    """A copy of the ``digits_smoke_run`` workdir of this test's own, for a test that writes
+    into a trained run (a report, a refused resume) without training one."""
+    workdir = tmp_path / "digits_smoke"
+    shutil.copytree(digits_smoke_run[0], workdir)
+    return workdir
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,6 +18,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_field(tmp_path):
     out = tmp_path / "smoke.json"
     proc = subprocess.run(
@@ -42,6 +43,7 @@ def test_smoke_run_writes_every_field(tmp_path):
     assert not result["skipped"] and "incomplete" not in result
 
 
+@pytest.mark.slow
 def test_benchmarks_import_no_training_system_packages():
     code = (
         "import sys; from benchmarks import common; "
@@ -64,6 +66,7 @@ def _run(args, timeout=600, **env):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_gpu_script_smoke_prints_one_json_line_per_figure(tmp_path):
     # One dtype and one sampler beside ancestral: each figure's code path, few compilations.
     out = tmp_path / "gpu.jsonl"
@@ -88,12 +91,14 @@ def test_gpu_script_smoke_prints_one_json_line_per_figure(tmp_path):
     assert "error" not in {x["unit"] for x in lines}
 
 
+@pytest.mark.slow
 def test_side_by_side_without_the_original_code_says_so():
     stdout = _run(["benchmarks/side_by_side.py", "--original", "/nonexistent"], timeout=120)
     assert "skipped: no model_vdm.py at '/nonexistent'" in stdout
     assert "https://github.com/google-research/vdm" in stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("VDM_ORIGINAL"),
     reason="set VDM_ORIGINAL to a checkout of google-research/vdm to compare with it",
@@ -109,6 +114,7 @@ def test_side_by_side_smoke_against_the_original_code(tmp_path):
     assert "| train images/s (jit vs jit, batch 4) |" in stdout
 
 
+@pytest.mark.slow
 def test_profile_smoke_gives_shares_of_the_traced_operations(tmp_path):
     out = tmp_path / "profile.json"
     stdout = _run(["benchmarks/profile_step.py", "--smoke", "--programs", "eval", "--json",

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vdm_jax.errors import UserError
+from vdm_jax.training import checkpoint
 from vdm_jax.training.checkpoint import (
     CheckpointCorruptError,
     Checkpointer,
@@ -493,17 +494,14 @@ def test_read_only_and_bad_arguments(tmp_path, mesh8):
 def test_failed_write_raises_save_error_and_keeps_the_previous_step(tmp_path, mesh8, monkeypatch):
     import errno
 
-    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+    real_write = checkpoint.write_text
 
-    handler = json_checkpoint_handler.JsonCheckpointHandler
-    real_save = handler._save_fn
+    def full_disk_at_step_2(path, text):
+        if "/2.orbax-checkpoint-tmp" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_write(path, text)
 
-    async def full_disk_at_step_2(self, x, directory):
-        if "/2.orbax-checkpoint-tmp" in str(directory):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
-        return await real_save(self, x, directory)
-
-    monkeypatch.setattr(handler, "_save_fn", full_disk_at_step_2)
+    monkeypatch.setattr(checkpoint, "write_text", full_disk_at_step_2)
     with Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1) as ckpt:
         ckpt.save(1, _state(mesh8, scale=1), data_state=None, config=CONFIG)
         ckpt.save(2, _state(mesh8, scale=2), data_state=None, config=CONFIG)  # in the background
@@ -516,7 +514,7 @@ def test_failed_write_raises_save_error_and_keeps_the_previous_step(tmp_path, me
     assert any(p.name.startswith("2.orbax-checkpoint-tmp") for p in tmp_path.iterdir())
 
     # Step 1 restores; with space again, step 2 is written over the unfinished folder.
-    monkeypatch.setattr(handler, "_save_fn", real_save)
+    monkeypatch.setattr(checkpoint, "write_text", real_write)
     with Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1) as ckpt:
         restored = ckpt.restore(_abstract(_state(mesh8), mesh8))
         assert restored.step == 1
@@ -528,16 +526,13 @@ def test_failed_write_raises_save_error_and_keeps_the_previous_step(tmp_path, me
 
 
 def test_write_error_names_the_os_error_inside_a_tensorstore_message(tmp_path, mesh8, monkeypatch):
-    from orbax.checkpoint._src.handlers import json_checkpoint_handler
-
-    async def tensorstore_disk_full(self, x, directory):
+    def tensorstore_disk_full(path, text):
         raise ValueError(
-            f'RESOURCE_EXHAUSTED: Error writing local file "{directory}/x": ' + "z" * 400
+            f'RESOURCE_EXHAUSTED: Error writing local file "{path}": ' + "z" * 400
             + " No space left on device [os_error_code='28']"
         )  # fmt: skip
 
-    handler = json_checkpoint_handler.JsonCheckpointHandler
-    monkeypatch.setattr(handler, "_save_fn", tensorstore_disk_full)
+    monkeypatch.setattr(checkpoint, "write_text", tensorstore_disk_full)
     ckpt = Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1, async_save=False)
     with pytest.raises(CheckpointSaveError) as info:
         ckpt.save(1, _state(mesh8), data_state=None, config=CONFIG)

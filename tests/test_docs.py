@@ -36,6 +36,7 @@ def _public_modules():
     return names
 
 
+@pytest.mark.slow
 def test_api_reference_builds_with_warnings_as_errors_and_covers_the_public_names(tmp_path):
     out = tmp_path / "html"
     built = subprocess.run(
@@ -89,6 +90,7 @@ def _readme_python_blocks():
     return re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
 
 
+@pytest.mark.slow
 def test_readme_python_snippets_run_as_doctests():
     blocks = _readme_python_blocks()
     assert blocks, "the README has no Python snippet"

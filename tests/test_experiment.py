@@ -32,6 +32,7 @@ def _listing(path):
     )
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_on_digits_writes_everything(digits_smoke_run):
     workdir, state = digits_smoke_run
     assert int(state.step) == 4
@@ -48,6 +49,7 @@ def test_train_and_evaluate_on_digits_writes_everything(digits_smoke_run):
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path):
     whole = trainer.train_and_evaluate(
         _smoke(**{"training.num_train_steps": 6}), str(tmp_path / "a")
@@ -61,6 +63,7 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, whole.opt_state)
 
 
+@pytest.mark.slow
 def test_pmap_mode_trains_too(tmp_path):
     jit_state = trainer.train_and_evaluate(
         _smoke(**{"training.num_train_steps": 2}), str(tmp_path / "j")
@@ -75,6 +78,7 @@ def test_pmap_mode_trains_too(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_train_on_tfds_mock_data(tmp_path):
     config = cifar10.get_config("smoke")
     config.training.num_train_steps = 2
@@ -86,8 +90,9 @@ def test_train_on_tfds_mock_data(tmp_path):
     assert np.isfinite(final["test/T10_bpd"])
 
 
-def test_incompatible_resume_stops_and_keeps_the_checkpoints(tmp_path):
-    trainer.train_and_evaluate(_smoke(), str(tmp_path))
+@pytest.mark.slow
+def test_incompatible_resume_stops_and_keeps_the_checkpoints(digits_smoke_copy):
+    tmp_path = digits_smoke_copy
     before = _listing(tmp_path / "checkpoints")
     with pytest.raises(UserError, match=r"model\.n_embd=16 \(this run has 32\)"):
         trainer.train_and_evaluate(_smoke(**{"model.n_embd": 32}), str(tmp_path))
@@ -133,6 +138,7 @@ def _cli(*args, cwd):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_command_line_train_then_eval_and_sample_read_the_run_s_config(tmp_path):
     """Run from a folder outside the checkout: train a bundled config by its name; eval with
     no --config (the run's own); sample with the full digits config (forgetting ':smoke'),
@@ -180,6 +186,7 @@ def test_command_line_train_then_eval_and_sample_read_the_run_s_config(tmp_path)
     assert sorted(os.listdir(run)) == before
 
 
+@pytest.mark.slow
 def test_console_script_outside_the_checkout_takes_a_bundled_name_or_a_path(tmp_path):
     """From a folder outside the checkout, ``--config`` finds a bundled config by its name and
     a config file by its path; ``--mode=show_config`` prints each field's value, default and
@@ -215,6 +222,7 @@ def test_console_script_outside_the_checkout_takes_a_bundled_name_or_a_path(tmp_
         )
 
 
+@pytest.mark.slow
 def test_a_bug_inside_jax_keeps_its_traceback(tmp_path):
     """A ValueError that is not a user error (here a shape bug inside the traced model) is not
     turned into a one-line message."""

@@ -8,6 +8,8 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import vdm_jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,6 +125,7 @@ def test_no_module_uses_a_private_name_of_another():
     assert not bad, bad
 
 
+@pytest.mark.slow
 def test_maths_and_model_modules_import_no_training_system():
     names = sorted(
         m.name.removeprefix("vdm_jax.")

@@ -19,6 +19,7 @@ def _snapshot(path):
     return sorted((n, s.st_size, s.st_mtime_ns) for n, s in zip(names, stats, strict=True))
 
 
+@pytest.mark.slow
 def test_load_run_reproduces_the_runs_own_eval_bound(digits_smoke_run, caplog):
     workdir, _ = digits_smoke_run
     before = _snapshot(workdir)
@@ -40,6 +41,7 @@ def test_load_run_reproduces_the_runs_own_eval_bound(digits_smoke_run, caplog):
     assert _snapshot(workdir) == before  # read-only
 
 
+@pytest.mark.slow
 def test_load_run_bad_input(digits_smoke_run, tmp_path):
     workdir, _ = digits_smoke_run
     with pytest.raises(UserError, match=f"workdir {tmp_path} holds no config.json: train first"):

@@ -80,6 +80,7 @@ def test_class_labels_reach_the_network():
     np.testing.assert_allclose(a.diffusion[3], b.diffusion[3], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_few_hundred_steps_of_training_lower_the_bound():
     model = _tiny(schedule=make_schedule("learned_linear"))
     x_int = _images(16)

@@ -162,6 +162,7 @@ def test_fsdp_shards_the_large_arrays_and_matches_data_parallel():
             assert per_device_bytes(fsdp_state.params, False) == full
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_between_data_parallel_and_fsdp(tmp_path):
     model = _tiny_vdm()
     rng = np.random.default_rng(1)

@@ -4,6 +4,7 @@ the gradients and the optimizer stay float32."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vdm_jax.models.unet import ScoreUNet
 from vdm_jax.models.vdm import VDM, make_schedule
@@ -70,6 +71,7 @@ def _train_and_evaluate(dtype):
     return before, bound(state.params)
 
 
+@pytest.mark.slow
 def test_120_bfloat16_steps_reach_the_float32_bound():
     # The same initial parameters, data and random numbers, trained 120 steps in each precision
     # and evaluated by each precision's own network (the bound itself is float32 in both).

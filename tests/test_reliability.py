@@ -172,6 +172,7 @@ OBJECTIVE = {
 }
 
 
+@pytest.mark.slow
 def test_sigkill_sigterm_and_restart_end_bitwise_equal_to_an_uninterrupted_run(tmp_path, cli_env):
     """One run killed with SIGKILL during a checkpoint write, preempted with SIGTERM, killed
     with SIGKILL between writes, each time restarted with the same command, ends with the same
@@ -286,6 +287,7 @@ def _truncate_array_files(step_dir: Path) -> None:
         os.truncate(p, p.stat().st_size // 2)
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoints_fall_back_to_the_last_good_one(tmp_path, caplog):
     config = _config(training__num_train_steps=6, training__keep_checkpoints=5)
     whole = trainer.train_and_evaluate(config, str(tmp_path / "a"))
@@ -343,6 +345,7 @@ def _exploding_optimizer(explode_after):
     return build
 
 
+@pytest.mark.slow
 def test_divergence_stops_at_the_first_bad_step_and_keeps_the_last_good_checkpoint(
     tmp_path, monkeypatch
 ):
@@ -389,6 +392,7 @@ def _inject_nan_at(monkeypatch, bad_steps):
     monkeypatch.setattr(trainer.steps, "make_train_step", make)
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_updates_keeps_the_parameters_and_counts_skips(tmp_path, monkeypatch):
     # Steps 5, 6 bad (skipped: at most 2 in a row), then 9, 10, 11 bad (the third stops it).
     _inject_nan_at(monkeypatch, [5, 6, 9, 10, 11])
@@ -421,20 +425,18 @@ def test_skip_nonfinite_updates_keeps_the_parameters_and_counts_skips(tmp_path, 
 # ----------------------------------------------------------------------------- disk full
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    from orbax.checkpoint._src.handlers import json_checkpoint_handler
-
-    handler = json_checkpoint_handler.JsonCheckpointHandler
-    real_save = handler._save_fn
+    real_write = checkpoint.write_text
     failed = []
 
-    async def save_or_fail(self, x, directory):
-        if re.search(r"/6\.orbax-checkpoint-tmp", str(directory)):
-            failed.append(str(directory))
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
-        return await real_save(self, x, directory)
+    def write_or_fail(path, text):
+        if re.search(r"/6\.orbax-checkpoint-tmp", str(path)):
+            failed.append(str(path))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_write(path, text)
 
-    monkeypatch.setattr(handler, "_save_fn", save_or_fail)
+    monkeypatch.setattr(checkpoint, "write_text", write_or_fail)
     config = _config(
         training__num_train_steps=8, training__checkpoint_every=2, training__keep_checkpoints=1
     )
@@ -722,6 +724,7 @@ def test_bad_workdirs_stop_and_change_nothing(tmp_path):
         assert _snapshot(tmp_path) == before, case
 
 
+@pytest.mark.slow
 def test_training_data_changed_since_the_checkpoint(tmp_path):
     root = _image_folder(tmp_path / "imgs")
     config = _folder_config(
@@ -834,6 +837,7 @@ def _cli_case_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_command_line_user_errors_print_one_line_and_exit_1(tmp_path, cli_env):
     cases = _cli_case_files(tmp_path)
     before = _snapshot(tmp_path)

@@ -82,9 +82,9 @@ def test_plots_and_page_from_plain_records(tmp_path):
     assert "a &lt;run&gt;" in text and "2.9 bits/dim" in text and "&quot;seed&quot;" in text
 
 
-def test_report_on_a_digits_smoke_run(tmp_path):
-    config = digits.get_config("smoke")
-    trainer.train_and_evaluate(config, str(tmp_path))
+@pytest.mark.slow
+def test_report_on_a_digits_smoke_run(digits_smoke_copy):
+    tmp_path, config = digits_smoke_copy, digits.get_config("smoke")
     page = trainer.report(config, str(tmp_path), num_bins=3, num_images=20)
 
     assert page == str(tmp_path / "report" / "index.html")
@@ -102,6 +102,7 @@ def test_report_on_a_digits_smoke_run(tmp_path):
     assert b"report/schedule" in events and b"report/samples" in events
 
 
+@pytest.mark.slow
 def test_report_errors_name_the_workdir_and_the_remedy(tmp_path):
     config = digits.get_config("smoke")
     with pytest.raises(ValueError, match="does not exist: train first"):

@@ -75,6 +75,7 @@ def _trajectory(mode, batches, steps_per_dispatch=1, num_devices=8):
     return np.array(losses), jax.device_get(dp.get_state(device_state))
 
 
+@pytest.mark.slow
 def test_jit_and_pmap_give_the_same_trajectory_on_8_devices():
     batches = _batches(4)
     jit_losses, jit_state = _trajectory("jit", batches)
@@ -123,6 +124,7 @@ def test_one_and_eight_devices_see_the_same_random_numbers_per_shard():
 class TrainStepTest(chex.TestCase):
     """The pure train step, jitted and eager (chex variants): the same update either way."""
 
+    @pytest.mark.slow
     @chex.variants(with_jit=True, without_jit=True)
     def test_ema_step_and_metrics_agree_jitted_and_eager(self):
         model = _model(dropout=0.0)

@@ -49,7 +49,7 @@ from vdm_jax.errors import UserError
 
 __all__ = [
     "CheckpointCorruptError", "CheckpointSaveError", "Checkpointer", "Restored",
-    "check_compatible",
+    "check_compatible", "write_text",
 ]  # fmt: skip
 
 _TMP = ".orbax-checkpoint-tmp"  # orbax's suffix for the folders of unfinished saves
@@ -113,6 +113,38 @@ def _lookup(config: Any, dotted_key: str) -> str:
     return repr(json.loads(json.dumps(config, sort_keys=True, default=repr)))
 
 
+def write_text(path: epath.Path, text: str) -> None:
+    """Writes one JSON file of a checkpoint (the ``data_state`` and ``config`` items) into the
+    unfinished ``<step>.orbax-checkpoint-tmp`` folder, during orbax's background write, on
+    process 0.
+
+    The failure-injection point of this module: replace it (e.g. ``monkeypatch.setattr(
+    checkpoint, "write_text", fail)`` with a ``fail(path, text)`` that raises
+    ``OSError(errno.ENOSPC, ...)`` for one step's folder) to make a save fail as a full disk
+    would; the failure then reaches the caller as :class:`CheckpointSaveError`, by the same
+    path as a real one.
+    """
+    path.write_text(text)
+
+
+class _JsonHandler(ocp.JsonCheckpointHandler):
+    """orbax's handler of a JSON item, writing through :func:`write_text`."""
+
+    def __init__(self, filename: str = "metadata"):
+        super().__init__(filename)
+        self._file = filename
+
+    async def async_save(self, directory, item=None, args=None):
+        if args is not None:
+            item = args.item
+
+        async def write() -> None:
+            if jax.process_index() == 0:
+                write_text(epath.Path(directory) / self._file, json.dumps(item))
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="json_save")]
+
+
 class Checkpointer:
     """Saves and restores the checkpoints in one folder (see the module docstring).
 
@@ -166,7 +198,14 @@ class Checkpointer:
             read_only=read_only,
             **saving,
         )
-        self._manager = ocp.CheckpointManager(self._directory, options=options)
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        for item in ("data_state", "config"):
+            handler = _JsonHandler()
+            registry.add(item, ocp.args.JsonSave, handler)
+            registry.add(item, ocp.args.JsonRestore, handler)
+        self._manager = ocp.CheckpointManager(
+            self._directory, options=options, handler_registry=registry
+        )
         self._pending_step: int | None = None
 
     @property
