@@ -59,7 +59,8 @@ class PolynomialSchedule(nn.Module):
 
     gamma_i(t, c) = gamma_min + (gamma_max - gamma_min) P_i(t) / P_i(1), with
     P_i(t) = int_0^t (a_i u^2 + b_i u + c_i)^2 du (the authors' ``poly_fixedend``), so
-    gamma_i(0) = gamma_min, gamma_i(1) = gamma_max exactly and gamma_i is non-decreasing in t.
+    gamma_i(0) = gamma_min and gamma_i(1) = gamma_max (to the float32 rounding of
+    gamma_min + (gamma_max - gamma_min)) whatever c, and gamma_i is non-decreasing in t.
     The coefficients of every pixel come from the latent c through a small network:
     h = swish(Dense(swish(Dense(c)))) with ``n_features`` units, then a = Dense(h),
     b = Dense(h), c_i = 1e-3 + softplus(Dense(h)) (positive, so P(1) > 0), each with
