@@ -85,6 +85,7 @@ def test_network_and_encoder_match_theirs(name):
     np.testing.assert_allclose(mean_c, e["embedding"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_bound_terms_match_theirs(name):
     """Per image and term, our mean over R draws is within 4 standard errors of theirs (their

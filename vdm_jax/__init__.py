@@ -62,6 +62,7 @@ from vdm_jax.maths.schedules import (
 )
 from vdm_jax.models import evaluation
 from vdm_jax.models.evaluation import EvalResult, evaluate_bpd, independent_pixel_bpd
+from vdm_jax.models.mulan import MuLAN
 from vdm_jax.models.sampling import (
     ODELikelihood,
     ancestral_sample,
@@ -93,6 +94,7 @@ __all__ = [
     "FixedLinearSchedule",
     "LearnedLinearSchedule",
     "MonotonicSchedule",
+    "MuLAN",
     "ODELikelihood",
     "ObjectiveTerms",
     "ResNetBlock",
