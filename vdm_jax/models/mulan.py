@@ -19,12 +19,12 @@ The score network (:class:`LatentConditionedUNet`) is the VDM U-Net given, as th
 U-Net is, the mean of the per-pixel gamma over the image in place of gamma_t, with c
 concatenated to its time embedding.
 
-RNG streams of :meth:`MuLAN.__call__`: ``'diffusion'`` (times, noise and the latent's draw)
+RNG streams of ``MuLAN.__call__``: ``'diffusion'`` (times, noise and the latent's draw)
 and, with ``train=True``, ``'dropout'``.
 
 Public names: :class:`MuLAN`, :class:`MuLANTerms`, :class:`LatentEncoder`,
-:class:`LatentConditionedUNet`, :data:`LATENT_KINDS`, :func:`ancestral_sample`,
-:func:`ddim_sample`.
+:class:`LatentConditionedUNet`, ``LATENT_KINDS`` (``"topk"``, ``"gaussian"``),
+:func:`ancestral_sample`, :func:`ddim_sample`.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class LatentEncoder(nn.Module):
 
     Attributes:
       latent_size: D.
-      kind: one of :data:`LATENT_KINDS`.
+      kind: one of ``LATENT_KINDS`` (``"topk"``, ``"gaussian"``).
       n_layer: ResNet blocks before the middle (their ``forward_n_layer``).
       n_embd: channels of every block (their ``sm_n_embd``).
       dropout_rate: inside every block, when ``train``.
@@ -238,7 +238,7 @@ class MuLAN(nn.Module):
 
     @property
     def latent_kind(self) -> str:
-        """The latent's kind, one of :data:`LATENT_KINDS`."""
+        """The latent's kind, one of ``LATENT_KINDS`` (``"topk"``, ``"gaussian"``)."""
         return self.encoder.kind
 
     def gamma(self, t: Array, c: Array) -> Array:
