@@ -29,6 +29,9 @@ defaults are the values of the authors' configs: ``gamma_min``/``gamma_max`` (-1
 score network's normalisation of gamma, and the fixed schedule's endpoints), ``vocab_size``
 (256), continuous time, dropout 0.1.
 
+:func:`load_mulan_checkpoint` does the same for checkpoints of MuLAN's code (s-sahoo/MuLAN,
+Sahoo et al. 2024), which keep this layout, into a :class:`~vdm_jax.models.mulan.MuLAN`.
+
 This module reads files only: it never imports orbax, grain or tensorflow_datasets.
 """
 
@@ -50,6 +53,8 @@ from etils import epath
 
 from vdm_jax.errors import UserError
 from vdm_jax.maths import schedules
+from vdm_jax.maths.mulan import PolynomialSchedule
+from vdm_jax.models import mulan
 from vdm_jax.models.unet import ScoreUNet
 from vdm_jax.models.vdm import SCHEDULES, VDM, make_schedule
 
@@ -708,7 +713,7 @@ def build_mulan_model(
     vocab_size: int = 256,
     dropout_rate: float = 0.1,
     antithetic_time_sampling: bool = True,
-):
+) -> mulan.MuLAN:
     """Our :class:`~vdm_jax.models.mulan.MuLAN` computing what MuLAN's model computes.
 
     Args:
@@ -720,9 +725,6 @@ def build_mulan_model(
       gamma_min, gamma_max, vocab_size, dropout_rate, antithetic_time_sampling: their config's
         values (-13.3, 5, 256, 0.1, True).
     """
-    from vdm_jax.maths.mulan import PolynomialSchedule
-    from vdm_jax.models import mulan
-
     a = architecture
     common = dict(
         dropout_rate=dropout_rate,
@@ -771,7 +773,7 @@ def _mulan_original_name(path: tuple[str, ...]) -> tuple[str, ...]:
 
 def load_mulan_checkpoint(
     path: str | os.PathLike, params: str = "ema", **model_options: Any
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[mulan.MuLAN, dict[str, Any]]:
     """Our MuLAN model and variables from a checkpoint of MuLAN's code (s-sahoo/MuLAN).
 
     The checkpoint has the original VDM code's layout (see :func:`find_checkpoint_file`),
