@@ -69,6 +69,7 @@ from vdm_jax.maths.weightings import get_weighting, histogram_probs
 from vdm_jax.models import evaluation, likelihood
 from vdm_jax.models.embeddings import base2_fourier_features, timestep_embedding
 from vdm_jax.models.evaluation import EvalResult, evaluate_bpd, independent_pixel_bpd
+from vdm_jax.models.mulan import MuLAN
 from vdm_jax.models.ode import (
     ODELikelihood,
     ode_log_likelihood,
@@ -94,6 +95,7 @@ __all__ = [
     "FixedLinearSchedule",
     "LearnedLinearSchedule",
     "MonotonicSchedule",
+    "MuLAN",
     "ODELikelihood",
     "ObjectiveTerms",
     "ResNetBlock",

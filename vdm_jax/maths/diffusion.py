@@ -7,7 +7,9 @@ float32 subtraction would lose every significant digit at the low-noise end.
 
 Broadcasting: a ``gamma`` argument is a scalar or an array whose shape is a *prefix* of the
 data's shape (typically ``[B]`` for data ``[B, H, W, C]``); it is broadcast over the trailing
-axes. All functions are jit-, vmap- and grad-safe; dtypes follow the inputs (float32 in
+axes. The whole shape ``[B, H, W, C]`` is the multivariate case (one gamma per pixel, as in
+MuLAN, Sahoo et al. 2024): every function here is then per pixel, and the univariate case is
+its broadcast. All functions are jit-, vmap- and grad-safe; dtypes follow the inputs (float32 in
 practice).
 """
 

@@ -45,7 +45,8 @@ def prior_kl(x: Array, gamma_1: Array) -> Array:
 
     Args:
       x: encoded data, float ``[B, ...]``.
-      gamma_1: gamma at t = 1, scalar or a prefix of ``x.shape``.
+      gamma_1: gamma at t = 1, scalar or a prefix of ``x.shape`` (``x.shape`` itself for a
+        multivariate schedule: then the KL is summed over dimensions with their own gamma).
 
     Returns:
       float ``[B]``, nats.
@@ -83,7 +84,7 @@ def reconstruction_nll(x_int: Array, z_0: Array, gamma_0: Array, vocab_size: int
     Args:
       x_int: integer data, ``[B, ...]``, values in 0..V-1.
       z_0: latent at t = 0, float, ``x_int.shape``.
-      gamma_0: scalar or a prefix of ``z_0.shape``.
+      gamma_0: scalar or a prefix of ``z_0.shape`` (``z_0.shape`` for a per-pixel gamma).
       vocab_size: V.
 
     Returns:
@@ -233,18 +234,46 @@ _windowed_or_full.defvjp(_windowed_or_full_fwd, _windowed_or_full_bwd)
 
 
 def diffusion_loss_continuous(eps: Array, eps_hat: Array, dgamma_dt: Array) -> Array:
-    """The continuous-time diffusion loss 1/2 gamma'(t) ||eps - eps_hat||^2, per example.
+    """The continuous-time diffusion loss 1/2 sum_i gamma_i'(t) (eps_i - eps_hat_i)^2.
 
-    An unbiased one-sample estimate of L_inf when t ~ U(0, 1).
+    An unbiased one-sample estimate of L_inf when t ~ U(0, 1). With one schedule for the
+    whole example (``dgamma_dt`` scalar or ``[B]``) it is 1/2 gamma'(t) ||eps - eps_hat||^2;
+    with a multivariate schedule (one gamma per dimension, ``dgamma_dt`` of ``eps.shape``,
+    MuLAN, Sahoo et al. 2024, eq. 10) each dimension is weighted by its own rate.
 
     Args:
       eps, eps_hat: true and predicted noise, float ``[B, ...]``.
-      dgamma_dt: gamma'(t), scalar or ``[B]``.
+      dgamma_dt: gamma'(t), scalar or a prefix of ``eps.shape`` (``[B]``, or ``eps.shape``).
 
     Returns:
       float ``[B]``, nats.
     """
-    return 0.5 * jnp.asarray(dgamma_dt) * _sum_per_example(jnp.square(eps - eps_hat))
+    dgamma_dt = jnp.asarray(dgamma_dt)
+    squared = jnp.square(eps - eps_hat)
+    if dgamma_dt.ndim <= 1:  # one rate per example factors out of the sum
+        return 0.5 * dgamma_dt * _sum_per_example(squared)
+    return 0.5 * _sum_per_example(expand_gamma(dgamma_dt, jnp.ndim(eps)) * squared)
+
+
+def diffusion_loss_continuous_v(v: Array, v_hat: Array, gamma_t: Array, dgamma_dt: Array) -> Array:
+    """The continuous-time diffusion loss written for a v-prediction, per example.
+
+    1/2 sum_i alpha_i^2 gamma_i'(t) (v_i - v_hat_i)^2 with alpha_i^2 = sigmoid(-gamma_i): since
+    eps - eps_hat = alpha (v - v_hat) when eps_hat = sigma z + alpha v_hat, it is
+    :func:`diffusion_loss_continuous` of the same prediction, written as MuLAN's velocity model
+    writes it. Uni- or multivariate like that function.
+
+    Args:
+      v, v_hat: target v = alpha eps - sigma x and its prediction, float ``[B, ...]``.
+      gamma_t: gamma at the sampled times, scalar or a prefix of ``v.shape``.
+      dgamma_dt: gamma'(t), scalar or a prefix of ``v.shape``.
+
+    Returns:
+      float ``[B]``, nats.
+    """
+    ndim = jnp.ndim(v)
+    weight = jax.nn.sigmoid(-expand_gamma(gamma_t, ndim)) * expand_gamma(dgamma_dt, ndim)
+    return 0.5 * _sum_per_example(weight * jnp.square(v - v_hat))
 
 
 def weighted_diffusion_loss(

@@ -376,7 +376,7 @@ class ScoreUNet(nn.Module):
             )(labels)
             emb = emb + label_emb
         if self.conditioning_input:
-            emb = jnp.concatenate([emb, conditioning[:, None]], axis=-1)
+            emb = jnp.concatenate([emb, conditioning.reshape(emb.shape[0], -1)], axis=-1)
         for i in range(2):
             emb = nn.swish(
                 nn.Dense(

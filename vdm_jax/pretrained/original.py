@@ -29,6 +29,9 @@ defaults are the values of the authors' configs: ``gamma_min``/``gamma_max`` (-1
 score network's normalisation of gamma, and the fixed schedule's endpoints), ``vocab_size``
 (256), continuous time, dropout 0.1.
 
+:func:`vdm_jax.pretrained.mulan.load_mulan_checkpoint` does the same for checkpoints of MuLAN's
+code (s-sahoo/MuLAN, Sahoo et al. 2024), which keep this layout.
+
 This module reads files only: it never imports orbax, grain or tensorflow_datasets.
 """
 
@@ -64,10 +67,10 @@ __all__ = [
 ]
 
 # Their base-2 Fourier features: exponents 6 and 7, a sine and a cosine of each per channel.
-_FOURIER_EXPONENTS = (6, 7)
-_FOURIER_FACTOR = 1 + 2 * len(_FOURIER_EXPONENTS)
+FOURIER_EXPONENTS = (6, 7)
+FOURIER_FACTOR = 1 + 2 * len(FOURIER_EXPONENTS)
 # Their GroupNorm's group count (flax's default), whatever the width.
-_NORM_GROUPS = 32
+NORM_GROUPS = 32
 
 # Their schedule module's parameter names -> our schedule kind.
 _SCHEDULE_KINDS = {
@@ -129,8 +132,8 @@ class OriginalArchitecture:
             "n_embd": self.n_embd,
             "attention_everywhere": self.attention_everywhere,
             "with_fourier_features": self.with_fourier_features,
-            "fourier_exponents": _FOURIER_EXPONENTS,
-            "norm_groups": _NORM_GROUPS,
+            "fourier_exponents": FOURIER_EXPONENTS,
+            "norm_groups": NORM_GROUPS,
             "norm_min_group_size": 1,
             "conditioning_input": self.conditioning_input,
             "num_classes": 0,
@@ -242,6 +245,20 @@ def read_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
       UserError: no checkpoint there, a file that is not (or not all of) a msgpack train
         state, or a parameter tree that matches no known layout; each names the path.
     """
+    file, state = read_train_state(path)
+    architecture = infer_architecture(state["ema_params"], str(file))
+    return OriginalCheckpoint(
+        path=str(file),
+        step=int(np.asarray(state.get("step", 0))),
+        params=state["params"],
+        ema_params=state["ema_params"],
+        opt_state=state.get("opt_state"),
+        architecture=architecture,
+    )
+
+
+def read_train_state(path: str | os.PathLike) -> tuple[epath.Path, dict[str, Any]]:
+    """(the ``ckpt-N.flax`` file, its msgpack train state with params and ema_params)."""
     file = find_checkpoint_file(path)
     try:
         data = _read_with_progress(file)
@@ -261,15 +278,7 @@ def read_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
             f"{file}: not a VDM train state: no {missing[0]!r} entry (found {found}); expected "
             "the keys step, params, ema_params, opt_state of the original code"
         )
-    architecture = infer_architecture(state["ema_params"], str(file))
-    return OriginalCheckpoint(
-        path=str(file),
-        step=int(np.asarray(state.get("step", 0))),
-        params=state["params"],
-        ema_params=state["ema_params"],
-        opt_state=state.get("opt_state"),
-        architecture=architecture,
-    )
+    return file, state
 
 
 def _read_with_progress(file: epath.Path, chunk: int = 1 << 24) -> bytes:
@@ -289,7 +298,7 @@ def _read_with_progress(file: epath.Path, chunk: int = 1 << 24) -> bytes:
     return b"".join(parts)
 
 
-def _entry(tree: Mapping[str, Any], key: str, where: str, path: str) -> Any:
+def tree_entry(tree: Mapping[str, Any], key: str, where: str, path: str) -> Any:
     if not isinstance(tree, Mapping) or key not in tree:
         found = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
         raise UserError(
@@ -299,10 +308,10 @@ def _entry(tree: Mapping[str, Any], key: str, where: str, path: str) -> Any:
     return tree[key]
 
 
-def _shape(tree: Mapping[str, Any], keys: tuple[str, ...], path: str) -> tuple[int, ...]:
+def tree_shape(tree: Mapping[str, Any], keys: tuple[str, ...], path: str) -> tuple[int, ...]:
     node = tree
     for i, key in enumerate(keys):
-        node = _entry(node, key, "/".join(keys[:i]) or "params", path)
+        node = tree_entry(node, key, "/".join(keys[:i]) or "params", path)
     return tuple(np.shape(node))
 
 
@@ -316,16 +325,16 @@ def infer_architecture(params: Mapping[str, Any], path: str = "checkpoint") -> O
     Raises:
       UserError: the tree matches no known layout, naming the first missing or unexpected key.
     """
-    net = _entry(params, "score_model", "params", path)
-    conv_in = _shape(net, ("conv_in", "kernel"), path)
-    conv_out = _shape(net, ("conv_out", "kernel"), path)
+    net = tree_entry(params, "score_model", "params", path)
+    conv_in = tree_shape(net, ("conv_in", "kernel"), path)
+    conv_out = tree_shape(net, ("conv_out", "kernel"), path)
     if len(conv_in) != 4 or len(conv_out) != 4:
         raise UserError(
             f"{path}: score_model/conv_in/kernel has shape {conv_in} and conv_out/kernel "
             f"{conv_out}; the original code's are 3x3 convolution kernels [3, 3, in, out]"
         )
     channels, n_embd = conv_out[3], conv_in[3]
-    if conv_in[2] == channels * _FOURIER_FACTOR:
+    if conv_in[2] == channels * FOURIER_FACTOR:
         fourier = True
     elif conv_in[2] == channels:
         fourier = False
@@ -333,11 +342,11 @@ def infer_architecture(params: Mapping[str, Any], path: str = "checkpoint") -> O
         raise UserError(
             f"{path}: score_model/conv_in/kernel takes {conv_in[2]} input channels for "
             f"{channels}-channel images: neither {channels} (no Fourier features) nor "
-            f"{channels * _FOURIER_FACTOR} (Fourier features 2^6, 2^7)"
+            f"{channels * FOURIER_FACTOR} (Fourier features 2^6, 2^7)"
         )
     n_layer = sum(1 for k in net if re.fullmatch(r"down\.block_\d+", k))
     attention = "down.attn_0" in net or (n_layer == 0 and "up.attn_0" in net)
-    cond_inputs = _shape(net, ("dense0", "kernel"), path)[0]
+    cond_inputs = tree_shape(net, ("dense0", "kernel"), path)[0]
     if cond_inputs not in (n_embd, n_embd + 1):
         raise UserError(
             f"{path}: score_model/dense0/kernel takes {cond_inputs} inputs; the original "
@@ -353,7 +362,9 @@ def infer_architecture(params: Mapping[str, Any], path: str = "checkpoint") -> O
             "l3; fixed: none)"
         )
     kind = _SCHEDULE_KINDS[names]
-    features = _shape(gamma, ("l2", "kernel"), path)[-1] if kind == "monotonic_unnormalised" else 0
+    features = (
+        tree_shape(gamma, ("l2", "kernel"), path)[-1] if kind == "monotonic_unnormalised" else 0
+    )
     unexpected = sorted(set(params) - {"score_model", "gamma"})
     if unexpected:
         raise UserError(
@@ -401,8 +412,8 @@ def build_model(
         dropout_rate=dropout_rate,
         attention_everywhere=architecture.attention_everywhere,
         with_fourier_features=architecture.with_fourier_features,
-        fourier_exponents=_FOURIER_EXPONENTS,
-        norm_groups=_NORM_GROUPS,
+        fourier_exponents=FOURIER_EXPONENTS,
+        norm_groups=NORM_GROUPS,
         norm_min_group_size=1,
         conditioning_input=architecture.conditioning_input,
     )
@@ -418,7 +429,7 @@ def build_model(
     )
 
 
-def _original_name(path: tuple[str, ...]) -> tuple[str, ...]:
+def original_name(path: tuple[str, ...]) -> tuple[str, ...]:
     """Our parameter path -> the original code's."""
     out = []
     for part in path:
@@ -467,7 +478,14 @@ def convert_tree(
         needs, naming the first such key in the original naming.
     """
     ours = _parameter_shapes(model, image_channels)
-    wanted = {_original_name(k): k for k in ours}
+    return convert_flat(tree, ours, original_name, path, what, "original VDM", _describe(model))
+
+
+def convert_flat(tree, ours, original_name, path, what, code, layout) -> dict[str, Any]:
+    """``tree`` (their naming) as our parameters of the flattened ``ours`` shapes, checked
+    key by key; ``original_name`` maps our paths to theirs; ``code`` and ``layout`` name the
+    code and the inferred layout in errors."""
+    wanted = {original_name(k): k for k in ours}
     theirs = flax.traverse_util.flatten_dict(dict(tree))
     unexpected = sorted(set(theirs) - set(wanted))
     missing = sorted(set(wanted) - set(theirs))
@@ -478,8 +496,8 @@ def convert_tree(
             else f"missing key {'/'.join(missing[0])}"
         )
         raise UserError(
-            f"{path}: {what} matches no known layout of the original VDM code: {problem} "
-            f"(the layout inferred from the tree: {_describe(model)})"
+            f"{path}: {what} matches no known layout of the {code} code: {problem} "
+            f"(the layout inferred from the tree: {layout})"
         )
     converted = {}
     for their_key, our_key in wanted.items():
@@ -488,7 +506,7 @@ def convert_tree(
         if value.shape != shape and not (value.size == 1 and int(np.prod(shape)) == 1):
             raise UserError(
                 f"{path}: {what}/{'/'.join(their_key)} has shape {value.shape}, but the layout "
-                f"inferred from the tree ({_describe(model)}) needs {shape}"
+                f"inferred from the tree ({layout}) needs {shape}"
             )
         converted[our_key] = jnp.asarray(value.reshape(shape), jnp.float32)
     return flax.traverse_util.unflatten_dict(converted)
@@ -536,3 +554,7 @@ def load_original_checkpoint(
     what = "ema_params" if params == "ema" else "params"
     converted = convert_tree(tree, model, architecture.image_channels, checkpoint.path, what)
     return model, {"params": converted}
+
+
+# ----------------------------------------------------------------------------------------------
+# MuLAN (s-sahoo/MuLAN): the same on-disk layout, params {encoder_model, gamma, score_model}.
