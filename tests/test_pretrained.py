@@ -11,12 +11,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import flax.serialization
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -29,7 +27,7 @@ from vdm_jax.maths.schedules import UnnormalisedMonotonicSchedule
 from vdm_jax.models import evaluation
 from vdm_jax.models.unet import ScoreUNet
 from vdm_jax.models.vdm import VDM
-from vdm_jax.training import importer, steps, trainer
+from vdm_jax.training import importer, pipeline, steps
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "authors_vdm"
@@ -424,11 +422,9 @@ def test_bound_terms_feed_the_batch_conditioning_to_the_network():
 
 def test_the_training_loop_keeps_the_batch_conditioning():
     """The loop drops the labels of an unconditional model, not the augmentation flag."""
-    setup = SimpleNamespace(
-        config=ml_collections.ConfigDict({"training": {"steps_per_dispatch": 1}}),
-        use_labels=False,
-        dp=SimpleNamespace(put_batch=lambda batch, stacked: batch),
-    )
     batch = {"image": np.zeros((2, 4, 4, 3)), "label": np.zeros(2), "conditioning": np.ones(2)}
-    fed = trainer._next_batch(setup, iter(()), SimpleNamespace(pending=[batch]))
+    fed = pipeline.dispatch_batch([batch], use_labels=False)
     assert sorted(fed) == ["conditioning", "image"]
+    assert sorted(pipeline.dispatch_batch([batch], use_labels=True)) == sorted(batch)
+    stacked = pipeline.dispatch_batch([batch, batch], use_labels=False)
+    assert stacked["conditioning"].shape == (2, 2)

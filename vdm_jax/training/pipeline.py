@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -23,7 +23,13 @@ import numpy as np
 from vdm_jax.errors import UserError
 from vdm_jax.training.sources import ArraySource, ImageSource, Record
 
-__all__ = ["TrainIterator", "make_eval_iterator", "make_train_iterator", "num_eval_batches"]
+__all__ = [
+    "TrainIterator",
+    "dispatch_batch",
+    "make_eval_iterator",
+    "make_train_iterator",
+    "num_eval_batches",
+]
 
 
 # grain's MapDataset does the order (seeded shuffle, repeat, batch, per-process slice).
@@ -393,3 +399,23 @@ def make_eval_iterator(
     if with_conditioning:
         batches = batches.map(lambda b: b | {"conditioning": np.zeros(batch_size, np.float32)})
     return iter(batches.to_iter_dataset(read_options or grain.ReadOptions()))
+
+
+def dispatch_batch(batches: Sequence[Record], use_labels: bool) -> Record:
+    """The host batch one dispatch of the train step takes, from the iterator's next batches.
+
+    Args:
+      batches: the ``k`` next batches (``training.steps_per_dispatch``), each a dict of
+        ``[B, ...]`` arrays: ``image`` uint8 ``[B, H, W, C]``, ``label`` int32 ``[B]`` and any
+        other field (e.g. ``conditioning``, the augmentation flag, float32 ``[B]``).
+      use_labels: whether the model is class-conditional; if not, ``label`` is dropped and
+        every other field kept.
+
+    Returns:
+      ``batches[0]`` when ``k`` is 1, else the fields stacked to ``[k, B, ...]``.
+    """
+    if not use_labels:
+        batches = [{n: v for n, v in b.items() if n != "label"} for b in batches]
+    if len(batches) == 1:
+        return batches[0]
+    return {n: np.stack([b[n] for b in batches]) for n in batches[0]}

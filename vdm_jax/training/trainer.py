@@ -143,10 +143,7 @@ def _next_batch(setup: RunSetup, iterator: Any, loop: _Loop) -> Any:
     k = setup.config.training.steps_per_dispatch
     batches = loop.pending or [next(iterator) for _ in range(k)]
     loop.pending = None
-    if not setup.use_labels:  # the other fields ("conditioning") stay
-        batches = [{n: v for n, v in b.items() if n != "label"} for b in batches]
-    batch = batches[0] if k == 1 else {n: np.stack([b[n] for b in batches]) for n in batches[0]}
-    return setup.dp.put_batch(batch, stacked=k > 1)
+    return setup.dp.put_batch(pipeline.dispatch_batch(batches, setup.use_labels), stacked=k > 1)
 
 
 def _log(setup: RunSetup, loop: _Loop, metrics: Any, guard: Any, writer: Any) -> None:
