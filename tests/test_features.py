@@ -5,14 +5,14 @@ import os
 import numpy as np
 import pytest
 
-from vdm_jax.training import data, features
+from vdm_jax.training import features, sources
 
 
 def test_digits_features_are_deterministic_cached_and_separate_digits_from_noise(tmp_path):
     extractor = features.digits_features(str(tmp_path))
     assert os.path.exists(extractor.cache_path)
     assert extractor.test_accuracy > 0.95
-    test = data.digits_source("test")
+    test = sources.digits_source("test")
     test_images = np.stack([test[i]["image"] for i in range(len(test))])
     assert extractor(test_images).shape == (len(test_images), features.FEATURES)
 

@@ -121,10 +121,10 @@ def test_one_and_eight_devices_see_the_same_random_numbers_per_shard():
     np.testing.assert_allclose(float(m1["bpd"]), losses[0], rtol=1e-5)
 
 
+@pytest.mark.slow
 class TrainStepTest(chex.TestCase):
     """The pure train step, jitted and eager (chex variants): the same update either way."""
 
-    @pytest.mark.slow
     @chex.variants(with_jit=True, without_jit=True)
     def test_ema_step_and_metrics_agree_jitted_and_eager(self):
         model = _model(dropout=0.0)

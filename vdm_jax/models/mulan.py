@@ -42,8 +42,8 @@ from vdm_jax.models.unet import (
     AttentionBlock,
     ResNetBlock,
     ScoreUNet,
-    _group_norm,
     base2_fourier_features,
+    group_norm,
     timestep_embedding,
 )
 
@@ -171,7 +171,7 @@ class LatentEncoder(nn.Module):
         h = block("mid_block_1")(h, cond, train)
         h = attention("mid_attn")(h, train)
         h = block("mid_block_2")(h, cond, train)
-        norm = _group_norm(
+        norm = group_norm(
             self.n_embd, self.norm_groups, jnp.float32, "norm_out", self.norm_min_group_size
         )
         h = nn.swish(norm(h))

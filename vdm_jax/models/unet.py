@@ -40,7 +40,7 @@ from vdm_jax.errors import UserError
 from vdm_jax.models.attention import ATTENTION_KINDS, dot_product_attention
 from vdm_jax.models.embeddings import base2_fourier_features, timestep_embedding
 
-__all__ = ["AttentionBlock", "ResNetBlock", "ScoreUNet", "largest_group_count"]
+__all__ = ["AttentionBlock", "ResNetBlock", "ScoreUNet", "group_norm", "largest_group_count"]
 
 Dtype = Any
 
@@ -81,7 +81,7 @@ def largest_group_count(channels: int, max_groups: int, min_group_size: int = 4)
     return 1  # unreachable: 1 divides everything
 
 
-def _group_norm(
+def group_norm(
     channels: int, max_groups: int, dtype: Dtype, name: str | None = None, min_group_size: int = 4
 ):
     """``flax.linen.GroupNorm`` with a group count that suits ``channels`` (see
@@ -170,7 +170,7 @@ class ResNetBlock(nn.Module):
                 name=name,
             )
 
-        norm = _group_norm(
+        norm = group_norm(
             in_channels, self.norm_groups, self.dtype, "norm1", self.norm_min_group_size
         )
         h = nn.swish(norm(x))
@@ -184,7 +184,7 @@ class ResNetBlock(nn.Module):
             name="cond_proj",
         )(cond)  # [B, out_channels]
         h = h + cond_shift[:, None, None, :]
-        norm = _group_norm(
+        norm = group_norm(
             out_channels, self.norm_groups, self.dtype, "norm2", self.norm_min_group_size
         )
         h = nn.swish(norm(h))
@@ -245,7 +245,7 @@ class AttentionBlock(nn.Module):
                 name=name,
             )
 
-        h = _group_norm(channels, self.norm_groups, self.dtype, "norm", self.norm_min_group_size)(x)
+        h = group_norm(channels, self.norm_groups, self.dtype, "norm", self.norm_min_group_size)(x)
         seq_shape = (batch, height * width, channels)
         query = dense("query")(h).reshape(seq_shape)
         key = dense("key")(h).reshape(seq_shape)
@@ -526,7 +526,7 @@ class ScoreUNet(nn.Module):
         if self.attention_everywhere:
             down_attn = [attention_block(f"down_attn_{i}") for i in range(self.n_layer)]
             up_attn = [attention_block(f"up_attn_{i}") for i in range(self.n_layer + 1)]
-        norm_out = _group_norm(
+        norm_out = group_norm(
             self.n_embd, self.norm_groups, self.dtype, "norm_out", self.norm_min_group_size
         )
         conv_out = nn.Conv(
