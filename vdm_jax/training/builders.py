@@ -5,6 +5,8 @@ optimizer, and the size of the adaptive noise-level histogram. The config is che
 
 from __future__ import annotations
 
+import inspect
+
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -54,15 +56,15 @@ def model_from_config(config: ml_collections.ConfigDict, vocab_size: int) -> VDM
 
 def build_weighting(config: ml_collections.ConfigDict) -> weightings.Weighting:
     """The :class:`~vdm_jax.maths.weightings.Weighting` of ``config.objective``, with the parameters
-    that weighting takes."""
+    that weighting takes (``objective.bias``, ``sigma_data``, ``p_mean``, ``p_std``, and
+    ``snr_gamma`` as ``gamma``)."""
     o = config.objective
     values = {"bias": o.bias, "sigma_data": o.sigma_data, "p_mean": o.p_mean,
               "p_std": o.p_std, "gamma": o.snr_gamma}  # fmt: skip
-    taken = {"sigmoid": ("bias",), "edm": ("sigma_data", "p_mean", "p_std"),
-             "edm_monotonic": ("sigma_data", "p_mean", "p_std"), "min_snr": ("gamma",)}  # fmt: skip
-    return weightings.get_weighting(
-        o.weighting, **{k: values[k] for k in taken.get(o.weighting, ())}
-    )
+    # Each weighting (a registered one too) takes the config's values of the parameters its
+    # factory names; a parameter with no config field keeps its default.
+    taken = inspect.signature(weightings.WEIGHTINGS[o.weighting][0]).parameters
+    return weightings.get_weighting(o.weighting, **{k: values[k] for k in taken if k in values})
 
 
 def noise_bins(config: ml_collections.ConfigDict) -> int:
