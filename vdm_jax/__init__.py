@@ -65,7 +65,12 @@ from vdm_jax.maths.schedules import (
     gamma_and_derivative,
     gamma_with_variance_gradient,
 )
-from vdm_jax.maths.weightings import get_weighting, histogram_probs
+from vdm_jax.maths.weightings import (
+    get_weighting,
+    histogram_probs,
+    register_weighting,
+    unregister_weighting,
+)
 from vdm_jax.models import evaluation, likelihood
 from vdm_jax.models.embeddings import base2_fourier_features, timestep_embedding
 from vdm_jax.models.evaluation import EvalResult, evaluate_bpd, independent_pixel_bpd
@@ -79,7 +84,14 @@ from vdm_jax.models.ode import (
 )
 from vdm_jax.models.sampling import StepProgress, ancestral_sample, ddim_sample, dpm_solver_sample
 from vdm_jax.models.unet import AttentionBlock, ResNetBlock, ScoreUNet, largest_group_count
-from vdm_jax.models.vdm import VDM, ObjectiveTerms, VLBTerms, make_schedule
+from vdm_jax.models.vdm import (
+    VDM,
+    ObjectiveTerms,
+    VLBTerms,
+    make_schedule,
+    register_schedule,
+    unregister_schedule,
+)
 
 try:
     __version__ = _metadata.version("vdm-jax")  # pyproject.toml holds the one version string
@@ -144,12 +156,16 @@ __all__ = [
     "q_sample",
     "q_step",
     "reconstruction_nll",
+    "register_schedule",
+    "register_weighting",
     "score_from_eps",
     "snr",
     "solve_probability_flow",
     "timestep_embedding",
     "to_eps",
     "transition",
+    "unregister_schedule",
+    "unregister_weighting",
     "v_from_eps",
     "v_from_x",
     "weighted_diffusion_loss",

@@ -28,7 +28,7 @@ from vdm_jax.errors import UserError
 from vdm_jax.maths import diffusion, weightings
 from vdm_jax.models.attention import ATTENTION_KINDS
 from vdm_jax.models.vdm import SCHEDULES
-from vdm_jax.training import parallel, sources
+from vdm_jax.training import builders, parallel, sources
 
 __all__ = [
     "FIELDS",
@@ -150,6 +150,9 @@ FIELDS: tuple[Field, ...] = (
        kind=str),
     _f("data.augment", False,
        'the paper\'s flips and 90-degree rotations, flagged in the batch as "conditioning"'),
+    _f("model.network", "unet", "the score network (unet: ScoreUNet, which the model fields "
+       "below configure; others: vdm_jax.training.builders.register_network)",
+       _registered(builders.NETWORKS.keys), fixed=True),
     _f("model.n_layer", 32, "ResNet blocks of the score network (one resolution)", _POSITIVE,
        fixed=True),
     _f("model.n_embd", 128, "channels of the score network", _POSITIVE, fixed=True),

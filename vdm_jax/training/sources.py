@@ -26,23 +26,19 @@ import numpy as np
 from PIL import Image
 
 from vdm_jax.errors import UserError
-from vdm_jax.training.source_names import (
-    KNOWN_DATASETS,
-    TFDS_DATASETS,
-    TFDS_SPECS,
-    dataset_names,
-    register_source,
-    registered_source,
-    unregister_source,
-)
+
+# Re-exported (documented in vdm_jax.training.source_names).
+from vdm_jax.training.source_names import KNOWN_DATASETS as KNOWN_DATASETS
+from vdm_jax.training.source_names import TFDS_DATASETS as TFDS_DATASETS
+from vdm_jax.training.source_names import TFDS_SPECS, dataset_names, registered_source
+from vdm_jax.training.source_names import register_source as register_source
+from vdm_jax.training.source_names import unregister_source as unregister_source
 
 __all__ = [
     "DIGITS_NUM_TEST",
     "DIGITS_NUM_TRAIN",
     "DIGITS_VOCAB_SIZE",
     "IMAGE_EXTENSIONS",
-    "KNOWN_DATASETS",
-    "TFDS_DATASETS",
     "ArraySource",
     "DatasetInfo",
     "FolderSource",
@@ -51,13 +47,10 @@ __all__ = [
     "TfdsSource",
     "array_source",
     "dataset_info",
-    "dataset_names",
     "digits_source",
     "folder_source",
     "make_source",
-    "register_source",
     "tfds_source",
-    "unregister_source",
 ]
 
 Record = dict[str, np.ndarray]
