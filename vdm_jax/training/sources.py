@@ -11,7 +11,7 @@ integers in ``0..vocab_size-1`` (never rescaled; grey images keep ``C = 1``), an
 * :func:`folder_source`: a folder ``root/{train,test}/<class>/*.png|jpg|jpeg``;
 * :func:`array_source`: images and labels held in memory as numpy arrays;
 * :func:`make_source`: any of the named ones by name (the entry point for configs), and those
-  added with :func:`register_source` (see :mod:`vdm_jax.training.source_names`).
+  added with :func:`~vdm_jax.training.source_names.register_source`.
 """
 
 from __future__ import annotations
@@ -530,8 +530,9 @@ def make_source(name: str, split: str, *, data_dir: str | os.PathLike | None = N
     """Builds a named source: the entry point for configs.
 
     Args:
-      name: one of :func:`dataset_names`: ``"digits"``, ``"cifar10"``, ``"mnist"``,
-        ``"imagenet32"``, ``"imagenet64"``, ``"folder"``, or a registered name.
+      name: one of :func:`~vdm_jax.training.source_names.dataset_names`: ``"digits"``,
+        ``"cifar10"``, ``"mnist"``, ``"imagenet32"``, ``"imagenet64"``, ``"folder"``, or a
+        registered name.
       split: ``"train"`` or ``"test"`` (tfds names also take tfds split expressions).
       data_dir: for tfds names the tfds data directory (None: tfds default); for
         ``"folder"`` the image folder (required); ignored for ``"digits"``.
@@ -563,7 +564,7 @@ def dataset_info(name: str, *, data_dir: str | os.PathLike | None = None) -> Dat
     Reads no data except for ``"folder"``, whose train split is scanned (file headers only).
 
     Args:
-      name: one of :func:`dataset_names`.
+      name: one of :func:`~vdm_jax.training.source_names.dataset_names`.
       data_dir: the image folder for ``"folder"``, passed to a registered name's ``info_fn``;
         ignored otherwise.
 
