@@ -13,11 +13,12 @@ line is :mod:`vdm_jax.cli` (``python -m vdm_jax``) and the bundled configs are
 :mod:`vdm_jax.configs`. ``vdm_jax.pretrained`` (:mod:`vdm_jax.pretrained`, imported on first
 use) reads the original code's checkpoints. ``vdm_jax.load_run(workdir)``
 (:func:`vdm_jax.training.loading.load_run`, which imports the training system on first use)
-gives a trained run's model, parameters and data info. :func:`register_schedule` and
-:func:`register_weighting` add a schedule or weighting of one's own by name, for
-:func:`make_schedule`, :func:`get_weighting` and a config (a network and a data set register
-in the training system: ``vdm_jax.training.builders.register_network``,
-``vdm_jax.training.sources.register_source``).
+gives a trained run's model, parameters and data info. ``vdm_jax.register_schedule``
+(:func:`vdm_jax.models.vdm.register_schedule`) and ``vdm_jax.register_weighting``
+(:func:`vdm_jax.maths.weightings.register_weighting`) add a schedule or weighting of one's own
+by name, for ``make_schedule``, ``get_weighting`` and a config; a network and a data set
+register in the training system (:func:`vdm_jax.training.builders.register_network`,
+:func:`vdm_jax.training.source_names.register_source`).
 
 Conventions: gamma = -log SNR, alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma); losses
 are per example in nats unless a name says bits/dim.
