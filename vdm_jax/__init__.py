@@ -13,7 +13,12 @@ line is :mod:`vdm_jax.cli` (``python -m vdm_jax``) and the bundled configs are
 :mod:`vdm_jax.configs`. ``vdm_jax.pretrained`` (:mod:`vdm_jax.pretrained`, imported on first
 use) reads the original code's checkpoints. ``vdm_jax.load_run(workdir)``
 (:func:`vdm_jax.training.loading.load_run`, which imports the training system on first use)
-gives a trained run's model, parameters and data info.
+gives a trained run's model, parameters and data info. ``vdm_jax.register_schedule``
+(:func:`vdm_jax.models.vdm.register_schedule`) and ``vdm_jax.register_weighting``
+(:func:`vdm_jax.maths.weightings.register_weighting`) add a schedule or weighting of one's own
+by name, for ``make_schedule``, ``get_weighting`` and a config; a network and a data set
+register in the training system (:func:`vdm_jax.training.builders.register_network`,
+:func:`vdm_jax.training.source_names.register_source`).
 
 Conventions: gamma = -log SNR, alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma); losses
 are per example in nats unless a name says bits/dim.
@@ -65,7 +70,12 @@ from vdm_jax.maths.schedules import (
     gamma_and_derivative,
     gamma_with_variance_gradient,
 )
-from vdm_jax.maths.weightings import get_weighting, histogram_probs
+from vdm_jax.maths.weightings import (
+    get_weighting,
+    histogram_probs,
+    register_weighting,
+    unregister_weighting,
+)
 from vdm_jax.models import evaluation, likelihood
 from vdm_jax.models.embeddings import base2_fourier_features, timestep_embedding
 from vdm_jax.models.evaluation import EvalResult, evaluate_bpd, independent_pixel_bpd
@@ -80,7 +90,14 @@ from vdm_jax.models.ode import (
 )
 from vdm_jax.models.sampling import StepProgress, ancestral_sample, ddim_sample, dpm_solver_sample
 from vdm_jax.models.unet import AttentionBlock, ResNetBlock, ScoreUNet, largest_group_count
-from vdm_jax.models.vdm import VDM, ObjectiveTerms, VLBTerms, make_schedule
+from vdm_jax.models.vdm import (
+    VDM,
+    ObjectiveTerms,
+    VLBTerms,
+    make_schedule,
+    register_schedule,
+    unregister_schedule,
+)
 
 try:
     __version__ = _metadata.version("vdm-jax")  # pyproject.toml holds the one version string
@@ -146,12 +163,16 @@ __all__ = [
     "q_sample",
     "q_step",
     "reconstruction_nll",
+    "register_schedule",
+    "register_weighting",
     "score_from_eps",
     "snr",
     "solve_probability_flow",
     "timestep_embedding",
     "to_eps",
     "transition",
+    "unregister_schedule",
+    "unregister_weighting",
     "v_from_eps",
     "v_from_x",
     "weighted_diffusion_loss",

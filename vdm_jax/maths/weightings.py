@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import numbers
 from collections.abc import Callable
 
 import jax
@@ -53,7 +54,9 @@ __all__ = [
     "Weighting",
     "get_weighting",
     "histogram_probs",
+    "register_weighting",
     "sample_from_histogram",
+    "unregister_weighting",
     "update_histogram",
 ]
 
@@ -149,7 +152,7 @@ def _min_snr(gamma: float = 5.0) -> Callable[[Array], Array]:
 
 
 #: The weightings by name: name -> (factory, whether w(lambda) is monotone, a one-line
-#: description).
+#: description). Read it; add to it with :func:`register_weighting`.
 WEIGHTINGS: dict[str, tuple[Callable[..., Callable[[Array], Array]], bool, str]] = {
     "elbo": (_elbo, True, "w = 1: the ELBO itself (VDM)."),
     "sigmoid": (
@@ -188,6 +191,56 @@ WEIGHTINGS: dict[str, tuple[Callable[..., Callable[[Array], Array]], bool, str]]
         "Param: gamma (5).",
     ),
 }
+
+
+_BUILT_IN = frozenset(WEIGHTINGS)
+
+
+def register_weighting(
+    name: str, factory: Callable[..., Callable[[Array], Array]], *, monotone: bool, description: str
+) -> None:
+    """Adds a weighting under ``name``: :func:`get_weighting` builds it and a config's
+    ``objective.weighting`` accepts the name.
+
+    Args:
+      name: a new name (not one of :data:`WEIGHTINGS`).
+      factory: takes the weighting's parameters as keyword arguments, each with a float default,
+        and returns w(lambda), a function of lambda = log SNR (float32 array, any shape) to a
+        positive float32 array of the same shape. A config passes a parameter of the same name
+        as an ``objective`` field (``bias``, ``sigma_data``, ``p_mean``, ``p_std``, and
+        ``gamma`` from ``objective.snr_gamma``); any other takes its default.
+      monotone: whether w(lambda) is non-increasing in lambda (Kingma & Gao 2023: then the
+        weighted loss is an ELBO of noise-augmented data).
+      description: one line for listings.
+
+    Raises:
+      UserError: the name is taken, or the factory is not callable or has a parameter without
+        a numeric default.
+    """
+    if not isinstance(name, str) or not name:
+        raise UserError(f"register_weighting: the name must be a non-empty string, got {name!r}")
+    if name in WEIGHTINGS:
+        raise UserError(f"register_weighting: the weighting {name!r} is already registered")
+    if not callable(factory):
+        raise UserError(f"register_weighting: the factory of {name!r} is not callable: {factory!r}")
+    for p in inspect.signature(factory).parameters.values():
+        if not isinstance(p.default, numbers.Real) or isinstance(p.default, bool):
+            raise UserError(
+                f"register_weighting: parameter {p.name!r} of {name!r} needs a float default "
+                "(a weighting's parameters are keyword floats)"
+            )
+    WEIGHTINGS[name] = (factory, bool(monotone), str(description))
+
+
+def unregister_weighting(name: str) -> None:
+    """Removes a weighting added by :func:`register_weighting`.
+
+    Raises:
+      UserError: ``name`` was not registered, or is one of the built-in weightings.
+    """
+    if name in _BUILT_IN or name not in WEIGHTINGS:
+        raise UserError(f"unregister_weighting: {name!r} is not a registered weighting")
+    del WEIGHTINGS[name]
 
 
 def get_weighting(name: str, **params: float) -> Weighting:

@@ -11,6 +11,8 @@ RNG streams used by ``VDM.__call__``: ``'diffusion'`` (times and noise) and, whe
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -21,16 +23,28 @@ from vdm_jax.errors import UserError
 from vdm_jax.maths import diffusion, losses, schedules, weightings
 from vdm_jax.models.unet import ScoreUNet
 
-__all__ = ["SCHEDULES", "VDM", "ObjectiveTerms", "VLBTerms", "make_schedule"]
+__all__ = [
+    "SCHEDULES",
+    "VDM",
+    "ObjectiveTerms",
+    "VLBTerms",
+    "make_schedule",
+    "register_schedule",
+    "unregister_schedule",
+]
 
 Array = jax.Array
 
+#: The noise schedules by name: name -> factory (a Linen module class, or any callable)
+#: called ``factory(gamma_min, gamma_max)``, plus ``n_features=`` when it takes that keyword.
+#: Read it; add to it with :func:`register_schedule`.
 SCHEDULES = {
     "fixed_linear": schedules.FixedLinearSchedule,
     "learned_linear": schedules.LearnedLinearSchedule,
     "monotonic": schedules.MonotonicSchedule,
     "monotonic_unnormalised": schedules.UnnormalisedMonotonicSchedule,
 }
+_BUILT_IN_SCHEDULES = frozenset(SCHEDULES)
 
 
 class VLBTerms(NamedTuple):
@@ -66,25 +80,74 @@ class ObjectiveTerms(NamedTuple):
     noise_values: Array | None = None
 
 
+def _takes_features(factory) -> bool:
+    return "n_features" in inspect.signature(factory).parameters
+
+
+def register_schedule(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Adds a noise schedule under ``name``: :func:`make_schedule` builds it and a config's
+    ``model.schedule`` accepts the name.
+
+    Args:
+      name: a new name (not one of :data:`SCHEDULES`).
+      factory: a Linen module class (or a callable returning a module) called
+        ``factory(gamma_min, gamma_max)``, plus ``n_features=`` (``model.schedule_features``)
+        when it has that parameter. The module is called ``gamma = schedule(t)`` with t float32
+        ``[B]`` or ``[]`` and returns gamma(t) of t's shape, increasing in t, and has an
+        ``endpoints()`` method returning (gamma(0), gamma(1)); see
+        :mod:`vdm_jax.maths.schedules`.
+
+    Raises:
+      UserError: the name is taken, or the factory is not callable with
+        ``(gamma_min, gamma_max)``.
+    """
+    if not isinstance(name, str) or not name:
+        raise UserError(f"register_schedule: the name must be a non-empty string, got {name!r}")
+    if name in SCHEDULES:
+        raise UserError(f"register_schedule: the schedule {name!r} is already registered")
+    try:
+        inspect.signature(factory).bind(schedules.GAMMA_MIN, schedules.GAMMA_MAX)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"register_schedule: the factory of {name!r} must be callable as "
+            f"factory(gamma_min, gamma_max), got {factory!r}"
+        ) from None
+    SCHEDULES[name] = factory
+
+
+def unregister_schedule(name: str) -> None:
+    """Removes a schedule added by :func:`register_schedule`.
+
+    Raises:
+      UserError: ``name`` was not registered, or is one of the built-in schedules.
+    """
+    if name in _BUILT_IN_SCHEDULES or name not in SCHEDULES:
+        raise UserError(f"unregister_schedule: {name!r} is not a registered schedule")
+    del SCHEDULES[name]
+
+
 def make_schedule(
     kind: str,
     gamma_min: float = schedules.GAMMA_MIN,
     gamma_max: float = schedules.GAMMA_MAX,
     n_features: int = 1024,
 ) -> nn.Module:
-    """A schedule module by name: 'fixed_linear', 'learned_linear', 'monotonic' or
-    'monotonic_unnormalised' (the original code's network, endpoints not pinned).
+    """A schedule module by name: 'fixed_linear', 'learned_linear', 'monotonic',
+    'monotonic_unnormalised' (the original code's network, endpoints not pinned), or one added
+    by :func:`register_schedule`.
 
     Args:
-      kind: the schedule's name.
+      kind: the schedule's name, one of :data:`SCHEDULES`.
       gamma_min, gamma_max: gamma(0) and gamma(1) (initial values when learned).
-      n_features: hidden width of the monotonic networks (ignored by the linear ones).
+      n_features: hidden width of the monotonic networks (passed only to a factory that takes
+        ``n_features``).
     """
     if kind not in SCHEDULES:
         raise UserError(f"unknown noise schedule {kind!r}; known: {sorted(SCHEDULES)}")
-    if kind in ("monotonic", "monotonic_unnormalised"):
-        return SCHEDULES[kind](gamma_min, gamma_max, n_features=n_features)
-    return SCHEDULES[kind](gamma_min, gamma_max)
+    factory = SCHEDULES[kind]
+    if _takes_features(factory):
+        return factory(gamma_min, gamma_max, n_features=n_features)
+    return factory(gamma_min, gamma_max)
 
 
 class VDM(nn.Module):

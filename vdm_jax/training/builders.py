@@ -1,27 +1,38 @@
-"""What a checked experiment config builds: the model, its weighting of the loss, the
-optimizer, and the size of the adaptive noise-level histogram. The config is checked first
+"""What a checked experiment config builds: the model (its score network by name, see
+:func:`register_network`), its weighting of the loss, the optimizer, and the size of the
+adaptive noise-level histogram. The config is checked first
 (:func:`vdm_jax.training.schema.check_config`); these trust it.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vdm_jax.errors import UserError
 from vdm_jax.maths import weightings
 from vdm_jax.models.unet import ScoreUNet
 from vdm_jax.models.vdm import VDM, make_schedule
 from vdm_jax.training import steps
 
-__all__ = ["build_optimizer", "build_weighting", "model_from_config", "noise_bins"]
+__all__ = [
+    "NETWORKS",
+    "build_optimizer",
+    "build_weighting",
+    "model_from_config",
+    "noise_bins",
+    "register_network",
+    "unregister_network",
+]
 
 
-def model_from_config(config: ml_collections.ConfigDict, vocab_size: int) -> VDM:
-    """The :class:`~vdm_jax.models.vdm.VDM` a checked config describes, for data with
-    ``vocab_size`` values."""
-    m = config.model
-    net = ScoreUNet(
+def _unet(m: ml_collections.ConfigDict) -> ScoreUNet:
+    return ScoreUNet(
         n_layer=m.n_layer,
         n_embd=m.n_embd,
         gamma_min=m.gamma_min,
@@ -39,8 +50,61 @@ def model_from_config(config: ml_collections.ConfigDict, vocab_size: int) -> VDM
         batch_pieces=m.batch_pieces,
         remat=m.remat,
     )
+
+
+#: The score networks a config's ``model.network`` names: name -> factory, called with the
+#: checked ``config.model`` section. Read it; add to it with :func:`register_network`.
+NETWORKS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {"unet": _unet}
+_BUILT_IN_NETWORKS = frozenset(NETWORKS)
+
+
+def register_network(name: str, factory: Callable[[ml_collections.ConfigDict], nn.Module]) -> None:
+    """Adds a score network under ``name``: a config's ``model.network`` accepts the name and
+    :func:`model_from_config` builds the network with it.
+
+    Args:
+      name: a new name (not one of :data:`NETWORKS`).
+      factory: called ``factory(config.model)`` with the checked ``model`` section (read the
+        fields it needs, e.g. ``n_embd``, ``dropout_rate``, ``num_classes``); returns a Linen
+        module with the signature of :class:`~vdm_jax.models.unet.ScoreUNet`,
+        ``net(z, gamma_t, labels, train=...) -> eps_hat`` with z and eps_hat float32
+        ``[B, H, W, C]``, gamma_t ``[B]`` and labels int32 ``[B]`` (plus ``conditioning=`` when
+        ``model.conditioning_input`` is set).
+
+    Raises:
+      UserError: the name is taken, or the factory is not callable with one argument.
+    """
+    if not isinstance(name, str) or not name:
+        raise UserError(f"register_network: the name must be a non-empty string, got {name!r}")
+    if name in NETWORKS:
+        raise UserError(f"register_network: the network {name!r} is already registered")
+    try:
+        inspect.signature(factory).bind(None)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"register_network: the factory of {name!r} must be callable as "
+            f"factory(config.model), got {factory!r}"
+        ) from None
+    NETWORKS[name] = factory
+
+
+def unregister_network(name: str) -> None:
+    """Removes a network added by :func:`register_network`.
+
+    Raises:
+      UserError: ``name`` was not registered, or is the built-in ``"unet"``.
+    """
+    if name in _BUILT_IN_NETWORKS or name not in NETWORKS:
+        raise UserError(f"unregister_network: {name!r} is not a registered network")
+    del NETWORKS[name]
+
+
+def model_from_config(config: ml_collections.ConfigDict, vocab_size: int) -> VDM:
+    """The :class:`~vdm_jax.models.vdm.VDM` a checked config describes, for data with
+    ``vocab_size`` values; its score network is ``NETWORKS[config.model.network]``."""
+    m = config.model
     return VDM(
-        score_net=net,
+        score_net=NETWORKS[m.network](m),
         schedule=make_schedule(m.schedule, m.gamma_min, m.gamma_max, m.schedule_features),
         vocab_size=vocab_size,
         num_steps=m.timesteps,
@@ -54,15 +118,15 @@ def model_from_config(config: ml_collections.ConfigDict, vocab_size: int) -> VDM
 
 def build_weighting(config: ml_collections.ConfigDict) -> weightings.Weighting:
     """The :class:`~vdm_jax.maths.weightings.Weighting` of ``config.objective``, with the parameters
-    that weighting takes."""
+    that weighting takes (``objective.bias``, ``sigma_data``, ``p_mean``, ``p_std``, and
+    ``snr_gamma`` as ``gamma``)."""
     o = config.objective
     values = {"bias": o.bias, "sigma_data": o.sigma_data, "p_mean": o.p_mean,
               "p_std": o.p_std, "gamma": o.snr_gamma}  # fmt: skip
-    taken = {"sigmoid": ("bias",), "edm": ("sigma_data", "p_mean", "p_std"),
-             "edm_monotonic": ("sigma_data", "p_mean", "p_std"), "min_snr": ("gamma",)}  # fmt: skip
-    return weightings.get_weighting(
-        o.weighting, **{k: values[k] for k in taken.get(o.weighting, ())}
-    )
+    # Each weighting (a registered one too) takes the config's values of the parameters its
+    # factory names; a parameter with no config field keeps its default.
+    taken = inspect.signature(weightings.WEIGHTINGS[o.weighting][0]).parameters
+    return weightings.get_weighting(o.weighting, **{k: values[k] for k in taken if k in values})
 
 
 def noise_bins(config: ml_collections.ConfigDict) -> int:

@@ -28,7 +28,7 @@ from vdm_jax.errors import UserError
 from vdm_jax.maths import diffusion, weightings
 from vdm_jax.models.attention import ATTENTION_KINDS
 from vdm_jax.models.vdm import SCHEDULES
-from vdm_jax.training import parallel, sources
+from vdm_jax.training import builders, parallel, sources
 
 __all__ = [
     "FIELDS",
@@ -52,18 +52,38 @@ class Rule:
     """What a field's value may be beyond its type.
 
     Attributes:
-      check: True for an allowed value (of the field's type).
-      expected: the allowed values in words, for error messages (``'a positive integer'``).
-      choices: the allowed values when they are a list of names, else ``()``.
+      test: True for an allowed value (of the field's type); unused when ``names`` is given.
+      words: the allowed values in words, for error messages (``'a positive integer'``).
+      names: for a field whose values are names, returns the allowed names; called each time
+        a config is checked or listed, so that a registry's current names count (a schedule,
+        weighting or data set registered after import).
     """
 
-    check: Callable[[Any], bool]
-    expected: str
-    choices: tuple[str, ...] = ()
+    test: Callable[[Any], bool] | None = None
+    words: str = ""
+    names: Callable[[], tuple[str, ...]] | None = None
+
+    def check(self, value: Any) -> bool:
+        """True for an allowed value (of the field's type)."""
+        return value in self.choices if self.names is not None else bool(self.test(value))
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The allowed names now, or ``()`` for a rule that is not a list of names."""
+        return tuple(self.names()) if self.names is not None else ()
+
+    @property
+    def expected(self) -> str:
+        """The allowed values in words."""
+        return "one of " + ", ".join(map(repr, self.choices)) if self.names else self.words
 
 
 def _choice(*options: str) -> Rule:
-    return Rule(lambda v: v in options, "one of " + ", ".join(map(repr, options)), options)
+    return Rule(names=lambda: options)
+
+
+def _registered(names: Callable[[], Any]) -> Rule:
+    return Rule(names=lambda: tuple(names()))
 
 
 _POSITIVE = Rule(lambda v: v >= 1, "a positive integer")
@@ -125,11 +145,14 @@ FIELDS: tuple[Field, ...] = (
     _f("seed", 0, "seeds the parameters, the data order and every random draw of the run",
        Rule(lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"), fixed=True),
     _f("data.name", "cifar10", "the data set (folder: data.data_dir/{train,test}/<class>/*.png)",
-       _choice(*sources.KNOWN_DATASETS), fixed=True),
+       _registered(sources.dataset_names), fixed=True),
     _f("data.data_dir", None, "tfds data_dir, or the root of an image folder (name='folder')",
        kind=str),
     _f("data.augment", False,
        'the paper\'s flips and 90-degree rotations, flagged in the batch as "conditioning"'),
+    _f("model.network", "unet", "the score network (unet: ScoreUNet, which the model fields "
+       "below configure; others: vdm_jax.training.builders.register_network)",
+       _registered(builders.NETWORKS.keys), fixed=True),
     _f("model.n_layer", 32, "ResNet blocks of the score network (one resolution)", _POSITIVE,
        fixed=True),
     _f("model.n_embd", 128, "channels of the score network", _POSITIVE, fixed=True),
@@ -151,7 +174,8 @@ FIELDS: tuple[Field, ...] = (
     _f("model.dtype", "float32", "activations (parameters stay float32)",
        _choice("float32", "bfloat16")),
     _f("model.schedule", "learned_linear", "the noise schedule gamma(t) (monotonic_unnormalised: "
-       "the original code's network, endpoints not pinned)", _choice(*SCHEDULES), fixed=True),
+       "the original code's network, endpoints not pinned)", _registered(SCHEDULES.keys),
+       fixed=True),
     _f("model.gamma_min", -13.3, "gamma(0) = -log SNR at t = 0 (initial value if learned)"),
     _f("model.gamma_max", 5.0, "gamma(1) = -log SNR at t = 1 (initial value if learned)"),
     _f("model.schedule_features", 1024, "width of the monotonic schedule's network", _POSITIVE,
@@ -173,7 +197,7 @@ FIELDS: tuple[Field, ...] = (
     # What training minimises (Kingma & Gao 2023). Evaluation is always the bound (w = 1).
     _f("objective.weighting", "elbo", "the weighting w(lambda) training minimises "
        "(vdm_jax.maths.weightings); evaluation is always the bound",
-       _choice(*weightings.WEIGHTINGS)),
+       _registered(weightings.WEIGHTINGS.keys)),
     _f("objective.bias", 0.0, "sigmoid: w = sigmoid(bias - lambda)"),
     _f("objective.sigma_data", 0.5, "edm, edm_monotonic", _POSITIVE_REAL),
     _f("objective.p_mean", -1.2, "edm, edm_monotonic: mean of log sigma"),

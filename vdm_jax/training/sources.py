@@ -10,7 +10,8 @@ integers in ``0..vocab_size-1`` (never rescaled; grey images keep ``C = 1``), an
   (TensorFlow is needed only once, to prepare the data set in the ``array_record`` format);
 * :func:`folder_source`: a folder ``root/{train,test}/<class>/*.png|jpg|jpeg``;
 * :func:`array_source`: images and labels held in memory as numpy arrays;
-* :func:`make_source`: any of the named ones by name (the entry point for configs).
+* :func:`make_source`: any of the named ones by name (the entry point for configs), and those
+  added with :func:`~vdm_jax.training.source_names.register_source`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,13 +27,18 @@ from PIL import Image
 
 from vdm_jax.errors import UserError
 
+# Re-exported (documented in vdm_jax.training.source_names).
+from vdm_jax.training.source_names import KNOWN_DATASETS as KNOWN_DATASETS
+from vdm_jax.training.source_names import TFDS_DATASETS as TFDS_DATASETS
+from vdm_jax.training.source_names import TFDS_SPECS, dataset_names, registered_source
+from vdm_jax.training.source_names import register_source as register_source
+from vdm_jax.training.source_names import unregister_source as unregister_source
+
 __all__ = [
     "DIGITS_NUM_TEST",
     "DIGITS_NUM_TRAIN",
     "DIGITS_VOCAB_SIZE",
     "IMAGE_EXTENSIONS",
-    "KNOWN_DATASETS",
-    "TFDS_DATASETS",
     "ArraySource",
     "DatasetInfo",
     "FolderSource",
@@ -255,28 +261,6 @@ def digits_source(split: str) -> ArraySource:
 # TensorFlow Datasets.
 
 
-@dataclasses.dataclass(frozen=True)
-class _TfdsSpec:
-    tfds_name: str
-    image_shape: tuple[int, int, int]
-    num_classes: int  # 1: no label in the data (the label is 0)
-    # The downsampled ImageNet builders have no "test" split: their "validation" is the test set.
-    test_split: str = "test"
-
-
-_TFDS_SPECS = {
-    "cifar10": _TfdsSpec("cifar10", (32, 32, 3), 10),
-    "mnist": _TfdsSpec("mnist", (28, 28, 1), 10),
-    "imagenet32": _TfdsSpec("downsampled_imagenet/32x32", (32, 32, 3), 1, "validation"),
-    "imagenet64": _TfdsSpec("downsampled_imagenet/64x64", (64, 64, 3), 1, "validation"),
-}
-#: Short names accepted by :func:`tfds_source`, and the tfds builders they read.
-TFDS_DATASETS: Mapping[str, str] = {name: spec.tfds_name for name, spec in _TFDS_SPECS.items()}
-
-#: Every name :func:`make_source` and :func:`dataset_info` accept.
-KNOWN_DATASETS = ("digits", *TFDS_DATASETS, "folder")
-
-
 class TfdsSource:
     """Source over a ``tfds.data_source``; build it with :func:`tfds_source`.
 
@@ -291,7 +275,7 @@ class TfdsSource:
         self.name = name
         self.split = split
         self.tfds_split = tfds_split
-        self._spec = _TFDS_SPECS[name]
+        self._spec = TFDS_SPECS[name]
         self._data_source = data_source
         self._len = len(data_source)
         self.info = DatasetInfo(name, self._spec.image_shape, 256, self._spec.num_classes)
@@ -346,9 +330,9 @@ def tfds_source(
     Raises:
       UserError: unknown name, missing ``data_dir``, or tfds cannot open the split.
     """
-    if name not in _TFDS_SPECS:
+    if name not in TFDS_SPECS:
         raise UserError(
-            f"tfds_source: unknown data set {name!r}; known tfds data sets: {sorted(_TFDS_SPECS)}"
+            f"tfds_source: unknown data set {name!r}; known tfds data sets: {sorted(TFDS_SPECS)}"
         )
     if not isinstance(split, str) or not split:
         raise UserError(f"tfds_source: split must be a non-empty string, got {split!r}")
@@ -356,7 +340,7 @@ def tfds_source(
         data_dir = os.fspath(data_dir)
         if "://" not in data_dir and not os.path.isdir(data_dir):
             raise UserError(f"tfds_source: data_dir {data_dir!r} does not exist")
-    spec = _TFDS_SPECS[name]
+    spec = TFDS_SPECS[name]
     tfds_split = spec.test_split if split == "test" else split
 
     import tensorflow_datasets as tfds  # imported when first needed
@@ -542,14 +526,13 @@ def folder_source(root: str | os.PathLike, split: str) -> FolderSource:
 # By name.
 
 
-def make_source(
-    name: str, split: str, *, data_dir: str | os.PathLike | None = None
-) -> ArraySource | TfdsSource | FolderSource:
+def make_source(name: str, split: str, *, data_dir: str | os.PathLike | None = None) -> ImageSource:
     """Builds a named source: the entry point for configs.
 
     Args:
-      name: one of :data:`KNOWN_DATASETS`: ``"digits"``, ``"cifar10"``, ``"mnist"``,
-        ``"imagenet32"``, ``"imagenet64"``, ``"folder"``.
+      name: one of :func:`~vdm_jax.training.source_names.dataset_names`: ``"digits"``,
+        ``"cifar10"``, ``"mnist"``, ``"imagenet32"``, ``"imagenet64"``, ``"folder"``, or a
+        registered name.
       split: ``"train"`` or ``"test"`` (tfds names also take tfds split expressions).
       data_dir: for tfds names the tfds data directory (None: tfds default); for
         ``"folder"`` the image folder (required); ignored for ``"digits"``.
@@ -564,13 +547,15 @@ def make_source(
     """
     if name == "digits":
         return digits_source(split)
-    if name in _TFDS_SPECS:
+    if name in TFDS_SPECS:
         return tfds_source(name, split, data_dir=data_dir)
     if name == "folder":
         if data_dir is None:
             raise UserError("make_source: name 'folder' needs data_dir (the image folder)")
         return folder_source(data_dir, split)
-    raise UserError(f"make_source: unknown data set {name!r}; known: {list(KNOWN_DATASETS)}")
+    if (registered := registered_source(name)) is not None:
+        return registered[0](split, data_dir=data_dir)
+    raise UserError(f"make_source: unknown data set {name!r}; known: {list(dataset_names())}")
 
 
 def dataset_info(name: str, *, data_dir: str | os.PathLike | None = None) -> DatasetInfo:
@@ -579,8 +564,9 @@ def dataset_info(name: str, *, data_dir: str | os.PathLike | None = None) -> Dat
     Reads no data except for ``"folder"``, whose train split is scanned (file headers only).
 
     Args:
-      name: one of :data:`KNOWN_DATASETS`.
-      data_dir: the image folder for ``"folder"``; ignored otherwise.
+      name: one of :func:`~vdm_jax.training.source_names.dataset_names`.
+      data_dir: the image folder for ``"folder"``, passed to a registered name's ``info_fn``;
+        ignored otherwise.
 
     Returns:
       e.g. ``DatasetInfo("digits", (8, 8, 1), 17, 10)`` or
@@ -592,9 +578,11 @@ def dataset_info(name: str, *, data_dir: str | os.PathLike | None = None) -> Dat
     """
     if name == "digits":
         return DatasetInfo("digits", (8, 8, 1), DIGITS_VOCAB_SIZE, 10)
-    if name in _TFDS_SPECS:
-        spec = _TFDS_SPECS[name]
+    if name in TFDS_SPECS:
+        spec = TFDS_SPECS[name]
         return DatasetInfo(name, spec.image_shape, 256, spec.num_classes)
     if name == "folder":
         return make_source("folder", "train", data_dir=data_dir).info
-    raise UserError(f"dataset_info: unknown data set {name!r}; known: {list(KNOWN_DATASETS)}")
+    if (registered := registered_source(name)) is not None:
+        return registered[1](data_dir=data_dir)
+    raise UserError(f"dataset_info: unknown data set {name!r}; known: {list(dataset_names())}")
