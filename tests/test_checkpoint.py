@@ -390,6 +390,14 @@ def test_check_compatible_lists_every_difference():
         check_compatible(saved, {**this, "model": {"depth": 4}}, ["model.depth"])
     with pytest.raises(UserError, match=r"model.n_embd=128 \(this run has 64\)"):
         check_compatible(saved, this, "model.n_embd")  # one key
+    # A field added since the checkpoint was written stands for its default there.
+    added = {**this, "model": {"network": "unet"}}
+    check_compatible(saved, added, ["model.network"], saved_defaults={"model": {"network": "unet"}})
+    with pytest.raises(UserError, match=r"model.network='unet' \(this run has 'mine'\)"):
+        check_compatible(
+            saved, {**this, "model": {"network": "mine"}}, ["model.network"],
+            saved_defaults={"model": {"network": "unet"}},
+        )  # fmt: skip
 
 
 def test_restore_checks_config_before_reading_state(tmp_path, mesh8):

@@ -81,6 +81,7 @@ def check_compatible(
     keys: Sequence[str],
     *,
     source: str = "the checkpoint",
+    saved_defaults: Mapping[str, Any] | None = None,
 ) -> None:
     """Raises :class:`~vdm_jax.errors.UserError` if resuming would change a config value.
 
@@ -90,10 +91,15 @@ def check_compatible(
         after a JSON round trip (a tuple equals a list); a key missing from one config only
         is a difference, missing from both is not.
       source: how the message names the checkpoint, e.g. ``"checkpoint at /w/ckpt/200"``.
+      saved_defaults: a nested dict of the values a checkpoint written before a key existed
+        stands for (the schema's defaults), so that a field added since does not refuse an
+        older run; None: a missing key is a difference.
     """
     diffs = []
     for key in [keys] if isinstance(keys, str) else keys:
         old, new = _lookup(saved_config, key), _lookup(config, key)
+        if old == "<missing>" and saved_defaults is not None:
+            old = _lookup(saved_defaults, key)
         if old != new:
             diffs.append(f"{key}={old} (this run has {new})")
     if diffs:
@@ -303,6 +309,7 @@ class Checkpointer:
         *,
         config: Mapping[str, Any] | None = None,
         compatible_keys: Sequence[str] = (),
+        saved_defaults: Mapping[str, Any] | None = None,
         partial: bool = False,
     ) -> Restored | None:
         """Restores a :class:`Restored`, or None when the folder holds no complete checkpoint.
@@ -314,7 +321,8 @@ class Checkpointer:
         or deleted file) is named in a warning and the next older one tried. Once one
         restores, the damaged newer folders are renamed ``<step>.corrupt-<UTC time>`` (rename
         one back to retry it). Before a candidate's state is read, its config is checked
-        against ``config`` on ``compatible_keys`` (:func:`check_compatible`, UserError).
+        against ``config`` on ``compatible_keys`` (:func:`check_compatible` with
+        ``saved_defaults``, UserError).
         With ``partial``, ``target`` may be a part of the saved state (a dict of some of its
         fields, e.g. ``{'ema_params': ...}``): only those arrays are read, and no data
         position (``data_state`` is None). A read-only checkpointer leaves damaged folders
@@ -342,7 +350,7 @@ class Checkpointer:
         failures: list[tuple[int, str]] = []
         for candidate in [int(step)] if step is not None else steps[::-1]:
             restored, reason = self._try_restore(
-                candidate, target, config, compatible_keys, partial
+                candidate, target, config, compatible_keys, saved_defaults, partial
             )
             ok = restored is not None
             if jax.process_count() > 1:  # every process must take the same path
@@ -365,7 +373,7 @@ class Checkpointer:
         )
 
     def _try_restore(
-        self, step, target, config, compatible_keys, partial
+        self, step, target, config, compatible_keys, saved_defaults, partial
     ) -> tuple[Restored | None, str]:
         """One attempt: (restored, '') or (None, why the step cannot be restored)."""
         path = self._directory / str(step)
@@ -380,7 +388,13 @@ class Checkpointer:
         except Exception as e:  # any read failure means a damaged step
             return None, f"config unreadable: {_describe(e)}"
         if config is not None and compatible_keys:
-            check_compatible(saved.config, config, compatible_keys, source=f"checkpoint at {path}")
+            check_compatible(
+                saved.config,
+                config,
+                compatible_keys,
+                source=f"checkpoint at {path}",
+                saved_defaults=saved_defaults,
+            )
         if partial:  # only the arrays of `target`, and no data position
             restore_args = ocp.checkpoint_utils.construct_restore_args(target)
             state = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)

@@ -32,7 +32,7 @@ from vdm_jax.models import evaluation
 from vdm_jax.models.vdm import VDM
 from vdm_jax.training import checkpoint, parallel, pipeline, run_files, sources, steps
 from vdm_jax.training.builders import build_optimizer, model_from_config, noise_bins
-from vdm_jax.training.schema import check_config, resume_keys
+from vdm_jax.training.schema import base_config, check_config, resume_keys
 
 __all__ = [
     "EVAL_STREAM",
@@ -217,7 +217,11 @@ def restore(setup: RunSetup, need: bool, step: int | None = None) -> checkpoint.
         shardings,
     )
     restored = setup.checkpointer.restore(
-        abstract, step, config=setup.config.to_dict(), compatible_keys=resume_keys()
+        abstract,
+        step,
+        config=setup.config.to_dict(),
+        compatible_keys=resume_keys(),
+        saved_defaults=base_config().to_dict(),  # fields added since an older run was saved
     )
     if restored is None and need:
         raise UserError(
