@@ -256,7 +256,8 @@ def load_mulan_checkpoint(
 ) -> tuple[mulan.MuLAN, dict[str, Any]]:
     """Our MuLAN model and variables from a checkpoint of MuLAN's code (s-sahoo/MuLAN).
 
-    The checkpoint has the original VDM code's layout (see :func:`find_checkpoint_file`),
+    The checkpoint has the original VDM code's layout (see
+    :func:`~vdm_jax.pretrained.original.find_checkpoint_file`),
     with params ``{encoder_model, gamma, score_model}`` and their optimizer's state (a chain
     of two masked AdamWs, checked). The tree gives the image shape, both networks and the
     latent's kind and size; their poly_fixedend schedule, ``vdm`` U-Net, ``unet`` encoder and

@@ -130,7 +130,8 @@ def import_original(
       config: the config the run continues with (its model fields that the checkpoint
         fixes are replaced by the checkpoint's, each difference logged by field name).
       workdir: a folder holding no run yet.
-      source: the original checkpoint (see :func:`vdm_jax.pretrained.find_checkpoint_file`).
+      source: the original checkpoint (see
+        :func:`vdm_jax.pretrained.original.find_checkpoint_file`).
       explicit: the fields set on the command line (dotted names).
 
     Returns:
