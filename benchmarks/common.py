@@ -192,15 +192,18 @@ def step_flops(
       state, batch, key: the step's arguments (host arrays).
       source: "compiled" counts the optimised program (``.lower().compile().cost_analysis()``,
         on accelerators compiled without autotuning, which does not change the count);
-        "lowered" counts the program before XLA's optimisations (no compilation, seconds;
-        about 2% fewer FLOPs for the small CPU model).
+        "lowered" counts the program before XLA's optimisations, lowered for the host
+        whatever the backend (no compilation, seconds; about 2% fewer FLOPs for the small CPU
+        model).
 
     Returns:
       (FLOPs, the source used: "compiled" or "lowered", the latter also when compiling failed).
     """
     model = build_model(n_layer, n_embd, dtype, dropout_rate, formulation="plain")
     step_fn = training_steps.make_train_step(model, training_steps.make_optimizer(), 0.9999)
-    device = jax.devices()[0]
+    # The GPU client's analysis of a lowered program reports no FLOPs; before XLA's
+    # optimisations the program is the same on every backend, so the host counts it.
+    device = jax.devices("cpu" if source == "lowered" else None)[0]
     state, batch, key = jax.device_put((state, batch, key), device)
     jitted = jax.jit(functools.partial(step_fn, num_shards=num_shards, axis_name=None))
     lowered = jitted.lower(state, batch, key)

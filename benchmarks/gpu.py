@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--hard_limit",
         type=float,
         default=None,
-        help="seconds; exit then, keeping the lines printed (0: none; default 285, smoke 0)",
+        help="seconds; exit then, keeping the lines printed (0: none; default 540, smoke 0)",
     )
     p.add_argument("--smoke", action="store_true", help="a tiny model, one step of each")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.hard_limit is None:
-        args.hard_limit = 0.0 if args.smoke else 285.0
+        args.hard_limit = 0.0 if args.smoke else 540.0
     return args
 
 
