@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-def _integral(a: Array, b: Array, c: Array, t: Array) -> Array:
+def _integral(a: Array, b: Array, c: Array, t: Array | float) -> Array:
     """P(t) = int_0^t (a u^2 + b u + c)^2 du from its monomial coefficients.
 
     Written as a sum of monomials (not Horner's form): with b close to -c, as trained

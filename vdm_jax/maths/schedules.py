@@ -78,7 +78,7 @@ def _check_endpoints(gamma_min: float, gamma_max: float) -> None:
         )
 
 
-def _compose(gamma_0: Array, span: Array, shape: Array) -> Array:
+def _compose(gamma_0: Array, span: Array, shape: Array | float) -> Array:
     """gamma_0 + span * shape: exactly gamma_0 at shape 0 and gamma_0 + span at shape 1."""
     return gamma_0 + span * shape
 

@@ -63,7 +63,7 @@ class MaskedMeans:
     :meth:`means` and :meth:`stderr` read them.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.count = 0
         self._sums: dict[str, float] = {}
         self._squares: dict[str, float] = {}

@@ -278,7 +278,7 @@ class MuLAN(nn.Module):
           :func:`~vdm_jax.maths.mulan.categorical_uniform_kl` of the logits.
         """
         out = self.encode(images, train)
-        if self.latent_kind == "gaussian":
+        if isinstance(out, tuple):  # gaussian: (mean, var)
             mean, var = out
             c = mean + jnp.sqrt(var) * jax.random.normal(key, mean.shape)
             return c, mulan_maths.gaussian_kl(mean, var)
@@ -289,7 +289,7 @@ class MuLAN(nn.Module):
     def mean_latent(self, images: Array) -> Array:
         """c without the draw's noise: the gaussian mean, or the k-hot of the top-k logits."""
         out = self.encode(images)
-        if self.latent_kind == "gaussian":
+        if isinstance(out, tuple):  # gaussian: (mean, var)
             return out[0]
         return jax.lax.stop_gradient(mulan_maths.relaxed_topk(out, self.latent_k))
 

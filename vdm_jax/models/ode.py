@@ -404,7 +404,7 @@ def ode_log_likelihood(
     log_q = -0.5 * protocol.sum_per_example(jnp.square(eps_0)) - num_dims * (
         0.5 * jax.nn.log_sigmoid(gamma_0) + 0.5 * math.log(2 * math.pi)
     )
-    log_probs = model.apply(params, z_0, method="decode_log_probs")
+    log_probs = protocol.decode_log_probs(model, params, z_0)
     picked = jnp.take_along_axis(log_probs, images.astype(jnp.int32)[..., None], axis=-1)
     reconstruction = -protocol.sum_per_example(picked[..., 0])
     log_p, nfe = ode_log_prob_latent(

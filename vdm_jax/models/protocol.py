@@ -18,6 +18,7 @@ methods; :mod:`vdm_jax.models.sampling` (discrete-time samplers) and
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -34,6 +35,7 @@ __all__ = [
     "check_positive",
     "check_shape",
     "decode_latent",
+    "decode_log_probs",
     "endpoints",
     "eps_hat",
     "finish",
@@ -70,25 +72,35 @@ def check_positive(name: str, value) -> None:
         raise UserError(f"{name} must be positive, got {value!r}")
 
 
+def _output(model: nn.Module, params, *args, **kwargs) -> Any:
+    """``model.apply``'s output (these calls change no collection, so it is the output alone)."""
+    return model.apply(params, *args, **kwargs)
+
+
 def gamma(model: nn.Module, params, t: Array) -> Array:
     """The model's gamma = -log SNR at times ``t`` (any shape, float32 in [0, 1])."""
-    return model.apply(params, t, method="gamma")
+    return _output(model, params, t, method="gamma")
 
 
 def endpoints(model: nn.Module, params) -> tuple[Array, Array]:
     """``(gamma(0), gamma(1))`` of the model, float32 scalars."""
-    return model.apply(params, method="endpoints")
+    return _output(model, params, method="endpoints")
 
 
 def eps_hat(model: nn.Module, params, z: Array, gamma_t: Array, labels: Array | None) -> Array:
     """eps_hat for z ``[B, ...]`` at a scalar gamma_t (broadcast to ``[B]``)."""
     gamma_b = jnp.broadcast_to(jnp.asarray(gamma_t, jnp.float32), (z.shape[0],))
-    return model.apply(params, z, gamma_b, labels, train=False, method="predict_noise")
+    return _output(model, params, z, gamma_b, labels, train=False, method="predict_noise")
+
+
+def decode_log_probs(model: nn.Module, params, z_0: Array) -> Array:
+    """log p(x|z_0) over the V values, float32 ``[*z_0.shape, V]`` (nats)."""
+    return _output(model, params, z_0, method="decode_log_probs")
 
 
 def decode_latent(model: nn.Module, params, z_0: Array, key: Array, decode: str) -> Array:
     """Integers 0..V-1, ``z_0.shape`` int32: argmax or a sample of p(x|z_0)."""
-    log_probs = model.apply(params, z_0, method="decode_log_probs")
+    log_probs = decode_log_probs(model, params, z_0)
     if decode == "argmax":
         return jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, log_probs, axis=-1).astype(jnp.int32)

@@ -375,7 +375,7 @@ class ScoreUNet(nn.Module):
                 name="label_embed",
             )(labels)
             emb = emb + label_emb
-        if self.conditioning_input:
+        if conditioning is not None:  # given exactly when conditioning_input
             emb = jnp.concatenate([emb, conditioning.reshape(emb.shape[0], -1)], axis=-1)
         for i in range(2):
             emb = nn.swish(
@@ -388,7 +388,7 @@ class ScoreUNet(nn.Module):
             )
         return emb
 
-    def _check_inputs(self, z, gamma_t, labels):
+    def _check_inputs(self, z, gamma_t, labels) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """Validate and broadcast the inputs; returns (z, gamma_t [B] float32, labels [B])."""
         z = jnp.asarray(z)
         if z.ndim != 4:

@@ -38,7 +38,7 @@ Array = jax.Array
 #: The noise schedules by name: name -> factory (a Linen module class, or any callable)
 #: called ``factory(gamma_min, gamma_max)``, plus ``n_features=`` when it takes that keyword.
 #: Read it; add to it with :func:`register_schedule`.
-SCHEDULES = {
+SCHEDULES: dict[str, Callable[..., nn.Module]] = {
     "fixed_linear": schedules.FixedLinearSchedule,
     "learned_linear": schedules.LearnedLinearSchedule,
     "monotonic": schedules.MonotonicSchedule,
@@ -323,7 +323,7 @@ class VDM(nn.Module):
 
         bins = density = values = None
         t = self._times(batch)
-        if adaptive:
+        if noise_level_probs is not None:
             gamma_t, density, bins = weightings.sample_from_histogram(
                 noise_level_probs, gamma_0, gamma_1, t
             )
@@ -352,7 +352,7 @@ class VDM(nn.Module):
         if self.variance_gradient:
             trained = schedules.emit_variance_gradient(trained, channel)
             diff = trained if self.weighting.is_elbo else diff
-        if adaptive:
+        if density is not None:  # adaptive
             # w ||eps - eps_hat||^2 = 2 trained / gamma'(t), without the importance weight.
             values = jax.lax.stop_gradient(2.0 * trained * density)
 

@@ -206,7 +206,7 @@ def build_mulan_model(
         values (-13.3, 5, 256, 0.1, True).
     """
     a = architecture
-    common = dict(
+    common: dict[str, Any] = dict(
         dropout_rate=dropout_rate,
         with_fourier_features=a.with_fourier_features,
         fourier_exponents=FOURIER_EXPONENTS,

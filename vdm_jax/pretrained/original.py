@@ -97,7 +97,7 @@ _ORIGINAL_NAMES = {
     "gamma_min": "b",  # learned linear: gamma(t) = b + |w| t
     "gamma_range": "w",
 }
-_KIND_NAMES = {cls: kind for kind, cls in SCHEDULES.items()}
+_KIND_NAMES: dict[Any, str] = {cls: kind for kind, cls in SCHEDULES.items()}
 _BLOCK_NAME = re.compile(r"^(down|mid|up)_(block|attn)_(\d+)$")
 
 
@@ -309,7 +309,7 @@ def tree_entry(tree: Mapping[str, Any], key: str, where: str, path: str) -> Any:
 
 
 def tree_shape(tree: Mapping[str, Any], keys: tuple[str, ...], path: str) -> tuple[int, ...]:
-    node = tree
+    node: Any = tree
     for i, key in enumerate(keys):
         node = tree_entry(node, key, "/".join(keys[:i]) or "params", path)
     return tuple(np.shape(node))

@@ -474,10 +474,11 @@ def _describe(error: BaseException, write: bool = False) -> str:
     text = " ".join(str(error).split())
     text = f"{type(error).__name__}: {text[:300]}{' ...' if len(text) > 300 else ''}"
     code = None
-    while write and error is not None and code is None:
-        if isinstance(error, OSError) and error.errno:
-            code = error.errno
-        elif found := re.search(r"os_error_code='?(\d+)", str(error)):
+    cause: BaseException | None = error
+    while write and cause is not None and code is None:
+        if isinstance(cause, OSError) and cause.errno:
+            code = cause.errno
+        elif found := re.search(r"os_error_code='?(\d+)", str(cause)):
             code = int(found[1])
-        error = error.__cause__ or error.__context__
+        cause = cause.__cause__ or cause.__context__
     return f"{os.strerror(code)} ({errno.errorcode.get(code, code)}); {text}" if code else text

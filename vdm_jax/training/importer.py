@@ -122,7 +122,7 @@ def import_original(
     config: ml_collections.ConfigDict,
     workdir: str,
     source: str,
-    explicit: Mapping[str, Any] = (),
+    explicit: Mapping[str, Any] | None = None,
 ) -> ImportResult:
     """Write the original-code checkpoint ``source`` into the new run ``workdir``.
 
@@ -147,7 +147,7 @@ def import_original(
     original = pretrained.read_original_checkpoint(source)
     arch = original.architecture
     changes = _model_changes(
-        config, arch.model_fields(), explicit, f"the checkpoint {original.path}"
+        config, arch.model_fields(), explicit or {}, f"the checkpoint {original.path}"
     )
     config = _set_model(config, {name: new for name, (_, new) in changes.items()})
     info = sources.dataset_info(config.data.name, data_dir=config.data.data_dir)

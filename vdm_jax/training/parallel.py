@@ -265,6 +265,7 @@ class DataParallel:
         spans = {
             (index[0].start or 0, rows if index[0].stop is None else index[0].stop)
             for index in self.batch_sharding.addressable_devices_indices_map((rows,)).values()
+            if index is not None
         }
         lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
         if hi - lo != b or lo % b or sum(e - s for s, e in spans) != b:
@@ -347,15 +348,16 @@ class DataParallel:
         else:
             one = functools.partial(step_fn, num_shards=self.num_shards, axis_name=None)
 
-        if steps_per_dispatch == 1:
-            run = one
-        else:
+        run: Callable[..., Any] = one
+        if steps_per_dispatch > 1:
             # Unrolled on CPUs: XLA:CPU leaves the convolutions of a loop body's backward pass in
             # a form its fast (Eigen/YNNPACK) kernels do not take, about 10x slower.
             unroll = self.mesh.devices.flat[0].platform == "cpu"
 
-            def run(state, batches, key):
+            def scanned(state, batches, key):
                 return jax.lax.scan(lambda s, b: one(s, b, key), state, batches, unroll=unroll)
+
+            run = scanned
 
         if self.mode == "pmap":
             return jax.pmap(

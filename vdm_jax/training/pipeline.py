@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -288,7 +288,7 @@ def make_train_iterator(
     if shuffle:
         stream = stream.shuffle()
     stream = stream.repeat(num_epochs)
-    reader = _read_records
+    reader: Callable[[ImageSource, Any], Record] = _read_records
     if augment:
         shape = np.shape(source[0]["image"])
         if shape[0] != shape[1]:
@@ -334,7 +334,7 @@ def num_eval_batches(num_records: int, *, global_batch_size: int, process_count:
 def _read_padded(source: ImageSource, image_shape: tuple[int, ...], indices: np.ndarray) -> Record:
     """Records ``indices`` (int64 [b]); places past the source's end are zeros, mask False."""
     mask = indices < len(source)
-    batch = {
+    batch: Record = {
         "image": np.zeros((len(indices), *image_shape), np.uint8),
         "label": np.zeros((len(indices),), np.int32),
         "mask": mask,

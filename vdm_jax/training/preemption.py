@@ -37,7 +37,7 @@ class PreemptionWatcher:
     def install(self) -> PreemptionWatcher:
         """Starts watching (idempotent; from the main thread, as Python requires); returns self."""
         self._use_jax_sync = jax.distributed.is_initialized() and bool(
-            jax.config.jax_enable_preemption_service
+            jax.config.jax_enable_preemption_service  # type: ignore[attr-defined]
         )
         if not self._use_jax_sync and not self._previous:
             if threading.current_thread() is not threading.main_thread():

@@ -426,7 +426,7 @@ def write_report(
     training_png = plot_training(records, os.path.join(out, "training.png"), split=split)
 
     batch_size = min(batch_size, len(images))
-    per_t = dict(labels=labels, num_bins=num_bins, batch_size=batch_size)
+    per_t: dict[str, Any] = dict(labels=labels, num_bins=num_bins, batch_size=batch_size)
     total = 2 * num_bins * math.ceil(len(images) / batch_size)
     with tqdm(total=total, desc="diffusion loss per t", unit="batch", disable=None) as bar:
         # The same key: both schedules see the same noise, so their difference is the schedule's.

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import numpy as np
@@ -177,37 +177,41 @@ class MetricWriter:
     """
 
     def __init__(self, workdir: str):
-        self._active = jax.process_index() == 0
-        self._jsonl = None
-        self._tb = None
-        if self._active:
+        self._jsonl: _RemoteAppend | TextIO | None = None
+        self._tb: Any = None
+        if jax.process_index() == 0:
             from tensorboardX import SummaryWriter  # imported lazily: slow import
 
             path = os.path.join(workdir, "metrics.jsonl")
-            self._jsonl = _RemoteAppend(path) if is_remote(path) else open(path, "a")
-            # A run killed while writing leaves a partial last line: start on a fresh one.
-            if not is_remote(path) and self._jsonl.tell() > 0:
-                with open(path, "rb") as f:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        self._jsonl.write("\n")
+            if is_remote(path):
+                self._jsonl = _RemoteAppend(path)
+            else:
+                local = open(path, "a")
+                # A run killed while writing leaves a partial last line: start on a fresh one.
+                if local.tell() > 0:
+                    with open(path, "rb") as f:
+                        f.seek(-1, os.SEEK_END)
+                        if f.read(1) != b"\n":
+                            local.write("\n")
+                self._jsonl = local
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Append one record at ``step``."""
-        if not self._active:
+        jsonl, tb = self._jsonl, self._tb
+        if jsonl is None or tb is None:  # not process 0
             return
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        jsonl.write(json.dumps(record) + "\n")
+        jsonl.flush()
         for k, v in record.items():
             if k != "step" and math.isfinite(v):
-                self._tb.add_scalar(k, v, step)
-        self._tb.flush()
+                tb.add_scalar(k, v, step)
+        tb.flush()
 
     def close(self) -> None:
         """Flush and close the files."""
-        if self._active:
+        if self._jsonl is not None and self._tb is not None:
             self._jsonl.close()
             self._tb.close()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -205,6 +205,16 @@ def init_state(setup: RunSetup) -> steps.TrainState:
         noise_bins(setup.config),
     )  # fmt: skip
     return jax.jit(init, out_shardings=setup.dp.state_sharding(setup.abstract_state))()
+
+
+@overload
+def restore(
+    setup: RunSetup, need: Literal[True], step: int | None = None
+) -> checkpoint.Restored: ...
+
+
+@overload
+def restore(setup: RunSetup, need: bool, step: int | None = None) -> checkpoint.Restored | None: ...
 
 
 def restore(setup: RunSetup, need: bool, step: int | None = None) -> checkpoint.Restored | None:

@@ -65,7 +65,9 @@ class Rule:
 
     def check(self, value: Any) -> bool:
         """True for an allowed value (of the field's type)."""
-        return value in self.choices if self.names is not None else bool(self.test(value))
+        if self.names is not None or self.test is None:
+            return value in self.choices
+        return bool(self.test(value))
 
     @property
     def choices(self) -> tuple[str, ...]:

@@ -43,6 +43,7 @@ __all__ = [
     "DatasetInfo",
     "FolderSource",
     "ImageSource",
+    "NamedSource",
     "Record",
     "TfdsSource",
     "array_source",
@@ -97,6 +98,14 @@ class ImageSource(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> Record: ...
+
+
+class NamedSource(ImageSource, Protocol):
+    """An :class:`ImageSource` with ``info``, its :class:`DatasetInfo`: what
+    :func:`make_source` returns."""
+
+    @property
+    def info(self) -> DatasetInfo: ...
 
 
 def _check_split(split: str, where: str) -> None:
@@ -213,7 +222,7 @@ def array_source(
         )
     info = DatasetInfo(
         name=name,
-        image_shape=tuple(int(d) for d in images.shape[1:]),
+        image_shape=(int(images.shape[1]), int(images.shape[2]), int(images.shape[3])),
         vocab_size=int(vocab_size),
         num_classes=int(num_classes),
     )
@@ -491,7 +500,7 @@ def folder_source(root: str | os.PathLike, split: str) -> FolderSource:
             f"of {split_dir!r} (expected {split_dir}/<class>/<image>)"
         )
 
-    size = None
+    size: tuple[int, int] | None = None
     first_file = None
     grey = True
     for path in files:
@@ -510,7 +519,7 @@ def folder_source(root: str | os.PathLike, split: str) -> FolderSource:
                 f"folder_source: images have different sizes: {first_file!r} is "
                 f"{size[0]}x{size[1]} (WxH) but {path!r} is {this_size[0]}x{this_size[1]}"
             )
-    width, height = size
+    width, height = size or (0, 0)  # set: files is not empty
     info = DatasetInfo(
         name="folder",
         image_shape=(height, width, 1 if grey else 3),
@@ -526,7 +535,7 @@ def folder_source(root: str | os.PathLike, split: str) -> FolderSource:
 # By name.
 
 
-def make_source(name: str, split: str, *, data_dir: str | os.PathLike | None = None) -> ImageSource:
+def make_source(name: str, split: str, *, data_dir: str | os.PathLike | None = None) -> NamedSource:
     """Builds a named source: the entry point for configs.
 
     Args:

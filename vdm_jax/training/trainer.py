@@ -151,7 +151,7 @@ def _log(setup: RunSetup, loop: _Loop, metrics: Any, guard: Any, writer: Any) ->
     total = setup.config.training.num_train_steps
     host = {k: float(np.asarray(jax.device_get(v)).reshape(-1)[-1]) for k, v in metrics.items()}
     speed = ""
-    start_step, start_time = loop.timer
+    start_step, start_time = loop.timer or (loop.step, time.time())
     if loop.step > start_step:
         rate = (loop.step - start_step) / max(time.time() - start_time, 1e-9)
         host["steps_per_sec"] = rate
