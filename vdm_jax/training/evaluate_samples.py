@@ -10,7 +10,8 @@ What it writes, beside the usual grid, in ``WORKDIR/samples/`` (``STEM`` is
     STEM.json    the sampler and its settings, N, the checkpoint step, the seed, the model's
                  fields, the devices, how the pixels were scaled
     STEM.png     a grid of the first sampling.num_samples images
-    STEM.parts/  per-batch images while sampling (removed once STEM.npz is written)
+    NAME_<hash>.parts/  per-batch images while sampling (removed once STEM.npz is written;
+                 the hash adds the device count: a stopped pass resumes on as many devices)
 
 ``arr_0`` is the layout of the reference batches of OpenAI's guided-diffusion evaluator
 (``evaluations/evaluator.py``, TensorFlow: ``python evaluator.py REF.npz STEM.npz``), which
@@ -20,12 +21,16 @@ precomputed statistics, ``mu`` and ``sigma``, not images): write each row as a P
 (docs/running.rst shows how).
 
 Image i is drawn with the key ``fold_in(fold_in(fold_in(run key, SAMPLE_STREAM), step), i)``
-(:func:`vdm_jax.models.likelihood.example_keys`), whatever the batch it is in, the devices
-(batches sharded over all of them, as training shards its batches), whether N divides by
-their number, or whether the pass was stopped and resumed: the finished batches are kept in
-``STEM.parts/`` (:class:`~vdm_jax.training.evaluate_store.BatchStore`) and the same command
-computes only the missing ones. An ``.npz`` already written with the same settings is
-reported, not sampled again, unless ``sampling.recompute=True``.
+(:func:`vdm_jax.models.likelihood.example_keys`). Every device samples
+``sampling.device_batch_size`` = b images at a time (a batch of D b images over D devices,
+sharded as training shards its batches), device d of batch k the images (k D + d) b ..
+(k D + d + 1) b - 1, the last ones past N included and dropped: every group of b images is
+computed by the same program in the same lanes whatever D, so the images are the same to
+the bit for any device count, any N, and after a stop and resume (the finished batches are
+kept in the ``.parts`` folder, :class:`~vdm_jax.training.evaluate_store.BatchStore`, and the
+same command computes only the missing ones). Another b may round differently (a pixel at a
+decoder's tie can change), so b is one of the settings. An ``.npz`` already written with the
+same settings is reported, not sampled again, unless ``sampling.recompute=True``.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from jax.sharding import PartitionSpec
 
 from vdm_jax.errors import UserError
 from vdm_jax.models import likelihood, ode, sampling
@@ -122,10 +128,11 @@ def _sample(setup: run_setup.RunSetup, ema_params: Any, step: int, stop_after: i
     num_images = cfg.num_images
     if info.vocab_size > 256:
         raise UserError(f"{info.vocab_size} pixel values do not fit in uint8 images")
-    batch_size = cfg.batch_size + (-cfg.batch_size) % dp.num_shards
+    batch_size = cfg.device_batch_size * dp.num_shards
     settings = sampler_settings(config)
     identity = {
-        "kind": "samples", **settings, "num_images": num_images, "batch_size": batch_size,
+        "kind": "samples", **settings, "num_images": num_images,
+        "device_batch_size": cfg.device_batch_size,
         "step": step, "seed": config.seed, "data": config.data.name,
         "image_shape": info.image_shape, "vocab_size": info.vocab_size,
         "model": flatten(config.model.to_dict(), "model."),
@@ -147,7 +154,9 @@ def _sample(setup: run_setup.RunSetup, ema_params: Any, step: int, stop_after: i
         logging.info("%d samples with these settings are already in %s (sampling.recompute="
                      "True samples them again)", num_images, final)  # fmt: skip
         return final
-    store = BatchStore(folder, name, identity, recorded, recompute=cfg.recompute, suffix=".parts")
+    # A batch holds D b images: its parts resume on as many devices (another D starts anew).
+    parts = {**identity, "num_devices": dp.num_shards}
+    store = BatchStore(folder, name, parts, recorded, recompute=cfg.recompute, suffix=".parts")
     logging.info(
         "sampling %d images (%s) in batches of %d over %d devices into %s%s", num_images,
         settings, batch_size, dp.num_shards, final,
@@ -157,13 +166,22 @@ def _sample(setup: run_setup.RunSetup, ema_params: Any, step: int, stop_after: i
     sampler = {k: v for k, v in settings.items() if k != "sampler"}
     fn, model, shape = SAMPLERS[cfg.sampler], setup.model, (1, *info.image_shape)
 
-    def batch_fn(params, batch, key):
+    def device_fn(params, batch, key):
         def one(key_i):
             return fn(model, {"params": params}, key_i, shape=shape, **sampler)[0]
 
         return jax.vmap(one)(likelihood.example_keys(key, batch["index"]))
 
-    compiled = dp.compile_eval_step(batch_fn, params=params)
+    # Every device runs the same program on sampling.device_batch_size images (shard_map, not
+    # a program partitioned by the compiler, whose arithmetic varies with the device count),
+    # and device d of batch k holds images (kD + d) b .. (kD + d + 1) b - 1, padding included:
+    # the same groups of b images, in the same lanes, whatever the device count D.
+    spec = dp.batch_sharding.spec
+    per_device = jax.shard_map(
+        device_fn, mesh=dp.mesh, in_specs=(PartitionSpec(), spec, PartitionSpec()),
+        out_specs=spec, check_vma=False,
+    )  # fmt: skip
+    compiled = dp.compile_eval_step(per_device, params=params)
     key = jax.random.fold_in(jax.random.fold_in(setup.key, run_setup.SAMPLE_STREAM), step)
     rows = batch_size // setup.data_slots
 

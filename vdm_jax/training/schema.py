@@ -282,8 +282,8 @@ FIELDS: tuple[Field, ...] = (
     # --mode=sample of many images into one .npz (vdm_jax.training.evaluate_samples).
     _f("sampling.num_images", 0, "> 0: --mode=sample writes this many images as one .npz "
        "(uint8 [N, H, W, C] 0..255, key arr_0) beside the grid, resumable", _NON_NEGATIVE_INT),
-    _f("sampling.batch_size", 256, "num_images: images per batch over all devices",
-       _POSITIVE),
+    _f("sampling.device_batch_size", 64, "num_images: images per device at a time (the "
+       "images do not depend on the number of devices)", _POSITIVE),
     _f("sampling.recompute", False, "num_images: sample again instead of reading an earlier "
        ".npz with the same settings (removes it)"),
 )  # fmt: skip
