@@ -8,6 +8,10 @@ The passes run in this process on the shared ``digits:smoke`` run; "interrupted"
 
 import json
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +20,8 @@ from absl import flags
 from vdm_jax import cli
 from vdm_jax.configs import digits
 from vdm_jax.training import evaluate, evaluate_samples, trainer
+
+REPO = str(Path(__file__).resolve().parent.parent)
 
 
 def _config(**fields):
@@ -193,3 +199,38 @@ def test_bad_evaluation_settings_are_one_error_line(tmp_path, capsys, flags, mes
     run = _run_folder(tmp_path)
     assert _cli_error(capsys, "--mode=eval", f"--workdir={run}", *flags) == message
     assert sorted(os.listdir(run)) == ["config.json"]  # nothing written
+
+
+@pytest.mark.slow
+def test_a_killed_sampling_process_resumes_to_the_same_images(digits_smoke_copy):
+    """SIGKILL of ``python -m vdm_jax --mode=sample`` once a batch is on disk, the same
+    command again, then the same images sampled in this process on 8 devices."""
+    workdir = digits_smoke_copy
+    args = [sys.executable, "-m", "vdm_jax", "--mode=sample", f"--workdir={workdir}",
+            "--config.sampling.num_images=6", "--config.sampling.device_batch_size=1",
+            "--config.sampling.sampling_steps=400"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("XLA_FLAGS", None)  # one device, as a user's machine has
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    parts = []
+    while not parts and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+        parts = [p for p in (workdir / "samples").glob("*.parts/batch_*.npz")]
+    proc.kill()
+    proc.wait()
+    assert parts, proc.stderr.read().decode()[-3000:]
+    assert not list((workdir / "samples").glob("*.npz")), "finished before the kill"
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming: " in done.stderr
+    (path,) = (workdir / "samples").glob("*.npz")
+    with np.load(path) as data:
+        images = data["arr_0"]
+    assert not list((workdir / "samples").rglob("*.tmp-*"))
+
+    config = _config(sampling__num_images=6, sampling__device_batch_size=1,
+                     sampling__sampling_steps=400, sampling__recompute=True)  # fmt: skip
+    assert evaluate_samples.sample_images(config, str(workdir)) == str(path)
+    with np.load(path) as data:
+        np.testing.assert_array_equal(data["arr_0"], images)
