@@ -23,6 +23,7 @@ import json
 import os
 import re
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -149,7 +150,7 @@ class BatchStore:
         try:
             with np.load(io.BytesIO(path.read_bytes())) as data:
                 return {k: data[k] for k in data.files}
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             logging.warning("cannot read %s (%s); computing that batch again", path, e)
             return None
 
