@@ -4,6 +4,8 @@
     python -m vdm_jax --config=path/to/my_config.py:ARG --workdir=DIR
     python -m vdm_jax --workdir=/tmp/digits --mode=eval --config.eval.discrete_timesteps=1000
     python -m vdm_jax --workdir=/tmp/digits --mode=sample --config.sampling.sampler=ddim
+    python -m vdm_jax --workdir=/tmp/digits --mode=eval --config.eval.estimator=ode_iw
+    python -m vdm_jax --workdir=/tmp/digits --mode=sample --config.sampling.num_images=50000
     python -m vdm_jax --workdir=/tmp/digits --mode=report
     python -m vdm_jax --config=digits:smoke --mode=show_config
 

@@ -27,6 +27,7 @@ from ml_collections import config_dict
 from vdm_jax.errors import UserError
 from vdm_jax.maths import diffusion, weightings
 from vdm_jax.models.attention import ATTENTION_KINDS
+from vdm_jax.models.likelihood import ESTIMATORS
 from vdm_jax.models.vdm import SCHEDULES
 from vdm_jax.training import builders, parallel, sources
 
@@ -261,6 +262,18 @@ FIELDS: tuple[Field, ...] = (
        "data sets also take split expressions such as 'test[:1000]'"),
     _f("eval.discrete_timesteps", 0, "> 0: also the discrete-time bound at this T (e.g. 1000)",
        _NON_NEGATIVE_INT),
+    # --mode=eval with any likelihood estimator (vdm_jax.training.evaluate).
+    _f("eval.estimator", "vlb", "the likelihood estimator of --mode=eval (vlb: the run's own "
+       "evaluation, one noise level per image; the others: vdm_jax.models.likelihood, resumable "
+       "in WORKDIR/eval/)", _choice(*ESTIMATORS)),
+    _f("eval.num_draws", 1, "K per image: noise levels (dense_vlb, discrete) or draws of z_0 "
+       "(ode, ode_iw); vlb takes 1", _POSITIVE),
+    _f("eval.num_examples", 0, "estimators but vlb: the first N examples of the split (0: all)",
+       _NON_NEGATIVE_INT),
+    _f("eval.ode_rtol", 1e-5, "ode, ode_iw: the ODE solve's relative tolerance", _POSITIVE_REAL),
+    _f("eval.ode_atol", 1e-5, "ode, ode_iw: the ODE solve's absolute tolerance", _POSITIVE_REAL),
+    _f("eval.recompute", False, "estimators but vlb: compute again instead of reading the "
+       "results of an earlier pass with the same settings (removes them)"),
     _f("sampling.num_samples", 64, "images in a grid of samples", _POSITIVE),
     _f("sampling.sampler", "ancestral", "how samples are drawn",
        _choice("ancestral", "ddim", "ode")),
@@ -268,6 +281,13 @@ FIELDS: tuple[Field, ...] = (
        _POSITIVE),
     _f("sampling.decode", "argmax", "how z_0 becomes integer pixels",
        _choice("argmax", "sample")),
+    # --mode=sample of many images into one .npz (vdm_jax.training.evaluate_samples).
+    _f("sampling.num_images", 0, "> 0: --mode=sample writes this many images as one .npz "
+       "(uint8 [N, H, W, C] 0..255, key arr_0) beside the grid, resumable", _NON_NEGATIVE_INT),
+    _f("sampling.device_batch_size", 64, "num_images: images per device at a time (the "
+       "images do not depend on the number of devices)", _POSITIVE),
+    _f("sampling.recompute", False, "num_images: sample again instead of reading an earlier "
+       ".npz with the same settings (removes it)"),
 )  # fmt: skip
 
 _BY_NAME = {f.name: f for f in FIELDS}

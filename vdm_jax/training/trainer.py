@@ -50,6 +50,7 @@ from vdm_jax.errors import UserError
 from vdm_jax.models.vdm import VDM
 from vdm_jax.training import (
     checkpoint,
+    evaluate_samples,
     parallel,
     pipeline,
     quality,
@@ -58,6 +59,7 @@ from vdm_jax.training import (
     run_setup,
     steps,
 )
+from vdm_jax.training.evaluate import check_eval_config, evaluate_likelihood
 from vdm_jax.training.guard import DivergenceGuard, GuardState, TrainingDivergedError
 from vdm_jax.training.preemption import PreemptionWatcher
 from vdm_jax.training.run_setup import RunSetup
@@ -354,10 +356,14 @@ def start_from_state(
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Evaluate the latest checkpoint's EMA parameters: one exact pass over the eval split,
     next to the per-pixel independent baseline
-    (:func:`vdm_jax.training.quality.independent_baseline`).
+    (:func:`vdm_jax.training.quality.independent_baseline`). An ``eval.estimator`` other than
+    ``vlb`` runs :func:`vdm_jax.training.evaluate.evaluate_likelihood` instead.
 
     Returns the metrics (also appended to ``workdir/metrics.jsonl``).
     """
+    check_eval_config(config)
+    if config.eval.estimator != "vlb":
+        return evaluate_likelihood(config, workdir)
     setup = run_setup.setup_run(config, workdir, "eval")
     try:
         restored = run_setup.restore(setup, need=True)
@@ -402,7 +408,10 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str | None:
     """Sample from the latest checkpoint's EMA parameters; returns the new PNG's path. For the
     digits, also reports the samples' digits Frechet distance (log and ``metrics.jsonl``
     ``frechet_digits``, :func:`vdm_jax.training.quality.frechet_key`; a small classifier's
-    features, not comparable with published FID)."""
+    features, not comparable with published FID). With ``sampling.num_images`` > 0,
+    :func:`vdm_jax.training.evaluate_samples.sample_images` instead (returns the .npz's path)."""
+    if config.sampling.num_images:
+        return evaluate_samples.sample_images(config, workdir)
     setup = run_setup.setup_run(config, workdir, "sample")
     try:
         restored = run_setup.restore(setup, need=True)
