@@ -25,16 +25,38 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     _own_cache = tempfile.mkdtemp(prefix="vdm_jax_tests_compilation_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _own_cache
 
+# Tiny models compile for far longer than they run: XLA's optimisations off halves most tests'
+# time. The environment carries it into the command-line subprocesses; a test of what the
+# optimisations do (memory, fusion) turns them back on with the ``optimized`` fixture.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# Every program goes into the shared cache, also in the command-line subprocesses (which read
+# the environment): compiled without optimisations most take well under a second, and the
+# same few programs (the digits smoke model's steps) compile in many processes.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
 
 
 def pytest_unconfigure(config):
     if _own_cache:  # made by this process (the controller under xdist): the last to end
         shutil.rmtree(_own_cache, ignore_errors=True)
+
+
+@pytest.fixture
+def optimized():
+    """XLA's optimisations on for this test, as users run: for a test whose tolerance is
+    float rounding as the optimised program rounds."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="session")

@@ -159,7 +159,7 @@ def test_accumulator_rejects_empty_and_mismatched_masks():
 
 
 @pytest.mark.parametrize("vocab_size", [256, 17])
-def test_windowed_reconstruction_equals_the_full_decoder(vocab_size):
+def test_windowed_reconstruction_equals_the_full_decoder(vocab_size, optimized):
     from vdm_jax.maths import diffusion, losses
     from vdm_jax.maths.losses import window_gamma_limit, windowed_reconstruction_nll
 

@@ -139,7 +139,7 @@ def test_monotone_flags_and_the_noise_augmented_elbo_identity(name):
     np.testing.assert_allclose(identity, _quadrature(weighting), rtol=2e-4)
 
 
-def test_edm_monotonic_is_edm_from_its_peak_on():
+def test_edm_monotonic_is_edm_from_its_peak_on(optimized):
     edm, mono = weightings.get_weighting("edm"), weightings.get_weighting("edm_monotonic")
     lam = jnp.linspace(-10.0, 15.0, 2001)
     peak = float(lam[jnp.argmax(edm(lam))])

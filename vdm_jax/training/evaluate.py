@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+from typing import Any, overload
 
 import jax
 import ml_collections
@@ -121,6 +121,18 @@ class _FirstRecords:
         if not 0 <= index < self.n:
             raise IndexError(index)
         return self.source[index]
+
+
+@overload
+def evaluate_likelihood(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_after: None = None
+) -> dict[str, float]: ...
+
+
+@overload
+def evaluate_likelihood(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None
+) -> dict[str, float] | None: ...
 
 
 def evaluate_likelihood(

@@ -77,7 +77,7 @@ def write_bytes_atomically(path: str, data: bytes) -> None:
 def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     """``arrays`` as the bytes of an uncompressed ``.npz`` (what ``np.load`` reads)."""
     buffer = io.BytesIO()
-    np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
     return buffer.getvalue()
 
 
