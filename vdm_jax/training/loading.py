@@ -119,7 +119,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, params: str = 
             name=saved["name"], image_shape=tuple(saved["image_shape"]),
             vocab_size=int(saved["vocab_size"]), num_classes=int(saved["num_classes"]),
         )  # fmt: skip
-    model = model_from_config(config, info.vocab_size)
+    model = model_from_config(config, info.vocab_size, info.image_shape)
     example = jnp.zeros((1, *info.image_shape), jnp.uint8)
     labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes > 0 else None
     key = jax.random.key(0)  # only shapes are taken

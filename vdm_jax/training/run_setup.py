@@ -171,7 +171,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> Run
             f"data.augment=True rotates images by 90 degrees, but the data's are {height}x"
             f"{width}; use square images or data.augment=False"
         )
-    model = model_from_config(config, info.vocab_size)
+    model = model_from_config(config, info.vocab_size, info.image_shape)
     optimizer, lr_fn = build_optimizer(config)
     p = config.parallel
     mesh = parallel.make_mesh(p.num_devices, data=p.data, fsdp=p.fsdp)
