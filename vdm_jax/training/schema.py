@@ -412,6 +412,8 @@ def _check_combinations(config: ml_collections.ConfigDict) -> None:
             "model.gamma_min must be below model.gamma_max, got "
             f"gamma_min={m.gamma_min}, gamma_max={m.gamma_max}"
         )
+    if m.family == "mulan":  # first: one error naming every field it gives no meaning to
+        _check_mulan(config)
     if m.variance_gradient and m.timesteps:
         raise UserError(
             "model.variance_gradient=True needs the continuous-time loss (model.timesteps=0), "
@@ -434,8 +436,6 @@ def _check_combinations(config: ml_collections.ConfigDict) -> None:
             "data.data_dir must name the image folder (root/{train,test}/<class>/*.png) when "
             "data.name='folder'"
         )
-    if m.family == "mulan":
-        _check_mulan(config)
 
 
 def _mulan_refusals() -> dict[str, tuple[Any, ...]]:
