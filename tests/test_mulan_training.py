@@ -6,7 +6,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -102,20 +101,14 @@ def test_configs_build_mulan_and_refuse_fields_without_meaning(tmp_path):
 # Training, exact resume, evaluation and sampling.
 
 
-@pytest.fixture(scope="module")
-def mulan_runs(tmp_path_factory):
-    """Two runs of ``_config()``: 4 steps at once ('whole'), and 2 steps then 2 more from its
-    checkpoint ('pieced'), with their final states."""
-    root = tmp_path_factory.mktemp("mulan_runs")
+@pytest.mark.slow
+def test_two_steps_restart_two_more_equal_four_bitwise_then_eval_and_sample(tmp_path):
+    """4 steps at once ('whole'), and 2 steps then 2 more from the checkpoint ('pieced'); then
+    --mode=eval and --mode=sample on the whole run."""
+    root = tmp_path
     whole = trainer.train_and_evaluate(_config(), str(root / "whole"))
     trainer.train_and_evaluate(_config(training__num_train_steps=2), str(root / "pieced"))
     pieced = trainer.train_and_evaluate(_config(), str(root / "pieced"))
-    return root, whole, pieced
-
-
-@pytest.mark.slow
-def test_two_steps_restart_two_more_equal_four_bitwise(mulan_runs):
-    root, whole, pieced = mulan_runs
     assert int(whole.step) == int(pieced.step) == 4
     _assert_bitwise_equal(whole, pieced)
     assert sorted(int(p.name) for p in (root / "whole" / "checkpoints").iterdir()) == [2, 4]
@@ -134,14 +127,8 @@ def test_two_steps_restart_two_more_equal_four_bitwise(mulan_runs):
     assert final["test/bpd"] == pytest.approx(terms, rel=1e-6)
     assert len(list((root / "whole" / "samples").iterdir())) == 1
 
-
-@pytest.mark.slow
-def test_eval_and_sample_modes_on_a_trained_run(mulan_runs, tmp_path):
-    root = mulan_runs[0]
-    work = tmp_path / "run"
-    shutil.copytree(root / "whole", work)
+    work = root / "whole"
     results = trainer.evaluate(_config(), str(work))
-    final = _records(root / "whole")[-1]
     # One exact pass with the run's evaluation key: the training run's final figures again.
     for key in ("test/bpd", "test/latent_bpd", "test/diffusion_bpd", "test/num_examples"):
         assert results[key] == pytest.approx(final[key], rel=1e-6)
@@ -256,16 +243,16 @@ def test_import_eval_sample_and_train_on(tmp_path, name):
     theirs = state["opt_state"]
     np.testing.assert_array_equal(
         adam.mu["score_net"]["conv_in"]["kernel"],
-        theirs["0"]["inner_state"]["0"]["mu"]["score_model"]["params"]["conv_in"]["kernel"],
+        theirs["0"]["inner_state"]["0"]["mu"]["score_model"]["conv_in"]["kernel"],
     )
     np.testing.assert_array_equal(
         adam.nu["schedule"]["dense_out_b"]["kernel"],
-        theirs["1"]["inner_state"]["0"]["nu"]["gamma"]["params"]["dense_out_b"]["kernel"],
+        theirs["1"]["inner_state"]["0"]["nu"]["gamma"]["dense_out_b"]["kernel"],
     )
     assert int(adam.count) == int(theirs["0"]["inner_state"]["0"]["count"]) == 20
     np.testing.assert_array_equal(
         restored.state.ema_params["schedule"]["dense_1"]["kernel"],
-        state["ema_params"]["gamma"]["params"]["dense_1"]["kernel"],
+        state["ema_params"]["gamma"]["dense_1"]["kernel"],
     )
 
     # Eval: one draw per image, their 64: the same bound within 4 standard errors.
