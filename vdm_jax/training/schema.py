@@ -381,8 +381,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       UserError: the first problem found, naming the field and the value: a value of the
         wrong type or out of range (each field's :class:`Rule`), an unknown field (with the
         closest known name) or a missing one, ``model.gamma_min >= model.gamma_max``,
-        ``model.variance_gradient`` with ``model.timesteps > 0``, or ``data.name='folder'``
-        without ``data.data_dir``.
+        ``model.variance_gradient`` with ``model.timesteps > 0``, ``data.name='folder'``
+        without ``data.data_dir``, or with ``model.family='mulan'`` every field that has no
+        meaning for its per-pixel schedule (weightings, adaptive noise levels, discrete time,
+        ...; one error naming them all) and ``model.latent_k > model.latent_size``.
     """
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"config must be an ml_collections.ConfigDict, got {type(config).__name__}")
