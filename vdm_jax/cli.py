@@ -10,7 +10,8 @@
     python -m vdm_jax --config=digits:smoke --mode=show_config
 
 ``--config`` is the name of a bundled config (a file of :mod:`vdm_jax.configs`: ``digits``,
-``cifar10``, ``cifar10_aug``, ``mnist``, ``imagenet32``, ``imagenet64``), with ``:smoke`` for
+``cifar10``, ``cifar10_aug``, ``mnist``, ``imagenet32``, ``imagenet64``, and MuLAN's
+``digits_mulan``, ``cifar10_mulan``), with ``:smoke`` for
 a few-step variant, the path of a config file (``path.py[:ARG]``, its ``get_config(ARG)``), or
 ``run:WORKDIR``, a trained run's own config (:mod:`vdm_jax.configs.run`), which eval, sample,
 report and show_config take when ``--workdir`` is given without ``--config``.
@@ -20,10 +21,10 @@ with their defaults and meanings (:data:`vdm_jax.training.schema.FIELDS`). On a 
 come from the run, and an override that disagrees with the run is refused
 (:func:`vdm_jax.training.schema.for_trained_run`).
 
-``--mode=import --import_from=PATH`` writes a checkpoint of the original VDM code into a new
-workdir as a run of ours (:mod:`vdm_jax.training.importer`); eval, sample and training on
-from it then work with the same ``--config``, whose fields that fix the checkpoint the run's
-replace.
+``--mode=import --import_from=PATH`` writes a checkpoint of the original VDM code (or of
+MuLAN's code, the same layout) into a new workdir as a run of ours
+(:mod:`vdm_jax.training.importer`); eval, sample and training on from it then work with the
+same ``--config``, whose fields that fix the checkpoint the run's replace.
 
 Many processes (hosts): start the same command on every host, with ``--multihost`` on a
 Cloud TPU pod slice (see ``tools/tpu/``), or with ``--coordinator_address=HOST:PORT
@@ -53,7 +54,8 @@ __all__ = ["main", "parse_flags", "run"]
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
-    "A bundled config (digits, cifar10, cifar10_aug, mnist, imagenet32, imagenet64; "
+    "A bundled config (digits, cifar10, cifar10_aug, mnist, imagenet32, imagenet64, "
+    "digits_mulan, cifar10_mulan; "
     "'digits:smoke' for a few steps), a config file (path/to/config.py[:ARG]) or "
     "run:WORKDIR (a trained run's own; the default of eval, sample, report and show_config "
     "given --workdir). Override fields with --config.SECTION.FIELD=VALUE; --mode=show_config "
@@ -67,7 +69,7 @@ _MODE = flags.DEFINE_enum(
     "and an HTML page of a trained run in WORKDIR/report), show_config (print every "
     "field of the config with its default and meaning; given --workdir, the config eval "
     "would use on that run), or import (a "
-    "checkpoint of the original VDM code, --import_from, as a new run in WORKDIR).",
+    "checkpoint of the original VDM code or of MuLAN's, --import_from, as a new run in WORKDIR).",
 )  # fmt: skip
 _IMPORT_FROM = flags.DEFINE_string(
     "import_from", None,

@@ -24,6 +24,8 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.model.n_layer = 1
     config.model.n_embd = 16
     config.model.schedule_features = 16
+    config.model.encoder_n_layer = 1  # MuLAN's encoder (model.family='mulan')
+    config.model.encoder_n_embd = 16
     config.model.dropout_rate = 0.0
     config.training.batch_size = 16
     config.training.num_train_steps = 4

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm_jax.errors import UserError
+from vdm_jax.models.mulan import MuLAN
 from vdm_jax.models.vdm import VLBTerms
 
 __all__ = [
@@ -42,6 +43,9 @@ class EvalResult:
         per example.
       prior_bpd, reconstruction_bpd, diffusion_bpd: means of the three terms.
       num_examples: how many examples were counted.
+      latent_bpd: for a model with an auxiliary latent (MuLAN,
+        :class:`~vdm_jax.models.mulan.MuLANTerms`), the mean of the latent's KL term, which
+        ``bpd`` includes; None otherwise (and left out of :meth:`as_dict`).
     """
 
     bpd: float
@@ -50,10 +54,11 @@ class EvalResult:
     reconstruction_bpd: float
     diffusion_bpd: float
     num_examples: int
+    latent_bpd: float | None = None
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
-        """The fields as a flat dict, keys prefixed (e.g. 'test/')."""
-        return {prefix + k: v for k, v in dataclasses.asdict(self).items()}
+        """The fields that have a value as a flat dict, keys prefixed (e.g. 'test/')."""
+        return {prefix + k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 class MaskedMeans:
@@ -101,7 +106,9 @@ class BpdAccumulator:
         self._sums = MaskedMeans()
 
     def add(self, terms: VLBTerms, mask: Array | np.ndarray | None = None) -> None:
-        """Add a batch of per-example terms ``[B]``; ``mask`` ``[B]`` bool marks real examples."""
+        """Add a batch of per-example terms ``[B]`` (:class:`~vdm_jax.models.vdm.VLBTerms`, or
+        :class:`~vdm_jax.models.mulan.MuLANTerms` with the latent's term); ``mask`` ``[B]`` bool
+        marks real examples."""
         self._sums.add(terms._asdict(), mask)
 
     def result(self, num_dims: int) -> EvalResult:
@@ -115,6 +122,7 @@ class BpdAccumulator:
             reconstruction_bpd=mean["reconstruction"] * to_bpd,
             diffusion_bpd=mean["diffusion"] * to_bpd,
             num_examples=self._sums.count,
+            latent_bpd=mean["latent"] * to_bpd if "latent" in mean else None,
         )
 
 
@@ -140,21 +148,28 @@ def bound_terms(
     key: Array,
     *,
     num_steps: int | None = None,
-) -> VLBTerms:
+) -> Any:
     """Per-example variational bound of one batch, without dropout; pure (jit it as you like).
 
     Args:
-      model: a :class:`~vdm_jax.models.vdm.VDM`.
+      model: a :class:`~vdm_jax.models.vdm.VDM`, or a :class:`~vdm_jax.models.mulan.MuLAN`
+        (unconditional, continuous time: it takes neither labels nor the flag).
       variables: its variables, e.g. ``{'params': ema_params}``.
       batch: 'image' integer ``[B, H, W, C]``, optionally 'label' int ``[B]`` (passed to the
         model when present) and 'conditioning' float ``[B]`` (the augmentation flag, passed
         to a score network with a conditioning input; absent means 0).
-      key: the batch's PRNG key (one draw of t and the noise per example).
+      key: the batch's PRNG key (one draw of t and the noise per example; for MuLAN also
+        the latent's).
       num_steps: T for the discrete-time bound, 0 for continuous, None for the model's own.
 
     Returns:
-      :class:`~vdm_jax.models.vdm.VLBTerms`, each ``[B]``: the terms in nats, the total in bits/dim.
+      :class:`~vdm_jax.models.vdm.VLBTerms` (:class:`~vdm_jax.models.mulan.MuLANTerms` for
+      MuLAN), each ``[B]``: the terms in nats, the total in bits/dim.
     """
+    if isinstance(model, MuLAN):
+        return model.apply(
+            variables, batch["image"], train=False, num_steps=num_steps, rngs={"diffusion": key}
+        )
     # Augmented batches carry the flag whatever the network; only one with the input sees it.
     takes_conditioning = getattr(getattr(model, "score_net", None), "conditioning_input", False)
     conditioning = batch.get("conditioning") if takes_conditioning else None

@@ -245,6 +245,14 @@ class MuLAN(nn.Module):
         """gamma(t, c), float32 ``[B, H, W, C]``; t scalar or ``[B]``, c ``[B, D]``."""
         return self.schedule(c, t)
 
+    def endpoints(self) -> tuple[Array, Array]:
+        """(gamma(0), gamma(1)) of every pixel, float32 scalars: the schedule's fixed
+        ``gamma_min`` and ``gamma_max``, whatever c."""
+        return (
+            jnp.asarray(self.schedule.gamma_min, jnp.float32),
+            jnp.asarray(self.schedule.gamma_max, jnp.float32),
+        )
+
     def gamma_and_derivative(self, t: Array, c: Array) -> tuple[Array, Array]:
         """(gamma(t, c), d gamma / dt), each float32 ``[B, H, W, C]``, the rate exact."""
         return self.schedule.gamma_and_derivative(c, t)
@@ -317,13 +325,33 @@ class MuLAN(nn.Module):
         gamma_0 = self.gamma(jnp.zeros((z_0.shape[0],)), c)
         return losses.decoder_log_probs(z_0, gamma_0, self.vocab_size)
 
-    def __call__(self, images: Array, *, train: bool) -> MuLANTerms:
+    def __call__(
+        self,
+        images: Array,
+        labels: None = None,
+        *,
+        train: bool,
+        num_steps: int | None = None,
+    ) -> MuLANTerms:
         """The bound of a batch of integer images ``[B, H, W, C]``: one draw of the latent, of
-        t (antithetic over the batch) and of the noises per image."""
+        t (antithetic over the batch) and of the noises per image.
+
+        ``labels`` and ``num_steps`` are there so that the call reads as a
+        :class:`~vdm_jax.models.vdm.VDM`'s (``model.init(keys, images, labels, train=...)``):
+        MuLAN is unconditional (labels must be None) and its bound is the continuous-time one
+        (``num_steps`` None or 0).
+        """
         if images.ndim != 4 or not jnp.issubdtype(images.dtype, jnp.integer):
             raise ValueError(
                 f"images must be integers [B, H, W, C], got shape {images.shape}, "
                 f"dtype {images.dtype}"
+            )
+        if labels is not None:
+            raise UserError("MuLAN is unconditional: labels must be None")
+        if num_steps:
+            raise UserError(
+                f"MuLAN's bound is the continuous-time one: num_steps must be None or 0, got "
+                f"{num_steps}"
             )
         batch = images.shape[0]
         x = diffusion.encode(images, self.vocab_size)

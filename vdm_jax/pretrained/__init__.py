@@ -9,9 +9,13 @@ tensorflow_datasets.
 
 from vdm_jax.pretrained.mulan import (
     MuLANArchitecture,
+    MuLANCheckpoint,
     build_mulan_model,
+    convert_mulan_tree,
     infer_mulan_architecture,
+    is_mulan_state,
     load_mulan_checkpoint,
+    mulan_checkpoint,
 )
 from vdm_jax.pretrained.original import (
     OriginalArchitecture,
@@ -21,20 +25,28 @@ from vdm_jax.pretrained.original import (
     find_checkpoint_file,
     infer_architecture,
     load_original_checkpoint,
+    original_checkpoint,
     read_original_checkpoint,
+    read_train_state,
 )
 
 __all__ = [
     "MuLANArchitecture",
+    "MuLANCheckpoint",
     "OriginalArchitecture",
     "OriginalCheckpoint",
     "build_model",
     "build_mulan_model",
+    "convert_mulan_tree",
     "convert_tree",
     "find_checkpoint_file",
     "infer_architecture",
     "infer_mulan_architecture",
+    "is_mulan_state",
     "load_mulan_checkpoint",
     "load_original_checkpoint",
+    "mulan_checkpoint",
+    "original_checkpoint",
     "read_original_checkpoint",
+    "read_train_state",
 ]

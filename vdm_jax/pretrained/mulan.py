@@ -38,9 +38,13 @@ from vdm_jax.pretrained.original import (
 
 __all__ = [
     "MuLANArchitecture",
+    "MuLANCheckpoint",
     "build_mulan_model",
+    "convert_mulan_tree",
     "infer_mulan_architecture",
+    "is_mulan_state",
     "load_mulan_checkpoint",
+    "mulan_checkpoint",
 ]
 
 
@@ -78,6 +82,51 @@ class MuLANArchitecture:
     encoder_n_layer: int
     encoder_n_embd: int
     schedule_features: int
+
+    def model_fields(self) -> dict[str, Any]:
+        """The fields of a config's ``model`` section that this architecture fixes (with
+        ``family='mulan'``); the tree records neither ``latent_k`` nor the
+        parameterization."""
+        return {
+            "family": "mulan",
+            "n_layer": self.n_layer,
+            "n_embd": self.n_embd,
+            "attention_everywhere": self.attention_everywhere,
+            "with_fourier_features": self.with_fourier_features,
+            "fourier_exponents": FOURIER_EXPONENTS,
+            "norm_groups": NORM_GROUPS,
+            "norm_min_group_size": 1,
+            "conditioning_input": False,
+            "num_classes": 0,
+            "schedule_features": self.schedule_features,
+            "latent_kind": self.latent_kind,
+            "latent_size": self.latent_size,
+            "encoder_n_layer": self.encoder_n_layer,
+            "encoder_n_embd": self.encoder_n_embd,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class MuLANCheckpoint:
+    """The contents of one MuLAN checkpoint file, in their naming.
+
+    Attributes:
+      path: the ``ckpt-N.flax`` file read.
+      step: the training step it was saved at.
+      params, ema_params: ``{encoder_model, gamma, score_model}`` trees of float32 arrays.
+      adam: their AdamW state merged from their two masked ones, ``{count, mu, nu}`` with
+        ``mu`` and ``nu`` trees like ``params`` (score_model's from the first AdamW, the
+        encoder's and schedule's from the second); None when the file holds no optimizer
+        state.
+      architecture: what the parameter tree says about the model.
+    """
+
+    path: str
+    step: int
+    params: dict[str, Any]
+    ema_params: dict[str, Any]
+    adam: dict[str, Any] | None
+    architecture: MuLANArchitecture
 
 
 def _mulan_layout_error(path: str, detail: str) -> UserError:
@@ -152,6 +201,49 @@ def infer_mulan_architecture(
         encoder_n_layer=encoder_n_layer,
         encoder_n_embd=encoder_n_embd,
         schedule_features=tree_shape(gamma, ("dense_1", "kernel"), path)[1],
+    )
+
+
+def is_mulan_state(state: Mapping[str, Any]) -> bool:
+    """Whether a train state read from a checkpoint of the original code's layout
+    (:func:`~vdm_jax.pretrained.original.read_train_state`) is MuLAN's: its EMA parameters
+    hold an ``encoder_model``."""
+    ema = state.get("ema_params")
+    return isinstance(ema, Mapping) and "encoder_model" in ema
+
+
+def mulan_checkpoint(file: Any, state: Mapping[str, Any]) -> MuLANCheckpoint:
+    """A MuLAN train state read from ``file`` (by
+    :func:`~vdm_jax.pretrained.original.read_train_state`) as a :class:`MuLANCheckpoint`:
+    the architecture inferred, the optimizer state checked and its Adam moments merged.
+
+    Raises:
+      UserError: a tree or optimizer state that matches no MuLAN layout, naming the file.
+    """
+    architecture = infer_mulan_architecture(state["ema_params"], str(file))
+    opt_state = state.get("opt_state")
+    _check_mulan_optimizer(opt_state, str(file))
+    adam = None
+    if opt_state is not None:
+        first, second = (opt_state[i]["inner_state"]["0"] for i in ("0", "1"))
+        adam = {
+            "count": first["count"],
+            **{
+                moment: {
+                    "score_model": first[moment]["score_model"],
+                    "encoder_model": second[moment]["encoder_model"],
+                    "gamma": second[moment]["gamma"],
+                }
+                for moment in ("mu", "nu")
+            },
+        }
+    return MuLANCheckpoint(
+        path=str(file),
+        step=int(np.asarray(state.get("step", 0))),
+        params=state["params"],
+        ema_params=state["ema_params"],
+        adam=adam,
+        architecture=architecture,
     )
 
 
@@ -283,13 +375,37 @@ def load_mulan_checkpoint(
     """
     if params not in ("ema", "params"):
         raise UserError(f"params must be 'ema' or 'params', got {params!r}")
-    file, state = read_train_state(path)
+    checkpoint = mulan_checkpoint(*read_train_state(path))
+    model = build_mulan_model(checkpoint.architecture, **model_options)
     what = "ema_params" if params == "ema" else "params"
-    architecture = infer_mulan_architecture(state["ema_params"], str(file))
-    _check_mulan_optimizer(state.get("opt_state"), str(file))
-    model = build_mulan_model(architecture, **model_options)
-    batch = 1
-    images = jnp.zeros((batch, *architecture.image_shape), jnp.uint8)
+    tree = checkpoint.ema_params if params == "ema" else checkpoint.params
+    converted = convert_mulan_tree(tree, model, checkpoint.architecture, checkpoint.path, what)
+    return model, {"params": converted}
+
+
+def convert_mulan_tree(
+    tree: Mapping[str, Any],
+    model: mulan.MuLAN,
+    architecture: MuLANArchitecture,
+    path: str = "checkpoint",
+    what: str = "params",
+) -> dict[str, Any]:
+    """A MuLAN parameter tree (or one of its Adam moment trees, :attr:`MuLANCheckpoint.adam`)
+    in our naming: ``{score_net, schedule, encoder}``, float32 arrays of ``model``'s shapes.
+
+    Args:
+      tree: ``{score_model, gamma, encoder_model}`` in their naming.
+      model: a :class:`~vdm_jax.models.mulan.MuLAN` of the tree's architecture (from
+        :func:`build_mulan_model`, or a config with the fields of
+        :meth:`MuLANArchitecture.model_fields`).
+      architecture: the tree's, for the image shape and error messages.
+      path, what: the file and the tree's name within it, for error messages.
+
+    Raises:
+      UserError: a missing or unexpected key, or a shape that differs from the one the model
+        needs, naming the first such key in their naming.
+    """
+    images = jnp.zeros((1, *architecture.image_shape), jnp.uint8)
     key = jax.random.key(0)
     shapes = jax.eval_shape(
         lambda: model.init({"params": key, "diffusion": key}, images, train=False)
@@ -298,7 +414,4 @@ def load_mulan_checkpoint(
     layout = ", ".join(
         f"{f.name}={getattr(architecture, f.name)}" for f in dataclasses.fields(architecture)
     )
-    converted = convert_flat(
-        state[what], ours, _mulan_original_name, str(file), what, "MuLAN", layout
-    )
-    return model, {"params": converted}
+    return convert_flat(tree, ours, _mulan_original_name, str(path), what, "MuLAN", layout)

@@ -63,7 +63,9 @@ __all__ = [
     "find_checkpoint_file",
     "infer_architecture",
     "load_original_checkpoint",
+    "original_checkpoint",
     "read_original_checkpoint",
+    "read_train_state",
 ]
 
 # Their base-2 Fourier features: exponents 6 and 7, a sine and a cosine of each per channel.
@@ -245,7 +247,16 @@ def read_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
       UserError: no checkpoint there, a file that is not (or not all of) a msgpack train
         state, or a parameter tree that matches no known layout; each names the path.
     """
-    file, state = read_train_state(path)
+    return original_checkpoint(*read_train_state(path))
+
+
+def original_checkpoint(file: Any, state: Mapping[str, Any]) -> OriginalCheckpoint:
+    """A train state read from ``file`` by :func:`read_train_state` as an
+    :class:`OriginalCheckpoint` (the architecture inferred from ``ema_params``).
+
+    Raises:
+      UserError: a parameter tree that matches no known layout, naming the file.
+    """
     architecture = infer_architecture(state["ema_params"], str(file))
     return OriginalCheckpoint(
         path=str(file),

@@ -1,6 +1,6 @@
-"""What a checked experiment config builds: the model (its score network by name, see
-:func:`register_network`), its weighting of the loss, the optimizer, and the size of the
-adaptive noise-level histogram. The config is checked first
+"""What a checked experiment config builds: the model (a VDM, its score network by name, see
+:func:`register_network`; or a MuLAN, :func:`mulan_from_config`), its weighting of the loss,
+the optimizer, and the size of the adaptive noise-level histogram. The config is checked first
 (:func:`vdm_jax.training.schema.check_config`); these trust it.
 """
 
@@ -16,6 +16,8 @@ import optax
 
 from vdm_jax.errors import UserError
 from vdm_jax.maths import weightings
+from vdm_jax.maths.mulan import PolynomialSchedule
+from vdm_jax.models.mulan import LatentConditionedUNet, LatentEncoder, MuLAN
 from vdm_jax.models.unet import ScoreUNet
 from vdm_jax.models.vdm import VDM, make_schedule
 from vdm_jax.training import steps
@@ -25,6 +27,7 @@ __all__ = [
     "build_optimizer",
     "build_weighting",
     "model_from_config",
+    "mulan_from_config",
     "noise_bins",
     "register_network",
     "unregister_network",
@@ -32,7 +35,11 @@ __all__ = [
 
 
 def _unet(m: ml_collections.ConfigDict) -> ScoreUNet:
-    return ScoreUNet(
+    return ScoreUNet(**_unet_fields(m))
+
+
+def _unet_fields(m: ml_collections.ConfigDict) -> dict:
+    return dict(
         n_layer=m.n_layer,
         n_embd=m.n_embd,
         gamma_min=m.gamma_min,
@@ -99,10 +106,23 @@ def unregister_network(name: str) -> None:
     del NETWORKS[name]
 
 
-def model_from_config(config: ml_collections.ConfigDict, vocab_size: int) -> VDM:
-    """The :class:`~vdm_jax.models.vdm.VDM` a checked config describes, for data with
-    ``vocab_size`` values; its score network is ``NETWORKS[config.model.network]``."""
+def model_from_config(
+    config: ml_collections.ConfigDict,
+    vocab_size: int,
+    image_shape: tuple[int, int, int] | None = None,
+) -> VDM | MuLAN:
+    """The model a checked config describes, for data with ``vocab_size`` values.
+
+    ``model.family='vdm'``: a :class:`~vdm_jax.models.vdm.VDM` whose score network is
+    ``NETWORKS[config.model.network]``. ``'mulan'``: a :class:`~vdm_jax.models.mulan.MuLAN`
+    (:func:`mulan_from_config`) for images of ``image_shape`` (H, W, C), which it then needs.
+    """
     m = config.model
+    if m.family == "mulan":
+        if image_shape is None:
+            raise UserError("model.family='mulan' needs the data's image_shape: its schedule has "
+                            "one gamma per pixel")  # fmt: skip
+        return mulan_from_config(config, vocab_size, image_shape)
     return VDM(
         score_net=NETWORKS[m.network](m),
         schedule=make_schedule(m.schedule, m.gamma_min, m.gamma_max, m.schedule_features),
@@ -113,6 +133,48 @@ def model_from_config(config: ml_collections.ConfigDict, vocab_size: int) -> VDM
         reconstruction_window=m.reconstruction_window,
         parameterization=m.parameterization,
         weighting=build_weighting(config),
+    )
+
+
+def mulan_from_config(
+    config: ml_collections.ConfigDict, vocab_size: int, image_shape: tuple[int, int, int]
+) -> MuLAN:
+    """The :class:`~vdm_jax.models.mulan.MuLAN` of a checked config with
+    ``model.family='mulan'``: the score network is the config's U-Net (``model.n_layer``,
+    ``n_embd``, ...) taking the latent c, the encoder q(c|x) has ``model.encoder_n_layer``
+    blocks of ``model.encoder_n_embd`` channels (dropout, attention, Fourier features and
+    GroupNorm as the U-Net's), and the polynomial schedule ``model.schedule_features`` hidden
+    units and the fixed endpoints ``model.gamma_min``, ``gamma_max``."""
+    m = config.model
+    net = LatentConditionedUNet(
+        **{**_unet_fields(m), "conditioning_input": True}, latent_size=m.latent_size
+    )
+    encoder = LatentEncoder(
+        latent_size=m.latent_size,
+        kind=m.latent_kind,
+        n_layer=m.encoder_n_layer,
+        n_embd=m.encoder_n_embd,
+        dropout_rate=m.dropout_rate,
+        attention_everywhere=m.attention_everywhere,
+        with_fourier_features=m.with_fourier_features,
+        fourier_exponents=tuple(m.fourier_exponents),
+        norm_groups=m.norm_groups,
+        norm_min_group_size=m.norm_min_group_size,
+    )
+    schedule = PolynomialSchedule(
+        image_shape=(image_shape[0], image_shape[1], image_shape[2]),
+        n_features=m.schedule_features,
+        gamma_min=m.gamma_min,
+        gamma_max=m.gamma_max,
+    )
+    return MuLAN(
+        score_net=net,
+        schedule=schedule,
+        encoder=encoder,
+        latent_k=m.latent_k if m.latent_kind == "topk" else 1,
+        parameterization=m.parameterization,
+        vocab_size=vocab_size,
+        antithetic_time_sampling=m.antithetic_time_sampling,
     )
 
 

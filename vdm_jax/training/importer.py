@@ -1,11 +1,16 @@
-"""A checkpoint of the original VDM code as an ordinary run of ours (``--mode=import``).
+"""A checkpoint of the original VDM code, or of MuLAN's code (the same layout), as an ordinary
+run of ours (``--mode=import``).
 
 :func:`import_original` reads the checkpoint (:mod:`vdm_jax.pretrained`), takes the model
 fields its parameter tree fixes (blocks, width, attention, Fourier features, conditioning
-input, schedule) into the given config, and writes a run into a new workdir: our checkpoint
-at their step holding their parameters, their EMA and their Adam moments and step count,
+input, schedule; for MuLAN ``model.family='mulan'``, the latent's kind and size, the
+encoder's blocks and width and the schedule's width) into the given config, and writes a run
+into a new workdir: our checkpoint at their step holding their parameters, their EMA and
+their Adam moments and step count (MuLAN's two masked AdamW states merged into our one),
 ``config.json`` with the model fields read from the checkpoint, and ``imported.json``
-(where it came from, and each model field that differs from the given config).
+(where it came from, each model field that differs from the given config, and for MuLAN the
+fields the tree does not record, taken from the config: ``model.parameterization``,
+``model.latent_k``).
 
 Later runs on that workdir (``--mode=eval``, ``--mode=sample``, training on from their step)
 take the fields that fix the checkpoint from the run
@@ -124,14 +129,14 @@ def import_original(
     source: str,
     explicit: Mapping[str, Any] | None = None,
 ) -> ImportResult:
-    """Write the original-code checkpoint ``source`` into the new run ``workdir``.
+    """Write the original-code or MuLAN checkpoint ``source`` into the new run ``workdir``.
 
     Args:
       config: the config the run continues with (its model fields that the checkpoint
         fixes are replaced by the checkpoint's, each difference logged by field name).
       workdir: a folder holding no run yet.
-      source: the original checkpoint (see
-        :func:`vdm_jax.pretrained.original.find_checkpoint_file`).
+      source: the checkpoint (see :func:`vdm_jax.pretrained.original.find_checkpoint_file`);
+        a tree with an ``encoder_model`` is MuLAN's (:func:`vdm_jax.pretrained.is_mulan_state`).
       explicit: the fields set on the command line (dotted names).
 
     Returns:
@@ -139,15 +144,22 @@ def import_original(
 
     Raises:
       UserError: ``workdir`` already holds a run; a bad checkpoint; a model field set on the
-        command line, or the config's data (image channels), that disagrees with the
-        checkpoint. Nothing is written then.
+        command line, or the config's data (image channels; for MuLAN the image shape), that
+        disagrees with the checkpoint; for MuLAN, a config field with no meaning for it
+        (:func:`vdm_jax.training.schema.check_config`). Nothing is written then.
     """
+    explicit = explicit or {}
     path = run_files.resolve(workdir)
     run_files.check_no_run(path)  # before reading what may be a large file
-    original = pretrained.read_original_checkpoint(source)
+    file, state = pretrained.read_train_state(source)
+    if pretrained.is_mulan_state(state):
+        return _import_mulan(
+            config, path, source, pretrained.mulan_checkpoint(file, state), explicit
+        )
+    original = pretrained.original_checkpoint(file, state)
     arch = original.architecture
     changes = _model_changes(
-        config, arch.model_fields(), explicit or {}, f"the checkpoint {original.path}"
+        config, arch.model_fields(), explicit, f"the checkpoint {original.path}"
     )
     config = _set_model(config, {name: new for name, (_, new) in changes.items()})
     info = sources.dataset_info(config.data.name, data_dir=config.data.data_dir)
@@ -178,16 +190,82 @@ def import_original(
         )
 
     trainer.start_from_state(config, path, make_state)
-    if jax.process_index() == 0:
-        record = {
-            "source": str(source),
-            "file": original.path,
-            "step": original.step,
-            "model_fields": {k: _json(v) for k, v in arch.model_fields().items()},
-            "differences": {
-                k: {"config": _json(a), "checkpoint": _json(b)} for k, (a, b) in changes.items()
-            },
-        }
-        run_files.write_atomically(os.path.join(path, MARKER), json.dumps(record, indent=2))
+    _write_marker(path, source, original.path, original.step, arch.model_fields(), changes)
     logging.info("imported %s at step %d into %s", original.path, original.step, path)
     return ImportResult(original.step, changes)
+
+
+def _write_marker(path, source, file, step, fields, changes, **extra) -> None:
+    """``imported.json`` (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    record = {
+        "source": str(source),
+        "file": file,
+        "step": step,
+        "model_fields": {k: _json(v) for k, v in fields.items()},
+        "differences": {
+            k: {"config": _json(a), "checkpoint": _json(b)} for k, (a, b) in changes.items()
+        },
+        **extra,
+    }
+    run_files.write_atomically(os.path.join(path, MARKER), json.dumps(record, indent=2))
+
+
+def _import_mulan(
+    config: ml_collections.ConfigDict,
+    path: str,
+    source: str,
+    checkpoint: pretrained.MuLANCheckpoint,
+    explicit: Mapping[str, Any],
+) -> ImportResult:
+    """:func:`import_original` of a MuLAN checkpoint."""
+    arch = checkpoint.architecture
+    fields = arch.model_fields()
+    changes = _model_changes(config, fields, explicit, f"the checkpoint {checkpoint.path}")
+    config = _set_model(config, {name: new for name, (_, new) in changes.items()})
+    info = sources.dataset_info(config.data.name, data_dir=config.data.data_dir)
+    if tuple(info.image_shape) != tuple(arch.image_shape):
+        raise UserError(
+            f"the checkpoint {checkpoint.path} is MuLAN's for images of shape "
+            f"{tuple(arch.image_shape)} (one schedule per pixel), but the config's data "
+            f"({config.data.name}) has images {tuple(info.image_shape)}; give a config with "
+            "matching data"
+        )
+    # Not in the tree: their velocity model is v, their epsilon model eps; k is their config's.
+    assumed = {"parameterization": config.model.parameterization}
+    if arch.latent_kind == "topk":
+        assumed["latent_k"] = config.model.latent_k
+    logging.warning(
+        "%s does not record %s: taken from the config (their model_mulan_velocity is "
+        "parameterization 'v', model_mulan_epsilon 'eps'); set them with --config.model.* if "
+        "the checkpoint was trained otherwise",
+        checkpoint.path, ", ".join(f"model.{k}={v!r}" for k, v in assumed.items()),
+    )  # fmt: skip
+
+    def make_state(model, optimizer) -> steps.TrainState:
+        def convert(tree, what):
+            return pretrained.convert_mulan_tree(tree, model, arch, checkpoint.path, what)
+
+        params = convert(checkpoint.params, "params")
+        opt_state = optimizer.init(params)
+        adam = checkpoint.adam
+        if adam is None:
+            logging.warning("%s holds no Adam moments: they start at zero", checkpoint.path)
+        else:
+            mu, nu = convert(adam["mu"], "opt_state/mu"), convert(adam["nu"], "opt_state/nu")
+            opt_state = _fill_adam(opt_state, jnp.asarray(adam["count"], jnp.int32), mu, nu)
+        return steps.TrainState(
+            step=jnp.asarray(checkpoint.step, jnp.int32),
+            params=params,
+            ema_params=convert(checkpoint.ema_params, "ema_params"),
+            opt_state=opt_state,
+        )
+
+    trainer.start_from_state(config, path, make_state)
+    _write_marker(
+        path, source, checkpoint.path, checkpoint.step, fields, changes,
+        assumed={f"model.{k}": v for k, v in assumed.items()},
+    )  # fmt: skip
+    logging.info("imported %s (MuLAN) at step %d into %s", checkpoint.path, checkpoint.step, path)
+    return ImportResult(checkpoint.step, changes)

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from vdm_jax.errors import UserError
+from vdm_jax.models.mulan import MuLAN
 from vdm_jax.models.vdm import VDM
 from vdm_jax.training import checkpoint, pipeline, run_files, sources
 from vdm_jax.training.builders import model_from_config
@@ -49,7 +50,7 @@ class LoadedRun(NamedTuple):
       step: the checkpoint's step (optimizer updates done).
     """
 
-    model: VDM
+    model: VDM | MuLAN
     variables: dict[str, Any]
     info: sources.DatasetInfo
     config: ml_collections.ConfigDict
@@ -119,7 +120,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, params: str = 
             name=saved["name"], image_shape=tuple(saved["image_shape"]),
             vocab_size=int(saved["vocab_size"]), num_classes=int(saved["num_classes"]),
         )  # fmt: skip
-    model = model_from_config(config, info.vocab_size)
+    model = model_from_config(config, info.vocab_size, info.image_shape)
     example = jnp.zeros((1, *info.image_shape), jnp.uint8)
     labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes > 0 else None
     key = jax.random.key(0)  # only shapes are taken

@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from vdm_jax.models import evaluation, ode, sampling
+from vdm_jax.models import evaluation, mulan, ode, sampling
 from vdm_jax.training import features, run_files, sources
 
 __all__ = [
@@ -65,7 +65,9 @@ def write_samples(
     Args:
       config: the run's config (its ``sampling`` fields choose the sampler, ``data.name``
         the feature extractor).
-      model: the run's :class:`~vdm_jax.models.vdm.VDM`.
+      model: the run's :class:`~vdm_jax.models.vdm.VDM`, or its
+        :class:`~vdm_jax.models.mulan.MuLAN` (sampled with per-pixel alphas from the latent
+        ``sampling.latent``).
       variables: ``{"params": ...}`` on the host.
       key: the samples' key.
       step: the step of ``variables``, in the file name and the metrics.
@@ -81,14 +83,17 @@ def write_samples(
     cfg = config.sampling
     shape = (cfg.num_samples, *info.image_shape)
     start = time.time()
-    if cfg.sampler == "ode":
-        images = ode.ode_sample(model, variables, key, shape=shape, decode=cfg.decode)
+    if isinstance(model, mulan.MuLAN):  # per-pixel alphas; the config allows no ode, no draws
+        sampler = mulan.ancestral_sample if cfg.sampler == "ancestral" else mulan.ddim_sample
+        drawn = sampler(model, variables, key, shape, cfg.sampling_steps, latent=cfg.latent)
+    elif cfg.sampler == "ode":
+        drawn = ode.ode_sample(model, variables, key, shape=shape, decode=cfg.decode)
     else:
         sampler = sampling.ancestral_sample if cfg.sampler == "ancestral" else sampling.ddim_sample
-        images = sampler(
+        drawn = sampler(
             model, variables, key, shape=shape, num_steps=cfg.sampling_steps, decode=cfg.decode
         )
-    images = np.asarray(jax.device_get(images))
+    images = np.asarray(jax.device_get(drawn))
     logging.info("sampled %d images (%s) in %.1f s", len(images), cfg.sampler, time.time() - start)
     if jax.process_index() != 0:
         return None

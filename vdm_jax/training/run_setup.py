@@ -29,6 +29,7 @@ from etils import epath
 
 from vdm_jax.errors import UserError
 from vdm_jax.models import evaluation
+from vdm_jax.models.mulan import MuLAN
 from vdm_jax.models.vdm import VDM
 from vdm_jax.training import checkpoint, parallel, pipeline, run_files, sources, steps
 from vdm_jax.training.builders import build_optimizer, model_from_config, noise_bins
@@ -79,7 +80,7 @@ class RunSetup:
     info: sources.DatasetInfo
     train_source: Any
     eval_source: Any
-    model: VDM
+    model: VDM | MuLAN
     optimizer: Any
     lr_fn: Any
     dp: parallel.DataParallel
@@ -125,7 +126,12 @@ def _check_eval_source(source: Any, info: sources.DatasetInfo, split: str) -> No
 
 
 def _init_fn(
-    model: VDM, optimizer: Any, key: jax.Array, info: sources.DatasetInfo, labels: bool, bins: int
+    model: VDM | MuLAN,
+    optimizer: Any,
+    key: jax.Array,
+    info: sources.DatasetInfo,
+    labels: bool,
+    bins: int,
 ):
     """A function of no arguments making a fresh train state (for jit and eval_shape)."""
     example = jnp.zeros((1, *info.image_shape), jnp.uint8)
@@ -171,7 +177,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> Run
             f"data.augment=True rotates images by 90 degrees, but the data's are {height}x"
             f"{width}; use square images or data.augment=False"
         )
-    model = model_from_config(config, info.vocab_size)
+    model = model_from_config(config, info.vocab_size, info.image_shape)
     optimizer, lr_fn = build_optimizer(config)
     p = config.parallel
     mesh = parallel.make_mesh(p.num_devices, data=p.data, fsdp=p.fsdp)

@@ -28,6 +28,7 @@ from vdm_jax.errors import UserError
 from vdm_jax.maths import diffusion, weightings
 from vdm_jax.models.attention import ATTENTION_KINDS
 from vdm_jax.models.likelihood import ESTIMATORS
+from vdm_jax.models.mulan import LATENT_KINDS
 from vdm_jax.models.vdm import SCHEDULES
 from vdm_jax.training import builders, parallel, sources
 
@@ -288,6 +289,24 @@ FIELDS: tuple[Field, ...] = (
        "images do not depend on the number of devices)", _POSITIVE),
     _f("sampling.recompute", False, "num_images: sample again instead of reading an earlier "
        ".npz with the same settings (removes it)"),
+    # MuLAN (Sahoo et al. 2024): a learned schedule per pixel, conditioned on a latent c.
+    _f("model.family", "vdm", "the model (vdm: one schedule gamma(t) for every pixel; mulan: "
+       "MuLAN's per-pixel polynomial schedule gamma(t, c) of a latent c ~ q(c|x), its width "
+       "model.schedule_features, the latent's KL in the bound; continuous time, eps or v, "
+       "unconditional)", _choice("vdm", "mulan"), fixed=True),
+    _f("model.latent_kind", "topk", "mulan: the latent c (topk: a relaxed k-hot with the "
+       "authors' KL term, their estimate of the bound; gaussian: a diagonal Gaussian against "
+       "N(0, I), a true bound)", _choice(*LATENT_KINDS), fixed=True),
+    _f("model.latent_size", 50, "mulan: D, the size of the latent c", _POSITIVE, fixed=True),
+    _f("model.latent_k", 15, "mulan, topk: entries set in the k-hot latent (at most "
+       "latent_size)", _POSITIVE, fixed=True),
+    _f("model.encoder_n_layer", 4, "mulan: ResNet blocks of the encoder q(c|x) before its "
+       "middle", _NON_NEGATIVE_INT, fixed=True),
+    _f("model.encoder_n_embd", 128, "mulan: channels of the encoder q(c|x)", _POSITIVE,
+       fixed=True),
+    _f("sampling.latent", "prior", "mulan: the samples' latent c (prior: c ~ p(c); "
+       "deterministic: the authors' sampler's fixed embedding)",
+       _choice("prior", "deterministic")),
 )  # fmt: skip
 
 _BY_NAME = {f.name: f for f in FIELDS}
@@ -384,8 +403,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       UserError: the first problem found, naming the field and the value: a value of the
         wrong type or out of range (each field's :class:`Rule`), an unknown field (with the
         closest known name) or a missing one, ``model.gamma_min >= model.gamma_max``,
-        ``model.variance_gradient`` with ``model.timesteps > 0``, or ``data.name='folder'``
-        without ``data.data_dir``.
+        ``model.variance_gradient`` with ``model.timesteps > 0``, ``data.name='folder'``
+        without ``data.data_dir``, or with ``model.family='mulan'`` every field that has no
+        meaning for its per-pixel schedule (weightings, adaptive noise levels, discrete time,
+        ...; one error naming them all) and ``model.latent_k > model.latent_size``.
     """
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"config must be an ml_collections.ConfigDict, got {type(config).__name__}")
@@ -415,6 +436,8 @@ def _check_combinations(config: ml_collections.ConfigDict) -> None:
             "model.gamma_min must be below model.gamma_max, got "
             f"gamma_min={m.gamma_min}, gamma_max={m.gamma_max}"
         )
+    if m.family == "mulan":  # first: one error naming every field it gives no meaning to
+        _check_mulan(config)
     if m.variance_gradient and m.timesteps:
         raise UserError(
             "model.variance_gradient=True needs the continuous-time loss (model.timesteps=0), "
@@ -436,6 +459,49 @@ def _check_combinations(config: ml_collections.ConfigDict) -> None:
         raise UserError(
             "data.data_dir must name the image folder (root/{train,test}/<class>/*.png) when "
             "data.name='folder'"
+        )
+
+
+def _mulan_refusals() -> dict[str, tuple[Any, ...]]:
+    """The fields with no meaning for MuLAN (model.family='mulan': a per-pixel schedule,
+    continuous time, an unconditional network, the samplers with per-pixel alphas), each
+    with the values it may keep."""
+    return {
+        "objective.weighting": ("elbo",),
+        "objective.noise_levels": ("schedule",),
+        "model.variance_gradient": (False,),
+        "model.timesteps": (0,),
+        "model.schedule": (_BY_NAME["model.schedule"].default,),
+        "model.network": ("unet",),
+        "model.conditioning_input": (False,),
+        "model.num_classes": (0,),
+        "model.reconstruction_window": (0,),
+        "model.parameterization": ("eps", "v"),
+        "eval.discrete_timesteps": (0,),
+        "sampling.sampler": ("ancestral", "ddim"),
+        "sampling.decode": ("argmax",),
+    }
+
+
+def _check_mulan(config: ml_collections.ConfigDict) -> None:
+    """A MuLAN config: no field that has no meaning for it, and k <= D for topk."""
+    flat = flatten(config.to_dict())
+    refused = [
+        f"{name}={flat[name]!r} (use {' or '.join(map(repr, allowed))})"
+        for name, allowed in _mulan_refusals().items()
+        if flat[name] not in allowed
+    ]
+    if refused:
+        raise UserError(
+            "model.family='mulan' (a learned schedule per pixel, continuous time, unconditional) "
+            "gives no meaning to " + ", ".join(refused) + "; set these fields so, or use "
+            "model.family='vdm'"
+        )
+    m = config.model
+    if m.latent_kind == "topk" and m.latent_k > m.latent_size:
+        raise UserError(
+            f"model.latent_k={m.latent_k} exceeds model.latent_size={m.latent_size}: the topk "
+            "latent sets k of its D entries; lower latent_k or raise latent_size"
         )
 
 

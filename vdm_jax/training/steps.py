@@ -28,6 +28,7 @@ import optax
 from vdm_jax.errors import UserError
 from vdm_jax.maths import losses, weightings
 from vdm_jax.models import evaluation
+from vdm_jax.models.mulan import MuLAN, MuLANTerms
 from vdm_jax.models.vdm import VLBTerms
 
 __all__ = [
@@ -146,7 +147,7 @@ def init_state(
     """A fresh :class:`TrainState`: parameters from ``key``, EMA equal to them, step 0.
 
     Args:
-      model: the :class:`~vdm_jax.models.vdm.VDM`.
+      model: the :class:`~vdm_jax.models.vdm.VDM` or :class:`~vdm_jax.models.mulan.MuLAN`.
       optimizer: from :func:`make_optimizer`.
       key: PRNG key.
       example_images: integer ``[b, H, W, C]`` giving the shapes (values unused).
@@ -189,11 +190,12 @@ def _sharded_terms(model, params, batch, keys, *, train: bool, **kwargs) -> Any:
 
     def one_shard(images, labels, conditioning, key):
         k_diffusion, k_dropout = jax.random.split(key)
+        extra = {} if conditioning is None else {"conditioning": conditioning}
         return model.apply(
             {"params": params},
             images,
             labels,
-            conditioning=conditioning,
+            **extra,
             train=train,
             rngs={"diffusion": k_diffusion, "dropout": k_dropout},
             **kwargs,
@@ -202,8 +204,11 @@ def _sharded_terms(model, params, batch, keys, *, train: bool, **kwargs) -> Any:
     images = split(batch["image"])
     labels = None if batch.get("label") is None else split(batch["label"])
     # The batch's float [B] "conditioning" (the augmentation flag) reaches a score network
-    # that takes a scalar conditioning input; other networks never see it.
-    takes_conditioning = getattr(model.score_net, "conditioning_input", False)
+    # that takes a scalar conditioning input; other networks never see it (MuLAN's network
+    # is conditioned on its latent instead).
+    takes_conditioning = not isinstance(model, MuLAN) and getattr(
+        model.score_net, "conditioning_input", False
+    )
     conditioning = batch.get("conditioning") if takes_conditioning else None
     conditioning = None if conditioning is None else split(conditioning.astype(jnp.float32))
     if num_shards == 1:  # the same computation without a batch axis of size 1
@@ -215,14 +220,17 @@ def _sharded_terms(model, params, batch, keys, *, train: bool, **kwargs) -> Any:
     return jax.tree.map(lambda v: v.reshape(-1), terms)
 
 
-def _metrics(terms: VLBTerms, num_dims: int) -> dict[str, Array]:
+def _metrics(terms: VLBTerms | MuLANTerms, num_dims: int) -> dict[str, Array]:
     to_bpd = 1.0 / (num_dims * jnp.log(2.0))
-    return {
+    metrics = {
         "bpd": jnp.mean(terms.bpd),
         "prior_bpd": jnp.mean(terms.prior) * to_bpd,
         "reconstruction_bpd": jnp.mean(terms.reconstruction) * to_bpd,
         "diffusion_bpd": jnp.mean(terms.diffusion) * to_bpd,
     }
+    if isinstance(terms, MuLANTerms):
+        metrics["latent_bpd"] = jnp.mean(terms.latent) * to_bpd
+    return metrics
 
 
 def train_step(
@@ -242,7 +250,8 @@ def train_step(
     """One optimizer update on a batch; pure.
 
     The gradient is that of the model's objective (the bound for the ELBO weighting; see
-    :class:`~vdm_jax.models.vdm.VDM`'s ``weighting``); the bound of the same forward pass is
+    :class:`~vdm_jax.models.vdm.VDM`'s ``weighting``; for a :class:`~vdm_jax.models.mulan.MuLAN`
+    its bound, the latent's KL term included); the bound of the same forward pass is
     reported beside it. With ``state.noise_histogram`` the noise levels are drawn from it
     (adaptive noise levels) and its EMA is updated from this step's global batch.
 
@@ -250,7 +259,7 @@ def train_step(
       state: the current :class:`TrainState`.
       batch: 'image' integer ``[B, H, W, C]``, optionally 'label' int ``[B]``.
       key: the run's loop key (the same every step; folded with ``state.step`` here).
-      model: the :class:`~vdm_jax.models.vdm.VDM`.
+      model: the :class:`~vdm_jax.models.vdm.VDM` or :class:`~vdm_jax.models.mulan.MuLAN`.
       optimizer: the optax transformation the state was made with.
       ema_decay: decay of the parameter EMA (0.9999 in the paper; 0 copies the parameters).
       num_shards: how many random-number shards ``batch`` holds (see the module docstring).
@@ -264,7 +273,9 @@ def train_step(
     Returns:
       ``(new_state, metrics)``; metrics are float32 scalars: 'loss' (the trained objective in
       bits/dim: the bound itself for the ELBO), 'bpd' (the bound), 'prior_bpd',
-      'reconstruction_bpd', 'diffusion_bpd', 'gamma_0', 'gamma_1', 'grad_norm', 'lr'.
+      'reconstruction_bpd', 'diffusion_bpd', 'gamma_0', 'gamma_1', 'grad_norm', 'lr'; for
+      MuLAN also 'latent_bpd' (the latent's KL term, part of 'bpd'), and 'gamma_0', 'gamma_1'
+      are its schedule's fixed endpoints, the same for every pixel.
     """
     first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * num_shards
     keys = _shard_keys(key, state.step, first, num_shards)
@@ -274,6 +285,9 @@ def train_step(
     probs = None if histogram is None else weightings.histogram_probs(histogram, noise_floor)
 
     def loss_fn(params):
+        if isinstance(model, MuLAN):  # its objective is its bound, latent KL included
+            terms = _sharded_terms(model, params, batch, keys, train=True)
+            return jnp.mean(terms.bpd), (terms, None)
         terms, objective = _sharded_terms(
             model, params, batch, keys, train=True, noise_level_probs=probs, return_objective=True
         )
@@ -324,11 +338,12 @@ def eval_terms(
       params: parameters to evaluate (usually the EMA ones).
       batch: 'image' integer ``[B, H, W, C]``, optionally 'label' ``[B]``.
       key: this batch's key.
-      model: the :class:`~vdm_jax.models.vdm.VDM`.
+      model: the :class:`~vdm_jax.models.vdm.VDM` or :class:`~vdm_jax.models.mulan.MuLAN`.
       num_steps: T for the discrete-time bound, 0 continuous, None the model's own.
 
     Returns:
-      :class:`~vdm_jax.models.vdm.VLBTerms`, each ``[B]``.
+      :class:`~vdm_jax.models.vdm.VLBTerms` (MuLAN: :class:`~vdm_jax.models.mulan.MuLANTerms`,
+      with the latent's KL term), each ``[B]``.
     """
     return evaluation.bound_terms(model, {"params": params}, batch, key, num_steps=num_steps)
 

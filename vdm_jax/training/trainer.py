@@ -47,7 +47,6 @@ import numpy as np
 from absl import logging
 
 from vdm_jax.errors import UserError
-from vdm_jax.models.vdm import VDM
 from vdm_jax.training import (
     checkpoint,
     evaluate_samples,
@@ -165,10 +164,11 @@ def _log(setup: RunSetup, loop: _Loop, metrics: Any, guard: Any, writer: Any) ->
     # The trained objective differs from the bound only for a weighting other than the ELBO's
     # (adaptive noise levels weight both alike); then both are shown, from the same pass.
     objective = "" if setup.config.objective.weighting == "elbo" else f"  loss {host['loss']:.4f}"
+    latent = f"latent {host['latent_bpd']:.4f}, " if "latent_bpd" in host else ""
     logging.info(
-        "step %d/%d%s  bpd %.4f (prior %.4f, recon %.4f, diff %.4f)  gamma [%.2f, %.2f]%s",
-        loop.step, total, objective, host["bpd"], host["prior_bpd"], host["reconstruction_bpd"],
-        host["diffusion_bpd"], host["gamma_0"], host["gamma_1"], speed,
+        "step %d/%d%s  bpd %.4f (%sprior %.4f, recon %.4f, diff %.4f)  gamma [%.2f, %.2f]%s",
+        loop.step, total, objective, host["bpd"], latent, host["prior_bpd"],
+        host["reconstruction_bpd"], host["diffusion_bpd"], host["gamma_0"], host["gamma_1"], speed,
     )  # fmt: skip
 
 
@@ -319,14 +319,15 @@ def _train(setup: RunSetup, preemption: PreemptionWatcher) -> steps.TrainState:
 def start_from_state(
     config: ml_collections.ConfigDict,
     workdir: str,
-    make_state: Callable[[VDM, Any], steps.TrainState],
+    make_state: Callable[[Any, Any], steps.TrainState],
 ) -> int:
     """Start the run ``workdir`` from a train state made elsewhere (e.g. an imported
     checkpoint) instead of a fresh initialisation.
 
     After the checks of a training run (config, both data splits, model, devices, a writable
-    workdir), ``make_state(model, optimizer)`` (the run's :class:`~vdm_jax.models.vdm.VDM` and
-    optax transformation) gives the state, saved as the run's checkpoint at its ``step`` (no
+    workdir), ``make_state(model, optimizer)`` (the run's model, a
+    :class:`~vdm_jax.models.vdm.VDM` or :class:`~vdm_jax.models.mulan.MuLAN`, and optax
+    transformation) gives the state, saved as the run's checkpoint at its ``step`` (no
     data position: training continues from the start of the data order), and
     ``config.json`` and ``data_info.json`` are written. :func:`train_and_evaluate`,
     :func:`evaluate` and :func:`sample` then continue from it. Returns the step.
@@ -432,8 +433,14 @@ def report(
     split. Returns the path of ``workdir/report/index.html``.
 
     Raises:
-      UserError: a bad config, no workdir, no checkpoint or no metrics in it.
+      UserError: a bad config, no workdir, no checkpoint or no metrics in it, or a MuLAN run
+        (``model.family='mulan'``: the report's plots are of one schedule for every pixel).
     """
+    if config.model.family == "mulan":
+        raise UserError(
+            "--mode=report draws one schedule gamma(t) for every pixel; a MuLAN run "
+            "(model.family='mulan') has none: use --mode=eval and --mode=sample"
+        )
     setup = run_setup.setup_run(config, workdir, "eval")
     try:
         restored = run_setup.restore(setup, need=True)
