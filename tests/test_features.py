@@ -8,6 +8,7 @@ import pytest
 from vdm_jax.training import features, sources
 
 
+@pytest.mark.slow
 def test_digits_features_are_deterministic_cached_and_separate_digits_from_noise(tmp_path):
     extractor = features.digits_features(str(tmp_path))
     assert os.path.exists(extractor.cache_path)

@@ -224,6 +224,7 @@ def test_vlb_estimators_do_not_depend_on_the_batch_split_and_accumulate_with_std
 # The probability-flow ODE
 
 
+@pytest.mark.slow
 def test_ode_bound_of_the_gaussian_model_matches_its_closed_form():
     """log p_ODE(z_0) is exact here (an affine flow; a diagonal Jacobian makes Rademacher probes
     exact), so the draws' terms have closed-form expectations over z_0 ~ q(z_0|x)."""

@@ -54,6 +54,7 @@ def _smooth_error(t):
     return 1.5 + jnp.sin(3.0 * t)
 
 
+@pytest.mark.slow
 def test_discrete_loss_approaches_continuous_loss_as_T_grows():
     schedule = vdm.MonotonicSchedule(n_features=8)
     params = schedule.init(jax.random.key(0), jnp.zeros(()))
@@ -99,6 +100,7 @@ def _gaussian_optimal_loss(schedule_fn, key, n, dims, data_var):
     return vdm.diffusion_loss_continuous(eps, eps_hat, dgamma)
 
 
+@pytest.mark.slow
 def test_continuous_loss_is_invariant_to_the_schedule_shape():
     dims, data_var = 4, 0.25
     linear = vdm.LearnedLinearSchedule()

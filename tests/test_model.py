@@ -32,6 +32,7 @@ def _rngs(seed):
     return {"diffusion": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
 
 
+@pytest.mark.slow
 def test_terms_add_up_and_match_the_core_functions():
     model = _tiny()
     x_int = _images(4)
@@ -47,6 +48,7 @@ def test_terms_add_up_and_match_the_core_functions():
     assert np.all(np.asarray(terms.diffusion) > 0)
 
 
+@pytest.mark.slow
 def test_discrete_time_and_continuous_time_and_bad_arguments():
     model = _tiny()
     x_int = _images(8)
@@ -65,6 +67,7 @@ def test_discrete_time_and_continuous_time_and_bad_arguments():
         make_schedule("cosine")
 
 
+@pytest.mark.slow
 def test_class_labels_reach_the_network():
     model = _tiny(num_classes=3)
     x_int = _images(4)
@@ -158,6 +161,7 @@ def test_accumulator_rejects_empty_and_mismatched_masks():
         acc.add(terms, np.ones(2, bool))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vocab_size", [256, 17])
 def test_windowed_reconstruction_equals_the_full_decoder(vocab_size, optimized):
     from vdm_jax.maths import diffusion, losses
@@ -193,6 +197,7 @@ def test_windowed_reconstruction_equals_the_full_decoder(vocab_size, optimized):
                 np.testing.assert_allclose(d1, d2, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_the_reconstruction_window_field_gives_the_same_bound_and_gradient():
     x_int = _images(4)
     plain, windowed = _tiny(), _tiny(reconstruction_window=4)

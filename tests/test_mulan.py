@@ -62,6 +62,7 @@ def test_schedule_matches_theirs(name):
     np.testing.assert_allclose(plain, e["gamma_t"][5], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_network_and_encoder_match_theirs(name):
     model, variables, e = _loaded(name)
@@ -145,6 +146,7 @@ def _schedule(shape=(2, 3, 2), features=8, seed=0, latent=4, batch=3):
     return sched, params, c
 
 
+@pytest.mark.slow
 def test_schedule_rate_is_its_derivative_and_endpoints_are_fixed():
     sched, params, c = _schedule()
     t = jnp.array([0.0, 0.3, 0.9])
@@ -160,6 +162,7 @@ def test_schedule_rate_is_its_derivative_and_endpoints_are_fixed():
     assert bool(jnp.all(jnp.diff(grid, axis=0) >= -1e-5))
 
 
+@pytest.mark.slow
 def test_relaxed_topk_is_k_hot_with_a_soft_gradient():
     logits = jnp.array([[0.3, -1.0, 2.0, 0.5, 0.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
     c = mulan_maths.relaxed_topk(logits, 2)
@@ -191,6 +194,7 @@ def _same(actual, desired):
     np.testing.assert_allclose(actual, desired, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_multivariate_functions_reduce_to_the_univariate_ones():
     """A field of equal gammas gives the univariate results to float32 rounding (XLA fuses
     the broadcast [B, 1, 1, 1] and the full field differently, so not always to the bit)."""
@@ -262,6 +266,7 @@ def test_per_pixel_prior_kl_and_posterior_match_float64_closed_forms():
     np.testing.assert_allclose(var, s_ts2 * s2s / s2, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_per_pixel_diffusion_loss_with_the_optimal_denoiser_matches_closed_form():
     """x_i ~ N(0, v_i) independent, each pixel with its own polynomial schedule: with the
     optimal denoiser E[eps|z] the expected loss is sum_i 1/2 (softplus(log v_i - gamma_min)
@@ -314,7 +319,8 @@ def _tiny_model(kind):
 
 
 # topk compiles jax.random.gamma's sampler: minutes on a loaded 2-core machine.
-@pytest.mark.parametrize("kind", [pytest.param("topk", marks=pytest.mark.slow), "gaussian"])
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["topk", "gaussian"])
 def test_tiny_model_bound_gradients_and_samplers(kind):
     model = _tiny_model(kind)
     images = jax.random.randint(jax.random.key(0), (4, 4, 4, 1), 0, 16).astype(jnp.uint8)

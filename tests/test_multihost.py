@@ -135,6 +135,7 @@ def _train_three_steps(dp, state, batches):
     return state, losses
 
 
+@pytest.mark.slow
 def test_fsdp_shards_the_large_arrays_and_matches_data_parallel():
     model = _tiny_vdm()
     rng = np.random.default_rng(0)

@@ -64,6 +64,7 @@ def test_paper_parameter_count():
     assert {p.dtype for p in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("size", "channels"), [(8, 1), (32, 3)])
 def test_shapes_dtypes_and_identity_at_init(size, channels):
     model = ScoreUNet(**TINY)
@@ -97,6 +98,7 @@ def test_gamma_conditioning_changes_output(tiny):
     np.testing.assert_allclose(out_scalar, out_a, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_class_labels_and_unconditional_label():
     num_classes = 10
     model = ScoreUNet(**TINY, num_classes=num_classes)
@@ -156,6 +158,7 @@ def test_jit_matches_eager_without_retracing(tiny):
     apply(params, z + 1.0, gamma - 1.0)  # same shapes: no second trace
 
 
+@pytest.mark.slow
 def test_bfloat16_computation_keeps_float32_params_and_output(tiny):
     model32, z, gamma, params = tiny
     model16 = ScoreUNet(**TINY, dtype=jnp.bfloat16)
@@ -171,6 +174,7 @@ def test_bfloat16_computation_keeps_float32_params_and_output(tiny):
     assert err <= 0.05 * float(jnp.max(jnp.abs(f32))), err
 
 
+@pytest.mark.slow
 def test_attention_everywhere_and_small_channel_counts():
     # n_embd=8 (GroupNorm reduced to 2 groups at 8 channels and 4 at the 16-channel concat).
     model = ScoreUNet(n_layer=1, n_embd=8, dropout_rate=0.0, attention_everywhere=True)
@@ -248,6 +252,7 @@ def test_fourier_features_and_timestep_embedding():
         timestep_embedding(t[:, None], 16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "dtype", "custom_gradient"),
     [("chunked", jnp.float32, True), ("chunked", jnp.bfloat16, True),
@@ -296,6 +301,7 @@ def test_dot_product_attention_matches_the_formula(kind, dtype, custom_gradient)
         attention.dot_product_attention(q, k, v, kind="flash")
 
 
+@pytest.mark.slow
 def test_the_formulation_fields_compute_the_same_network():
     # The CPU formulation (chunked attention, two batch pieces) and per-block remat against the
     # defaults, in a training pass with dropout: the same eps_hat and parameter gradients.

@@ -64,6 +64,7 @@ def test_weighted_objective_keeps_the_bound_of_the_same_pass():
     assert not np.allclose(ratio, ratio[0])
 
 
+@pytest.mark.slow
 def test_uniform_adaptive_density_is_the_linear_schedule_and_reports_its_statistics():
     weighting = weightings.get_weighting("v_mse")
     uniform = jnp.full((8,), 1.0 / 8)

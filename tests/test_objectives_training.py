@@ -67,6 +67,7 @@ def jit_run():
     return _train("jit")
 
 
+@pytest.mark.slow
 def test_the_histogram_is_averaged_over_devices_alike_in_jit_and_pmap(jit_run):
     jit_records, jit_state = jit_run
     pmap_records, pmap_state = _train("pmap")
@@ -83,6 +84,7 @@ def test_the_histogram_is_averaged_over_devices_alike_in_jit_and_pmap(jit_run):
         np.testing.assert_allclose(a["bpd"], b["bpd"], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_adapted_noise_levels_keep_the_mean_and_lower_the_variance(jit_run):
     """The weighted diffusion term with the trained parameters: the schedule's uniform t
     against the histogram the train steps adapted, over 2048 independent draws each."""

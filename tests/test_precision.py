@@ -28,6 +28,7 @@ def _data():
     return [{"image": jnp.asarray(images[i : i + 16])} for i in range(0, 64, 16)]
 
 
+@pytest.mark.slow
 def test_bfloat16_terms_and_gradients_are_float32():
     model = _model(jnp.bfloat16)
     batch = _data()[0]

@@ -63,11 +63,13 @@ def test_architecture_is_read_from_the_tree(loaded):
     assert (net.norm_groups, net.norm_min_group_size, net.fourier_exponents) == (32, 1, (6, 7))
 
 
+@pytest.mark.slow
 def test_gamma_and_eps_hat_equal_the_original_code(loaded):
     _, expected, model, variables = loaded
     _assert_gamma_and_eps_hat(expected, model, variables)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_shared_checkpoints_still_import(name):
     """The checkpoints beside the checkout (trained on CIFAR-10 images), when present."""
@@ -137,6 +139,7 @@ def _get(tree, keys):
     return np.asarray(tree)
 
 
+@pytest.mark.slow
 def test_vlb_terms_agree_per_image(loaded):
     """Our bound's three terms per image, averaged over draws of (t, noise), against theirs.
 
@@ -390,6 +393,7 @@ def _conditioned_model():
     return model, optimizer, state.replace(params=jax.tree.unflatten(tree, moved)), images
 
 
+@pytest.mark.slow
 def test_train_step_feeds_the_batch_conditioning_to_the_network():
     """The batch's float "conditioning" reaches a network with a conditioning input, through
     the sharded path too."""
@@ -405,6 +409,7 @@ def test_train_step_feeds_the_batch_conditioning_to_the_network():
     assert np.isfinite(zeros) and ones != zeros
 
 
+@pytest.mark.slow
 def test_bound_terms_feed_the_batch_conditioning_to_the_network():
     """The evaluation bound (and the training system's eval step, which is it) passes the
     batch's flag to the network; no flag is flag 0."""

@@ -52,6 +52,7 @@ def _flat(scale: float = 2.0):
     return lambda lam: jnp.full_like(lam, scale)
 
 
+@pytest.mark.slow
 def test_a_registered_weighting_is_checked_listed_and_trained(registered):
     vdm.register_weighting("flat2", _flat, monotone=True, description="w = 2.")
     registered.append((vdm.unregister_weighting, "flat2"))

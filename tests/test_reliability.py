@@ -250,6 +250,7 @@ def test_sigkill_sigterm_and_restart_end_bitwise_equal_to_an_uninterrupted_run(t
     _assert_bitwise_equal(pieced.state, whole.state)
 
 
+@pytest.mark.slow
 def test_sigterm_during_startup_exits_cleanly_and_saves_nothing_new(tmp_path, monkeypatch):
     """A preemption notice before the first step (e.g. while compiling) ends the run at once."""
     real_restore = checkpoint.Checkpointer.restore
@@ -643,6 +644,7 @@ def test_bad_config_or_data_stops_before_any_file(tmp_path, make_config, message
     assert not workdir.exists()  # not even the workdir was created
 
 
+@pytest.mark.slow
 def test_image_whose_pixels_are_truncated_fails_at_the_first_batch(tmp_path):
     """Headers are checked up front; pixels are read with the first batch, before any
     metrics, config or checkpoint file is written."""
@@ -691,6 +693,7 @@ def _checkpoint_of(tmp, config, state=None) -> Path:
     return workdir
 
 
+@pytest.mark.slow
 def test_bad_workdirs_stop_and_change_nothing(tmp_path):
     config = _config()
     a_file = tmp_path / "a_file"

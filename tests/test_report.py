@@ -49,6 +49,7 @@ def _assert_only_embedded_images(page: str, count: int) -> None:
     assert "http://" not in page and "https://" not in page
 
 
+@pytest.mark.slow
 def test_plots_and_page_from_plain_records(tmp_path):
     records = []
     for step in range(50, 1050, 50):
@@ -133,6 +134,7 @@ def test_read_metrics_skips_a_partial_last_line_only(tmp_path):
         report_render.plot_training([{"step": 4, "test/bpd": 2.0}], tmp_path / "t.png")
 
 
+@pytest.mark.slow
 def test_loss_by_time_does_not_depend_on_batching_and_matches_linear_for_a_linear_schedule():
     model = VDM(
         score_net=ScoreUNet(n_layer=1, n_embd=8, norm_groups=4, with_fourier_features=False),

@@ -80,6 +80,7 @@ def _log_normal(z, mean, var):
 # The Gaussian model
 
 
+@pytest.mark.slow
 def test_same_key_same_samples_and_labels_per_example():
     shape = (4, 2, 2, 1)
     labels = jnp.arange(4)
@@ -113,6 +114,7 @@ def test_same_key_same_samples_and_labels_per_example():
         assert np.max(np.abs(np.asarray(images_a) - np.asarray(images_argmax))) <= 1, name
 
 
+@pytest.mark.slow
 def test_jitted_and_unjitted_samplers_agree():
     kwargs = dict(shape=(3, 2, 2, 1), num_steps=4, return_latent=True)
     for sampler in (sampling.ancestral_sample, sampling.ddim_sample):
@@ -123,6 +125,7 @@ def test_jitted_and_unjitted_samplers_agree():
         np.testing.assert_array_equal(images, images_ref)
 
 
+@pytest.mark.slow
 def test_progress_bar_counts_every_step_and_changes_nothing():
     class Ticks(sampling.StepProgress):
         def __call__(self, j, total):
@@ -144,6 +147,7 @@ def test_progress_bar_counts_every_step_and_changes_nothing():
         assert not bar.is_open  # the bar was closed
 
 
+@pytest.mark.slow
 def test_ancestral_sampler_reproduces_the_data_distribution():
     # 64,000 independent values; T = 1000 as in the paper.
     _, z_0 = sampling.ancestral_sample(
@@ -157,6 +161,7 @@ def test_ancestral_sampler_reproduces_the_data_distribution():
     assert abs(z_0.var() / V0 - 1.0) < 0.03
 
 
+@pytest.mark.slow
 def test_deterministic_samplers_follow_the_flow_map():
     shape = (4000, 4, 4, 1)
     _, z_ode = ode.ode_sample(GAUSS, NO_PARAMS, jax.random.key(0), shape=shape, return_latent=True)
@@ -191,6 +196,7 @@ def test_probability_flow_drift_is_f_z_minus_half_g2_score():
         np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ode_log_prob_latent_matches_the_closed_form_density():
     batch, dims = 16, 4
     z_0 = M0 + math.sqrt(V0) * jax.random.normal(jax.random.key(0), (batch, 2, 2, 1))
@@ -219,6 +225,7 @@ def test_ode_log_prob_latent_matches_the_closed_form_density():
     assert abs(np.mean(np.asarray(log_p) - model_density)) < 0.5
 
 
+@pytest.mark.slow
 def test_ode_log_likelihood_terms_of_the_gaussian_model():
     images = jax.random.randint(jax.random.key(0), (8, 2, 2, 1), 100, 160)
     result = ode.ode_log_likelihood(
@@ -280,6 +287,7 @@ def tiny_vdm():
     return model, params, images
 
 
+@pytest.mark.slow
 def test_tiny_vdm_samplers_run_without_retracing(tiny_vdm, capsys):
     model, params, images = tiny_vdm
     shape = (8, 8, 8, 1)
@@ -340,6 +348,7 @@ class _AsV(nn.Module):
         return diffusion.v_from_eps(z, self.net(z, gamma_t, labels, train=train), gamma_t)
 
 
+@pytest.mark.slow
 def test_every_sampler_gives_the_same_samples_for_an_eps_model_and_its_v_twin():
     schedule = FixedLinearSchedule()
     eps_model = VDM(_GaussianEpsNet(), schedule, parameterization="eps")
@@ -369,6 +378,7 @@ def test_every_sampler_gives_the_same_samples_for_an_eps_model_and_its_v_twin():
         VDM(_GaussianEpsNet(), schedule, parameterization="noise")
 
 
+@pytest.mark.slow
 def test_dpm_solver_error_falls_at_second_order_and_its_sde_variant_samples_the_data():
     shape, key = (256, 2, 2, 1), jax.random.key(4)
     z_1 = jax.random.normal(jax.random.split(key, 3)[0], shape)

@@ -32,6 +32,7 @@ def test_monotonic_schedule_starts_as_the_linear_schedule():
     assert params["params"]["l2"]["kernel"].shape == (1, 1024)
 
 
+@pytest.mark.slow
 def test_monotonic_schedule_shape_layers_learn_from_the_first_step():
     schedule = vdm.MonotonicSchedule(n_features=16)
     params = schedule.init(jax.random.key(0), jnp.zeros(()))
@@ -40,6 +41,7 @@ def test_monotonic_schedule_shape_layers_learn_from_the_first_step():
     assert float(jnp.max(jnp.abs(grads["params"]["l3"]["kernel"]))) > 0
 
 
+@pytest.mark.slow
 def test_gamma_and_derivative():
     schedule = vdm.LearnedLinearSchedule(-10.0, 6.0)
     params = schedule.init(jax.random.key(0), jnp.zeros(()))
@@ -129,6 +131,7 @@ class _Toy(nn.Module):
         return vdm.prior_kl(x, gamma_1) + l_diff, l_diff
 
 
+@pytest.mark.slow
 def test_variance_gradient_is_squared_loss_gradient_for_shape_and_vlb_gradient_elsewhere():
     x = jax.random.normal(jax.random.key(0), (32, 5))
     eps = jax.random.normal(jax.random.key(1), (32, 5))
@@ -170,6 +173,7 @@ def test_variance_gradient_needs_one_time_per_example():
         jax.grad(loss)(params)
 
 
+@pytest.mark.slow
 def test_variance_gradient_lowers_the_loss_variance_on_gaussian_data(capsys):
     dims, data_var, batch = 8, 1.0, 512
     schedule = vdm.MonotonicSchedule(n_features=32)
@@ -229,6 +233,7 @@ def test_variance_gradient_lowers_the_loss_variance_on_gaussian_data(capsys):
     np.testing.assert_allclose(mean, float(jnp.mean(before)), rtol=2e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fixed", "monotonic"])
 def test_shifted_schedule_moves_log_snr_by_twice_the_log_resolution_ratio(kind):
     import math

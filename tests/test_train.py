@@ -23,6 +23,7 @@ def _batches(n, size=16):
     return [{"image": rng.integers(0, VOCAB, (size, 8, 8, 1)).astype(np.uint8)} for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_weight_decay_mask_leaves_biases_norms_and_schedule_alone():
     model, optimizer = _model(), steps.make_optimizer()
     state = steps.init_state(
@@ -93,6 +94,7 @@ def test_jit_and_pmap_give_the_same_trajectory_on_8_devices():
     assert not np.allclose(jit_losses[0], jit_losses[-1])
 
 
+@pytest.mark.slow
 def test_several_steps_per_dispatch_equal_single_steps():
     batches = _batches(4)
     single, single_state = _trajectory("jit", batches)
@@ -105,6 +107,7 @@ def test_several_steps_per_dispatch_equal_single_steps():
     )
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_see_the_same_random_numbers_per_shard():
     # With the same number of shards the step is the same computation whatever the device
     # count: 1 device running 8 shards equals 8 devices running one each.

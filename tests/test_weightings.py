@@ -77,6 +77,7 @@ WEIGHTINGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 def test_monte_carlo_weighted_loss_matches_quadrature_for_any_schedule(schedule):
     gamma_fn = SCHEDULES[schedule]
@@ -109,6 +110,7 @@ def test_weighted_loss_at_weight_one_is_the_continuous_loss_bit_for_bit():
             )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(weightings.WEIGHTINGS))
 def test_monotone_flags_and_the_noise_augmented_elbo_identity(name):
     weighting = weightings.get_weighting(name)
@@ -169,6 +171,7 @@ def test_weightings_are_hashable_values_and_check_their_parameters():
         weightings.get_weighting("min_snr", gamma=0.0)
 
 
+@pytest.mark.slow
 def test_adaptive_noise_levels_keep_the_mean_and_lower_the_variance(capsys):
     weighting = weightings.get_weighting("sigmoid", bias=1.0)
     n, num_bins = 20_000, 32
@@ -200,6 +203,7 @@ def test_adaptive_noise_levels_keep_the_mean_and_lower_the_variance(capsys):
     assert adapted.var() < 0.7 * uniform.var()
 
 
+@pytest.mark.slow
 def test_histogram_floor_sampling_and_update():
     probs = weightings.histogram_probs(jnp.array([0.0, 0.0, 3.0, 1.0]), floor=0.2)
     np.testing.assert_allclose(probs, [0.05, 0.05, 0.65, 0.25], rtol=1e-6)
