@@ -44,6 +44,12 @@ jax.config.update(
 )
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first: with ``-n 2`` the long ones then start early and the short ones
+    fill the gaps, instead of one worker finishing a long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_unconfigure(config):
     if _own_cache:  # made by this process (the controller under xdist): the last to end
         shutil.rmtree(_own_cache, ignore_errors=True)

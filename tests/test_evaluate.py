@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from absl import flags
 
 from vdm_jax import cli
 from vdm_jax.configs import digits
@@ -159,15 +158,8 @@ def _run_folder(tmp_path, **model):
 
 def _cli_error(capsys, *args):
     """The one ``error:`` line of ``python -m vdm_jax ARGS``, run in this process."""
-    known = set(flags.FLAGS)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main(cli.parse_flags(["vdm_jax", *args]))
-    finally:
-        # ml_collections defines a flag per --config.FIELD override: undefine them, so that
-        # the next parse may override the same fields.
-        for name in set(flags.FLAGS) - known:
-            delattr(flags.FLAGS, name)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(cli.parse_flags(["vdm_jax", *args]))
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err

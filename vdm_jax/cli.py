@@ -255,6 +255,12 @@ def parse_flags(argv):
     except UserError as e:
         _fail(str(e))
     sys.argv = argv  # ml_collections reads the overrides from sys.argv
+    # A second parse in one process (tests, notebooks) starts from the defaults: absl keeps
+    # the values of flags an earlier argv gave, and ml_collections defines a flag per
+    # --config.FIELD override, which may not be defined twice.
+    for name in [name for name in flags.FLAGS if name.startswith("config.")]:
+        delattr(flags.FLAGS, name)
+    flags.FLAGS.unparse_flags()
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

@@ -390,8 +390,9 @@ def convert_mulan_tree(
     path: str = "checkpoint",
     what: str = "params",
 ) -> dict[str, Any]:
-    """A MuLAN parameter tree (or one of its Adam moment trees, :attr:`MuLANCheckpoint.adam`)
-    in our naming: ``{score_net, schedule, encoder}``, float32 arrays of ``model``'s shapes.
+    """A MuLAN parameter tree (or one of the Adam moment trees in the ``adam`` of a
+    :class:`MuLANCheckpoint`) in our naming: ``{score_net, schedule, encoder}``, float32
+    arrays of ``model``'s shapes.
 
     Args:
       tree: ``{score_model, gamma, encoder_model}`` in their naming.

@@ -136,7 +136,8 @@ def import_original(
         fixes are replaced by the checkpoint's, each difference logged by field name).
       workdir: a folder holding no run yet.
       source: the checkpoint (see :func:`vdm_jax.pretrained.original.find_checkpoint_file`);
-        a tree with an ``encoder_model`` is MuLAN's (:func:`vdm_jax.pretrained.is_mulan_state`).
+        a tree with an ``encoder_model`` is MuLAN's
+        (:func:`vdm_jax.pretrained.mulan.is_mulan_state`).
       explicit: the fields set on the command line (dotted names).
 
     Returns:
