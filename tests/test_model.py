@@ -119,6 +119,7 @@ def test_a_few_hundred_steps_of_training_lower_the_bound():
     assert after < before - 1.0
 
 
+@pytest.mark.slow
 def test_evaluate_bpd_counts_an_uneven_number_of_examples_once():
     model = _tiny()
     x_int = _images(11, seed=3)

@@ -65,6 +65,7 @@ def test_a_registered_weighting_is_checked_listed_and_trained(registered):
     np.testing.assert_allclose(objective.objective, expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_registered_schedule_is_checked_and_builds_the_model(registered):
     class Steep(schedules.FixedLinearSchedule):
         """gamma_min + (gamma_max - gamma_min) t, a registered copy of the fixed line."""
@@ -80,6 +81,7 @@ def test_a_registered_schedule_is_checked_and_builds_the_model(registered):
     assert (float(gamma_0), float(gamma_1)) == pytest.approx((m.gamma_min, m.gamma_max))
 
 
+@pytest.mark.slow
 def test_a_registered_network_builds_the_model(registered):
     def small_unet(m):
         return vdm.ScoreUNet(n_layer=1, n_embd=8, dropout_rate=0.0, num_classes=m.num_classes)
