@@ -100,11 +100,10 @@ def timed_pass(name: str, run, batch: dict, num_draws: int, options: dict):
     entry = likelihood.get_estimator(name)
     fields = {k: v for k, v in batch.items() if k != "index"}
     draws = {"num_draws": num_draws} if entry.takes_num_draws else {}
-    static = (run.model,)
     args = (run.variables, fields, run.eval_key)
     kwargs = {"indices": batch["index"], **draws, **options}
     start = time.perf_counter()
-    compiled = entry.fn.lower(*static, *args, **kwargs).compile()
+    compiled = entry.fn.lower(run.model, *args, **kwargs).compile()  # the model is static
     compile_s = time.perf_counter() - start
     load = os.getloadavg()[0]
     start = time.perf_counter()
@@ -113,8 +112,9 @@ def timed_pass(name: str, run, batch: dict, num_draws: int, options: dict):
     return jax.device_get(out), compile_s, run_s, (load, os.getloadavg()[0])
 
 
-def figures(name, num_draws, est, num_dims, cost=None) -> dict:
-    """A row of the table from an Estimate over the batch (every example real)."""
+def figures(name, num_draws, est, num_dims, cost) -> dict:
+    """A row of the table from an Estimate over the batch (every example real) and the
+    pass's (compile seconds, run seconds, load averages)."""
     from vdm_jax.models import likelihood
 
     acc = likelihood.Accumulator(name, num_draws)
@@ -125,10 +125,9 @@ def figures(name, num_draws, est, num_dims, cost=None) -> dict:
         "spread_bpd": None if math.isnan(res.spread_bpd) else res.spread_bpd,
         "nfe_per_image": res.nfe, "num_examples": res.num_examples, "terms_bpd": res.terms_bpd,
     }  # fmt: skip
-    if cost is not None:
-        compile_s, run_s, load = cost
-        row.update(seconds_per_image=run_s / res.num_examples, compile_seconds=compile_s,
-                   load_before=load[0], load_after=load[1])  # fmt: skip
+    compile_s, run_s, load = cost
+    row.update(seconds_per_image=run_s / res.num_examples, compile_seconds=compile_s,
+               load_before=load[0], load_after=load[1])  # fmt: skip
     return row
 
 
