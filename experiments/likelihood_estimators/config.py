@@ -19,6 +19,9 @@ from vdm_jax.configs import cifar10, digits
 from vdm_jax.errors import UserError
 
 VARIANTS = ("digits", "digits,smoke", "authors")
+#: The image folder of ``authors`` unless ``data.data_dir`` names another (run.py writes
+#: WORKDIR/authors_images and sets it).
+IMAGES = "/tmp/vdm_likelihood_estimators/authors_images"
 
 
 def get_config(arg: str = "digits"):
@@ -29,6 +32,7 @@ def get_config(arg: str = "digits"):
         return digits.get_config("smoke" if arg.endswith("smoke") else "")
     config = cifar10.get_config("smoke")
     config.data.name = "folder"
+    config.data.data_dir = IMAGES
     config.model.attention = "chunked"  # the same function, faster on CPUs
     config.eval.batch_size = 16
     config.eval.discrete_timesteps = 0
