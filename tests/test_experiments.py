@@ -7,6 +7,7 @@ import io
 import json
 import os
 
+import numpy as np
 import pytest
 
 from vdm_jax.errors import UserError
@@ -51,6 +52,13 @@ CONFIGS = [
         },
     ),
     ("paper_cifar10", "aug", {"data.augment": "True", "model.n_embd": "256"}),
+    (
+        "likelihood_estimators",
+        "digits",
+        {"data.name": "'digits'", "training.num_train_steps": "5000"},
+    ),
+    ("likelihood_estimators", "digits,smoke", {"training.num_train_steps": "4"}),
+    ("likelihood_estimators", "authors", {"data.name": "'folder'", "eval.batch_size": "16"}),
 ]
 
 
@@ -91,7 +99,12 @@ def test_every_study_has_a_config_a_readme_and_a_line_in_the_index():
 
 @pytest.mark.parametrize(
     ("study", "arg"),
-    [("objectives", "nope"), ("schedule_invariance", "cosine"), ("paper_cifar10", "smoke")],
+    [
+        ("objectives", "nope"),
+        ("schedule_invariance", "cosine"),
+        ("paper_cifar10", "smoke"),
+        ("likelihood_estimators", "authors,smoke"),
+    ],
 )
 def test_an_unknown_variant_is_a_user_error_naming_it(study, arg):
     from experiments import common
@@ -212,3 +225,27 @@ def test_schedule_invariance_smoke_measures_both_schedules(tmp_path):
     for name in ("own", "linear"):
         assert figures[f"{name}_expected"] > 0 and figures[f"{name}_estimator_std"] > 0
     assert os.path.isfile(tmp_path / "runs" / "monotonic" / "loss_by_time.png")
+
+
+@pytest.mark.slow
+def test_likelihood_estimators_smoke_measures_every_estimator(tmp_path):
+    from experiments.likelihood_estimators import run as estimators
+
+    out = tmp_path / "estimators.json"
+    result = estimators.main(
+        ["--smoke", "--workdir", str(tmp_path / "runs"), "--models", "digits", "--json", str(out)]
+    )
+    assert json.loads(out.read_text())["models"].keys() == {"digits"}
+    figures = result["models"]["digits"]
+    assert figures["num_examples"] == 2
+    rows = {(r["estimator"], r["K"]): r for r in figures["rows"]}
+    assert set(rows) == {("vlb", 1), ("dense_vlb", 2), ("discrete", 2), ("ode", 2), ("ode_iw", 2)}
+    for (name, k), r in rows.items():
+        assert np.isfinite(r["bpd"]) and r["bpd_stderr"] > 0 and r["seconds_per_image"] > 0, r
+        cheap = name in ("vlb", "dense_vlb", "discrete")  # K network evaluations
+        assert r["nfe_per_image"] == k if cheap else r["nfe_per_image"] > 2 * k, r
+    # One ODE pass gives both: the same draws, their mean and their importance-weighted mean.
+    assert rows["ode", 2]["spread_bpd"] == rows["ode_iw", 2]["spread_bpd"]
+    assert rows["ode_iw", 2]["bpd"] <= rows["ode", 2]["bpd"] + 1e-6
+    assert [r["K"] for r in figures["ode_iw_by_draws"]] == [1, 2]
+    assert figures["ode_iw_by_draws"][-1]["bpd"] == pytest.approx(rows["ode_iw", 2]["bpd"])
