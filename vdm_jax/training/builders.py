@@ -38,18 +38,25 @@ def _unet(m: ml_collections.ConfigDict) -> ScoreUNet:
     return ScoreUNet(**_unet_fields(m))
 
 
-def _unet_fields(m: ml_collections.ConfigDict) -> dict:
+def _block_fields(m: ml_collections.ConfigDict) -> dict:
+    """The fields of the ResNet blocks that the U-Net and MuLAN's encoder share."""
     return dict(
-        n_layer=m.n_layer,
-        n_embd=m.n_embd,
-        gamma_min=m.gamma_min,
-        gamma_max=m.gamma_max,
         dropout_rate=m.dropout_rate,
         attention_everywhere=m.attention_everywhere,
         with_fourier_features=m.with_fourier_features,
         fourier_exponents=tuple(m.fourier_exponents),
         norm_groups=m.norm_groups,
         norm_min_group_size=m.norm_min_group_size,
+    )
+
+
+def _unet_fields(m: ml_collections.ConfigDict) -> dict:
+    return dict(
+        n_layer=m.n_layer,
+        n_embd=m.n_embd,
+        gamma_min=m.gamma_min,
+        gamma_max=m.gamma_max,
+        **_block_fields(m),
         conditioning_input=m.conditioning_input,
         num_classes=m.num_classes,
         dtype=jnp.dtype(m.dtype),
@@ -154,12 +161,7 @@ def mulan_from_config(
         kind=m.latent_kind,
         n_layer=m.encoder_n_layer,
         n_embd=m.encoder_n_embd,
-        dropout_rate=m.dropout_rate,
-        attention_everywhere=m.attention_everywhere,
-        with_fourier_features=m.with_fourier_features,
-        fourier_exponents=tuple(m.fourier_exponents),
-        norm_groups=m.norm_groups,
-        norm_min_group_size=m.norm_min_group_size,
+        **_block_fields(m),
     )
     schedule = PolynomialSchedule(
         image_shape=(image_shape[0], image_shape[1], image_shape[2]),

@@ -56,7 +56,6 @@ from vdm_jax.training.evaluate_store import (
     npz_bytes,
     run_batches,
     store_stem,
-    write_bytes_atomically,
 )
 from vdm_jax.training.schema import check_config, flatten
 
@@ -223,4 +222,4 @@ def _write(setup: run_setup.RunSetup, step: int, final: str, images, settings: d
                               info.vocab_size)  # fmt: skip
     if config.data.name in features.EXTRACTORS:
         quality.record_frechet(setup.workdir, config.data.name, images, step)
-    write_bytes_atomically(final, npz_bytes({"arr_0": to_uint8(images, info.vocab_size)}))
+    run_files.write_bytes_atomically(final, npz_bytes({"arr_0": to_uint8(images, info.vocab_size)}))

@@ -42,7 +42,6 @@ __all__ = [
     "run_batches",
     "settings_hash",
     "store_stem",
-    "write_bytes_atomically",
 ]
 
 _BATCH_FILE = re.compile(r"^batch_(\d{6})\.npz$")
@@ -58,20 +57,6 @@ def store_stem(name: str, identity: Mapping[str, Any]) -> str:
     """``<name>_<hash>``: ``name`` (characters other than letters, digits, ``_.-`` as ``_``)
     and :func:`settings_hash` of ``identity``."""
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}_{settings_hash(identity)}"
-
-
-def write_bytes_atomically(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, whole
-    (a bucket replaces an object whole)."""
-    if run_files.is_remote(path):
-        epath.Path(path).write_bytes(data)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -157,7 +142,7 @@ class BatchStore:
     def save(self, index: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Write batch ``index``'s arrays (on process 0), atomically."""
         if self._writer:
-            write_bytes_atomically(self.path(index), npz_bytes(arrays))
+            run_files.write_bytes_atomically(self.path(index), npz_bytes(arrays))
 
     def remove(self) -> None:
         """Delete the folder (on process 0), e.g. once its batches are gathered elsewhere."""

@@ -39,6 +39,7 @@ __all__ = [
     "resolve",
     "save_image_grid",
     "write_atomically",
+    "write_bytes_atomically",
     "write_run_config",
 ]
 
@@ -157,13 +158,19 @@ def read_data_info(workdir: str) -> dict | None:
 
 
 def write_atomically(path: str, text: str) -> None:
-    """Replace ``path`` with ``text`` so that a crash leaves the old or the new file, whole."""
+    """Replace ``path`` with ``text`` (UTF-8) so that a crash leaves the old or the new file,
+    whole."""
+    write_bytes_atomically(path, text.encode())
+
+
+def write_bytes_atomically(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, whole."""
     if is_remote(path):  # an object store replaces an object whole
-        epath.Path(path).write_text(text)
+        epath.Path(path).write_bytes(data)
         return
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
