@@ -13,7 +13,10 @@ everywhere else.
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
@@ -42,6 +45,66 @@ jax.config.update(
     "jax_persistent_cache_min_compile_time_secs",
     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
 )
+
+
+#: The checkout under test: command-line subprocesses import its ``vdm_jax``.
+REPO = Path(__file__).resolve().parents[1]
+
+
+class CommandLine:
+    """The command line ``python -m vdm_jax`` as a user runs it, for tests.
+
+    A subprocess (:meth:`run`, :meth:`start`) imports this checkout's ``vdm_jax``, sees
+    ``devices`` CPU devices (default 1, the machine's own, as a user's command line does; the
+    test process has 8 fake ones) and shares the session's compilation cache, so a program
+    compiled by one test's command is read back by the next. Use a subprocess only where the
+    process is what is tested (exit codes, signals, several processes, a fresh interpreter);
+    :meth:`in_process` runs the same ``main`` in the test's process, without paying for a
+    Python start and a cold in-memory cache."""
+
+    def env(self, devices: int = 1, **extra: str) -> dict[str, str]:
+        """The environment of a command-line subprocess; ``extra`` variables added."""
+        env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env.update(extra)
+        return env
+
+    def start(self, *args: str, devices: int = 1, cwd=REPO, log=None, **extra: str):
+        """``python -m vdm_jax ARGS`` started (a :class:`subprocess.Popen`); its output into
+        the file ``log`` (appended), else a pipe (stdout and stderr together, text)."""
+        command = [sys.executable, "-m", "vdm_jax", *args]
+        env = self.env(devices, **extra)
+        if log is None:
+            return subprocess.Popen(
+                command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+        with open(log, "ab") as out:
+            return subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def run(self, *args: str, devices: int = 1, cwd=REPO, timeout: float = 600, **extra: str):
+        """``python -m vdm_jax ARGS`` run to its end: a :class:`subprocess.CompletedProcess`
+        with ``stdout`` and ``stderr`` as text (the test checks ``returncode``)."""
+        return subprocess.run(
+            [sys.executable, "-m", "vdm_jax", *args], cwd=cwd, env=self.env(devices, **extra),
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    def in_process(self, *args: str) -> None:
+        """The command line's ``main`` on ``ARGS`` in this process (its 8 fake devices; pass
+        ``--config.parallel.num_devices`` to use fewer). Output goes to the test's captured
+        stdout/stderr (``capsys``); a user error raises ``SystemExit(1)`` after printing its
+        ``error:`` line."""
+        from vdm_jax import cli as command_line
+
+        argv = command_line.parse_flags(["vdm_jax", *args])
+        command_line.main(argv)
+
+
+@pytest.fixture(scope="session")
+def cli() -> CommandLine:
+    """The command line, run as a subprocess or in process (:class:`CommandLine`)."""
+    return CommandLine()
 
 
 def pytest_collection_modifyitems(config, items):
