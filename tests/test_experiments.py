@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -41,6 +42,7 @@ CONFIGS = [
             "optimizer.decay_steps": "0",
         },
     ),
+    ("equal_steps", "2,smoke", {"model.n_layer": "1", "training.num_train_steps": "2"}),
     (
         "paper_cifar10",
         "",
@@ -104,6 +106,7 @@ def test_every_study_has_a_config_a_readme_and_a_line_in_the_index():
         ("schedule_invariance", "cosine"),
         ("paper_cifar10", "smoke"),
         ("likelihood_estimators", "authors,smoke"),
+        ("equal_steps", "tiny"),
     ],
 )
 def test_an_unknown_variant_is_a_user_error_naming_it(study, arg):
@@ -186,6 +189,7 @@ def test_equal_steps_trains_our_side_and_reports_its_bound(tmp_path):
             str(tmp_path / "runs"),
             "--steps",
             "2",
+            "--smoke",
             "--sides",
             ",".join(sides),
             "--json",
@@ -228,9 +232,11 @@ def test_schedule_invariance_smoke_measures_both_schedules(tmp_path):
 
 
 @pytest.mark.slow
-def test_likelihood_estimators_smoke_measures_every_estimator(tmp_path):
+def test_likelihood_estimators_smoke_measures_every_estimator(tmp_path, digits_smoke_run):
     from experiments.likelihood_estimators import run as estimators
 
+    # The study's smoke model is the digits smoke run: the session's, not trained again.
+    shutil.copytree(digits_smoke_run[0], tmp_path / "runs" / "digits")
     out = tmp_path / "estimators.json"
     result = estimators.main(
         ["--smoke", "--workdir", str(tmp_path / "runs"), "--models", "digits", "--json", str(out)]

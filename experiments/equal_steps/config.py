@@ -9,7 +9,8 @@ study's protocol: a folder of 32x32 RGB images (``DATA``, the subset that ``run.
 original code's optimiser. See README.md.
 """
 
-from vdm_jax.configs import cifar10
+from vdm_jax.configs import base, cifar10
+from vdm_jax.errors import UserError
 
 STEPS = 300
 #: Where run.py writes the protocol's subset of an image folder by default.
@@ -17,7 +18,14 @@ DATA = "/tmp/vdm_equal_steps/data"
 
 
 def get_config(arg: str = ""):
-    """The study's config; ``arg`` is the number of training steps (default 300)."""
+    """The study's config; ``arg`` is ``STEPS[,smoke]``: the number of training steps (default
+    300), and ``smoke`` for the protocol at the smoke model's size (1 block x 16 channels,
+    batch 8, evaluated in batches of 8), to check the script in seconds."""
+    options = [a for a in arg.split(",") if a]
+    unknown = [a for a in options if a != "smoke" and not a.isdigit()]
+    if unknown:
+        raise UserError(f"equal_steps: unknown config argument {unknown[0]!r}; give STEPS[,smoke]")
+    steps = next((int(a) for a in options if a.isdigit()), STEPS)
     config = cifar10.get_config()
     config.data.name = "folder"
     config.data.data_dir = DATA
@@ -34,7 +42,7 @@ def get_config(arg: str = ""):
     # average would still be mostly the initial parameters after a few hundred steps.
     config.optimizer.ema_decay = 0.95
     config.training.batch_size = 32
-    config.training.num_train_steps = int(arg) if arg else STEPS
+    config.training.num_train_steps = steps
     config.training.log_every = 25
     config.training.eval_every = 0  # once, at the end
     config.training.checkpoint_every = config.training.num_train_steps
@@ -44,4 +52,10 @@ def get_config(arg: str = ""):
     # The grid of samples written at the end of a run: a few cheap ones.
     config.sampling.num_samples = 4
     config.sampling.sampling_steps = 50
+    if "smoke" in options:
+        base.smoke(config)
+        config.training.batch_size = config.eval.batch_size = 8
+        config.training.num_train_steps = config.training.checkpoint_every = steps
+        config.training.eval_every = 0
+        config.sampling.num_samples = 2
     return config

@@ -44,9 +44,10 @@ NUM_TEST = 1_000
 SIDES = ("ours", "original")
 
 
-def _load_config(steps: int, data: str):
-    """This study's ``config.py`` for ``steps`` steps on the subset folder ``data``."""
-    config = common.load_config("equal_steps", str(steps))
+def _load_config(steps: int, data: str, smoke: bool = False):
+    """This study's ``config.py`` for ``steps`` steps on the subset folder ``data`` (at the
+    smoke model's size if ``smoke``)."""
+    config = common.load_config("equal_steps", f"{steps},smoke" if smoke else str(steps))
     config.data.data_dir = data
     return config
 
@@ -89,7 +90,7 @@ def _arrays(data: str, split: str):
 def run_ours(args) -> dict:
     from vdm_jax.training import trainer
 
-    config = _load_config(args.steps, args.data)
+    config = _load_config(args.steps, args.data, args.smoke)
     workdir = os.path.join(args.workdir, "ours")
     start = time.time()
     trainer.train_and_evaluate(config, workdir)
@@ -115,7 +116,7 @@ def run_original(args) -> dict:
 
     from experiments import original
 
-    config = _load_config(args.steps, args.data)
+    config = _load_config(args.steps, args.data, args.smoke)
     theirs = original.OriginalVDM(
         original.load(args.original),
         n_layer=config.model.n_layer,
@@ -175,6 +176,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=300, help="training steps of each side")
     p.add_argument("--sides", default=",".join(SIDES), help="ours, original or both")
     p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--smoke", action="store_true", help="the smoke model's size: seconds")
     original.add_flag(p)
     args = p.parse_args(argv)
     sides = args.sides.split(",")

@@ -32,6 +32,7 @@ from vdm_jax.pretrained.original import (
     convert_flat,
     original_name,
     read_train_state,
+    score_network_fields,
     tree_entry,
     tree_shape,
 )
@@ -89,15 +90,13 @@ class MuLANArchitecture:
         parameterization."""
         return {
             "family": "mulan",
-            "n_layer": self.n_layer,
-            "n_embd": self.n_embd,
-            "attention_everywhere": self.attention_everywhere,
-            "with_fourier_features": self.with_fourier_features,
-            "fourier_exponents": FOURIER_EXPONENTS,
-            "norm_groups": NORM_GROUPS,
-            "norm_min_group_size": 1,
-            "conditioning_input": False,
-            "num_classes": 0,
+            **score_network_fields(
+                self.n_layer,
+                self.n_embd,
+                self.attention_everywhere,
+                self.with_fourier_features,
+                conditioning_input=False,
+            ),
             "schedule_features": self.schedule_features,
             "latent_kind": self.latent_kind,
             "latent_size": self.latent_size,

@@ -66,6 +66,7 @@ __all__ = [
     "original_checkpoint",
     "read_original_checkpoint",
     "read_train_state",
+    "score_network_fields",
 ]
 
 # Their base-2 Fourier features: exponents 6 and 7, a sine and a cosine of each per channel.
@@ -103,6 +104,29 @@ _KIND_NAMES: dict[Any, str] = {cls: kind for kind, cls in SCHEDULES.items()}
 _BLOCK_NAME = re.compile(r"^(down|mid|up)_(block|attn)_(\d+)$")
 
 
+def score_network_fields(
+    n_layer: int,
+    n_embd: int,
+    attention_everywhere: bool,
+    with_fourier_features: bool,
+    conditioning_input: bool,
+) -> dict[str, Any]:
+    """The ``model`` fields of our U-Net that compute the original code's score network
+    (shared by MuLAN's, a fork of it): the read sizes, and their fixed Fourier exponents,
+    GroupNorm of 32 groups of any size, and no class labels."""
+    return {
+        "n_layer": n_layer,
+        "n_embd": n_embd,
+        "attention_everywhere": attention_everywhere,
+        "with_fourier_features": with_fourier_features,
+        "fourier_exponents": FOURIER_EXPONENTS,
+        "norm_groups": NORM_GROUPS,
+        "norm_min_group_size": 1,
+        "conditioning_input": conditioning_input,
+        "num_classes": 0,
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class OriginalArchitecture:
     """The architecture of an original-code checkpoint, as read from its parameter tree.
@@ -129,18 +153,11 @@ class OriginalArchitecture:
 
     def model_fields(self) -> dict[str, Any]:
         """The fields of a config's ``model`` section that this architecture fixes."""
-        fields = {
-            "n_layer": self.n_layer,
-            "n_embd": self.n_embd,
-            "attention_everywhere": self.attention_everywhere,
-            "with_fourier_features": self.with_fourier_features,
-            "fourier_exponents": FOURIER_EXPONENTS,
-            "norm_groups": NORM_GROUPS,
-            "norm_min_group_size": 1,
-            "conditioning_input": self.conditioning_input,
-            "num_classes": 0,
-            "schedule": self.schedule,
-        }
+        fields = score_network_fields(
+            self.n_layer, self.n_embd, self.attention_everywhere, self.with_fourier_features,
+            self.conditioning_input,
+        )  # fmt: skip
+        fields["schedule"] = self.schedule
         if self.schedule == "monotonic_unnormalised":
             fields["schedule_features"] = self.schedule_features
         return fields

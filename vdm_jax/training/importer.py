@@ -171,29 +171,40 @@ def import_original(
             f"(images {tuple(info.image_shape)}); give a config with matching data"
         )
 
-    def make_state(model, optimizer) -> steps.TrainState:
-        def convert(tree, what):
-            return pretrained.convert_tree(tree, model, arch.image_channels, original.path, what)
+    def convert(model, tree, what):
+        return pretrained.convert_tree(tree, model, arch.image_channels, original.path, what)
 
-        params = convert(original.params, "params")
-        opt_state = optimizer.init(params)
-        adam = _their_adam(original)
-        if adam is None:
-            logging.warning("%s holds no Adam moments: they start at zero", original.path)
-        else:
-            mu, nu = convert(adam["mu"], "opt_state/mu"), convert(adam["nu"], "opt_state/nu")
-            opt_state = _fill_adam(opt_state, jnp.asarray(adam["count"], jnp.int32), mu, nu)
-        return steps.TrainState(
-            step=jnp.asarray(original.step, jnp.int32),
-            params=params,
-            ema_params=convert(original.ema_params, "ema_params"),
-            opt_state=opt_state,
-        )
-
+    make_state = _state_maker(
+        convert, original.path, original.step, original.params, original.ema_params,
+        _their_adam(original),
+    )  # fmt: skip
     trainer.start_from_state(config, path, make_state)
     _write_marker(path, source, original.path, original.step, arch.model_fields(), changes)
     logging.info("imported %s at step %d into %s", original.path, original.step, path)
     return ImportResult(original.step, changes)
+
+
+def _state_maker(convert, file, step, params, ema_params, adam):
+    """The ``make_state(model, optimizer)`` that :func:`trainer.start_from_state` calls, for a
+    checkpoint's trees: ``convert(model, tree, what)`` turns one of them into ours; ``adam`` is
+    ``{"count", "mu", "nu"}`` of their Adam state, or None (the moments then start at zero)."""
+
+    def make_state(model, optimizer) -> steps.TrainState:
+        ours = convert(model, params, "params")
+        opt_state = optimizer.init(ours)
+        if adam is None:
+            logging.warning("%s holds no Adam moments: they start at zero", file)
+        else:
+            mu, nu = (convert(model, adam[k], f"opt_state/{k}") for k in ("mu", "nu"))
+            opt_state = _fill_adam(opt_state, jnp.asarray(adam["count"], jnp.int32), mu, nu)
+        return steps.TrainState(
+            step=jnp.asarray(step, jnp.int32),
+            params=ours,
+            ema_params=convert(model, ema_params, "ema_params"),
+            opt_state=opt_state,
+        )
+
+    return make_state
 
 
 def _write_marker(path, source, file, step, fields, changes, **extra) -> None:
@@ -244,25 +255,13 @@ def _import_mulan(
         checkpoint.path, ", ".join(f"model.{k}={v!r}" for k, v in assumed.items()),
     )  # fmt: skip
 
-    def make_state(model, optimizer) -> steps.TrainState:
-        def convert(tree, what):
-            return pretrained.convert_mulan_tree(tree, model, arch, checkpoint.path, what)
+    def convert(model, tree, what):
+        return pretrained.convert_mulan_tree(tree, model, arch, checkpoint.path, what)
 
-        params = convert(checkpoint.params, "params")
-        opt_state = optimizer.init(params)
-        adam = checkpoint.adam
-        if adam is None:
-            logging.warning("%s holds no Adam moments: they start at zero", checkpoint.path)
-        else:
-            mu, nu = convert(adam["mu"], "opt_state/mu"), convert(adam["nu"], "opt_state/nu")
-            opt_state = _fill_adam(opt_state, jnp.asarray(adam["count"], jnp.int32), mu, nu)
-        return steps.TrainState(
-            step=jnp.asarray(checkpoint.step, jnp.int32),
-            params=params,
-            ema_params=convert(checkpoint.ema_params, "ema_params"),
-            opt_state=opt_state,
-        )
-
+    make_state = _state_maker(
+        convert, checkpoint.path, checkpoint.step, checkpoint.params, checkpoint.ema_params,
+        checkpoint.adam,
+    )  # fmt: skip
     trainer.start_from_state(config, path, make_state)
     _write_marker(
         path, source, checkpoint.path, checkpoint.step, fields, changes,
