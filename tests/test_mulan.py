@@ -318,14 +318,15 @@ def _tiny_model(kind):
     )
 
 
-# topk compiles jax.random.gamma's sampler: minutes on a loaded 2-core machine.
+# Each piece jitted whole: run op by op, the model compiles hundreds of small programs (topk's
+# jax.random.gamma sampler among them), minutes on a loaded 2-core machine.
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["topk", "gaussian"])
 def test_tiny_model_bound_gradients_and_samplers(kind):
     model = _tiny_model(kind)
     images = jax.random.randint(jax.random.key(0), (4, 4, 4, 1), 0, 16).astype(jnp.uint8)
     keys = {"params": jax.random.key(1), "diffusion": jax.random.key(2)}
-    variables = model.init(keys, images, train=False)
+    variables = jax.jit(lambda keys: model.init(keys, images, train=False))(keys)
 
     def loss(params):
         terms = model.apply(
@@ -336,7 +337,7 @@ def test_tiny_model_bound_gradients_and_samplers(kind):
         )
         return jnp.mean(terms.bpd), terms
 
-    (value, terms), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    (value, terms), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
     assert all(t.shape == (4,) for t in terms)
     assert bool(jnp.isfinite(value))
     head = "dense_layer_final" if kind == "topk" else "dense_layer_final_mu"
@@ -346,12 +347,19 @@ def test_tiny_model_bound_gradients_and_samplers(kind):
         (mulan.ancestral_sample, "prior"),
         (mulan.ddim_sample, "deterministic"),
     ):
-        out = sampler(model, variables, jax.random.key(5), (2, 4, 4, 1), 2, latent=latent)
+        draw = jax.jit(
+            lambda v, k, sampler=sampler, latent=latent: sampler(
+                model, v, k, (2, 4, 4, 1), 2, latent=latent
+            )
+        )
+        out = draw(variables, jax.random.key(5))
         assert out.shape == (2, 4, 4, 1) and out.dtype == jnp.uint8
         assert int(out.max()) < 16
     c = model.apply(variables, 3, method=model.prior_latent)
     assert c.shape == (3, 6)
     if kind == "topk":
         np.testing.assert_array_equal(c.sum(axis=1), 2)
-        drawn = model.apply(variables, jax.random.key(0), 5, method=model.sample_prior_latent)
+        drawn = jax.jit(lambda v, k: model.apply(v, k, 5, method=model.sample_prior_latent))(
+            variables, jax.random.key(0)
+        )
         np.testing.assert_array_equal(drawn.sum(axis=1), 2)

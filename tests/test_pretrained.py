@@ -8,8 +8,6 @@ checkpoints written by the original code, with its outputs from their EMA weight
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import flax.serialization
@@ -140,14 +138,15 @@ def _get(tree, keys):
 
 
 @pytest.mark.slow
-def test_vlb_terms_agree_per_image(loaded):
+def test_vlb_terms_agree_per_image(loaded, optimized):
     """Our bound's three terms per image, averaged over draws of (t, noise), against theirs.
 
     The reconstruction and diffusion terms are random: each image's mean must lie within 4
     standard errors (of the difference of the two means) of theirs. The prior term does not
     depend on the draw; their float32 evaluation of var_1 - log(var_1) - 1 (about 2e-5 per
     dimension, formed from numbers near 1) loses about 1e-5 of it, so it is compared with a
-    relative tolerance of 1e-4.
+    relative tolerance of 1e-4. Compiled with XLA's optimisations: its 64 passes of the
+    network run for longer than they compile.
     """
     _, expected, model, variables = loaded
     # The same function, organised for a CPU's caches (about twice as fast with attention).
@@ -269,15 +268,6 @@ def test_trees_that_match_no_layout(tmp_path):
 # The command line: import into a new workdir, then eval, sample and train on it.
 
 
-def _cli(*args):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the command line sees the machine's real devices
-    return subprocess.run(
-        [sys.executable, "-m", "vdm_jax", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-
-
 def _image_folder(root: Path, images: np.ndarray) -> Path:
     """The fixture's images as both splits of an image folder (one class)."""
     for split in ("train", "test"):
@@ -291,14 +281,10 @@ def _image_folder(root: Path, images: np.ndarray) -> Path:
 CONFIGS = {"scalar": "cifar10.py", "nnet_aug": "cifar10_aug.py"}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
-def test_command_line_import_eval_sample_and_train(tmp_path, name):
-    root = _fixture(name)
-    expected = np.load(root / "expected.npz")
-    images = _image_folder(tmp_path / "images", expected["images"])
-    work = tmp_path / "run"
-    config = [
+def _command_line_config(name: str, images: Path, work: Path) -> list[str]:
+    """The command line's flags: our config for the fixture ``name`` on the image folder
+    ``images``, the run in ``work``."""
+    return [
         f"--config=vdm_jax/configs/{CONFIGS[name]}:smoke",
         "--config.data.name=folder",
         f"--config.data.data_dir={images}",
@@ -309,10 +295,12 @@ def test_command_line_import_eval_sample_and_train(tmp_path, name):
         "--config.model.attention=chunked",  # the same function, faster on CPUs
         f"--workdir={work}",
     ]
-    imported = _cli("--mode=import", f"--import_from={root / 'checkpoints-0'}", *config)
-    assert imported.returncode == 0, imported.stderr[-3000:]
+
+
+def _check_imported_run(name: str, root: Path, work: Path, stdout: str) -> None:
+    """What --mode=import printed and wrote for the fixture ``name``."""
     # Each model field the checkpoint changes, by name (the smoke config has 16 channels).
-    assert "model.n_embd: 32 from the checkpoint (the config has 16)" in imported.stdout
+    assert "model.n_embd: 32 from the checkpoint (the config has 16)" in stdout
     saved = json.loads((work / "config.json").read_text())
     made = json.loads((root / "made_with.json").read_text())
     model = saved["model"]
@@ -324,38 +312,65 @@ def test_command_line_import_eval_sample_and_train(tmp_path, name):
     assert saved["data"]["augment"] == (name == "nnet_aug")
     assert json.loads((work / "imported.json").read_text())["step"] == 20
 
-    # Eval and sample read the run's own config: with the given --config (scalar) or none.
-    later = config if name == "scalar" else [f"--workdir={work}"]
-    evaluated = _cli("--mode=eval", *later)
+
+@pytest.mark.slow
+def test_command_line_import_eval_sample_and_train(tmp_path, cli):
+    """As a user runs it (a process per command, the machine's own device): import, eval given
+    the same --config, sample given only --workdir (the run's own config), train on."""
+    root = _fixture("scalar")
+    expected = np.load(root / "expected.npz")
+    images = _image_folder(tmp_path / "images", expected["images"])
+    work = tmp_path / "run"
+    config = _command_line_config("scalar", images, work)
+    imported = cli.run("--mode=import", f"--import_from={root / 'checkpoints-0'}", *config)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    _check_imported_run("scalar", root, work, imported.stdout)
+
+    evaluated = cli.run("--mode=eval", *config)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     record = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 20 and record["test/num_examples"] == 16
-    assert np.isfinite(record["test/bpd"])
-    if name == "scalar":  # their flag is 0 for every image, as in our evaluation
-        # One draw per image here, their 64 per image: the same bound within 4 standard errors.
-        to_bpd = 1 / (3072 * np.log(2))
-        theirs = expected["vlb_terms_mean"].sum(0).mean() * to_bpd
-        their_se = np.sqrt(np.sum(expected["vlb_terms_std"] ** 2, 0) / 64).mean() * to_bpd
-        gap = abs(record["test/bpd"] - theirs)
-        assert gap < 4 * np.hypot(record["test/bpd_stderr"], their_se), (record, theirs)
+    # Their flag is 0 for every image, as in our evaluation. One draw per image here, their 64
+    # per image: the same bound within 4 standard errors.
+    to_bpd = 1 / (3072 * np.log(2))
+    theirs = expected["vlb_terms_mean"].sum(0).mean() * to_bpd
+    their_se = np.sqrt(np.sum(expected["vlb_terms_std"] ** 2, 0) / 64).mean() * to_bpd
+    gap = abs(record["test/bpd"] - theirs)
+    assert gap < 4 * np.hypot(record["test/bpd_stderr"], their_se), (record, theirs)
 
-    sampled = _cli("--mode=sample", *later)
+    sampled = cli.run("--mode=sample", f"--workdir={work}")
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert len(os.listdir(work / "samples")) == 1
 
-    trained = _cli(*config, "--config.training.num_train_steps=22")
+    trained = cli.run(*config, "--config.training.num_train_steps=22")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "resumed from step 20" in trained.stderr
     records = [json.loads(line) for line in open(work / "metrics.jsonl")]
     assert max(r["step"] for r in records) == 22 and "test/bpd" in records[-1]
 
-    # A workdir holding a run is refused, a flag that disagrees with the run is an error.
-    again = _cli("--mode=import", f"--import_from={root}", *config)
-    assert again.returncode == 1 and "already holds a run" in again.stderr, again.stderr[-2000:]
-    flagged = _cli(*config, "--config.model.n_embd=64")
-    assert flagged.returncode == 1, flagged.stderr[-2000:]
-    assert "error: --config.model.n_embd=64 disagrees with the trained run" in flagged.stderr
-    assert "Traceback" not in again.stderr + flagged.stderr
+
+@pytest.mark.slow
+def test_command_line_import_in_process_then_refusals(tmp_path, cli, capsys):
+    """nnet_aug imported by the command line's main in this process (the command line as a
+    process, then eval, sample and training on an imported run: the test above); a workdir
+    holding a run is refused, a flag that disagrees with the run is an error: one ``error:``
+    line, exit status 1 (any other exception fails the test)."""
+    root = _fixture("nnet_aug")
+    images = _image_folder(tmp_path / "images", np.load(root / "expected.npz")["images"])
+    work = tmp_path / "run"
+    config = _command_line_config("nnet_aug", images, work)
+    cli.in_process("--mode=import", f"--import_from={root / 'checkpoints-0'}", *config)
+    _check_imported_run("nnet_aug", root, work, capsys.readouterr().out)
+
+    for refused, message in [
+        (("--mode=import", f"--import_from={root}"), f"workdir {work} already holds a run"),
+        (("--config.model.n_embd=64",), "--config.model.n_embd=64 disagrees with the trained run"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            cli.in_process(*config, *refused)
+        assert exited.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err[-2000:]
 
 
 def test_import_refuses_bad_input(tmp_path):
