@@ -7,8 +7,6 @@ collectives over loopback), as a user would start it on each host.
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -18,9 +16,8 @@ from vdm_jax.models.unet import ScoreUNet
 from vdm_jax.models.vdm import VDM, make_schedule
 from vdm_jax.training import checkpoint, parallel, steps
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = [
-    "--config=vdm_jax/configs/digits.py:smoke",
+    "--config=digits:smoke",
     "--config.training.num_train_steps=3",
     "--config.training.log_every=1",
     "--config.training.checkpoint_every=3",
@@ -30,23 +27,10 @@ SMOKE = [
 ]
 
 
-def _env(devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _cli(workdir, devices, *extra):
-    return subprocess.Popen(
-        [sys.executable, "-m", "vdm_jax", f"--workdir={workdir}", *SMOKE, *extra],
-        cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
 
 
 def _finish(proc, timeout=420):
@@ -78,26 +62,30 @@ def _restore_host(workdir):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_four_devices(tmp_path):
-    single = _cli(tmp_path / "single", 4)
-    port = _free_port()
-    address = f"--coordinator_address=127.0.0.1:{port}"
+def test_two_processes_match_one_process_with_four_devices(tmp_path, cli):
+    """Two command-line processes of 2 CPU devices each, against one process of 4. (The
+    reference stays a process of its own: a run on 4 of the test process's 8 fake devices
+    rounds differently from a process that has 4.)"""
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    reference = cli.start(f"--workdir={single}", *SMOKE, devices=4)
+    address = f"--coordinator_address=127.0.0.1:{_free_port()}"
     procs = [
-        _cli(tmp_path / "multi", 2, address, "--num_processes=2", f"--process_id={i}")
+        cli.start(f"--workdir={multi}", *SMOKE, address, "--num_processes=2",
+                  f"--process_id={i}", devices=2)
         for i in range(2)
-    ]
+    ]  # fmt: skip
     outs = [_finish(p) for p in procs]
-    _finish(single)
+    _finish(reference)
     assert "process 1 of 2: 2 local devices of 4" in outs[1]
-    ours, theirs = _metrics(tmp_path / "multi"), _metrics(tmp_path / "single")
+    ours, theirs = _metrics(multi), _metrics(single)
     assert [m["step"] for m in ours] == [m["step"] for m in theirs] == [1, 2, 3, 3]
     for a, b in zip(ours, theirs, strict=True):
         assert a.keys() == b.keys()
         for key in a.keys() - {"steps_per_sec"}:
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7, err_msg=key)
     # Only process 0 writes metrics and images; both checkpoints hold the same parameters.
-    assert len(os.listdir(tmp_path / "multi" / "samples")) == 1
-    a, b = _restore_host(tmp_path / "multi"), _restore_host(tmp_path / "single")
+    assert len(os.listdir(multi / "samples")) == 1
+    a, b = _restore_host(multi), _restore_host(single)
     assert a.step == b.step == 3
     leaves = jax.tree_util.tree_leaves_with_path(a.state)
     for (path, x), y in zip(leaves, jax.tree.leaves(b.state), strict=True):
@@ -106,15 +94,12 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-6, err_msg=jax.tree_util.keystr(path))
     # The data position is the same for both, so the 2-process run resumes on 1 process.
     assert a.data_state == b.data_state
-    # The 2-process checkpoint evaluates on one CPU device.
-    out = _finish(
-        subprocess.Popen(
-            [sys.executable, "-m", "vdm_jax", f"--workdir={tmp_path / 'multi'}", *SMOKE,
-             "--mode=eval", "--config.parallel.num_devices=1"],
-            cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-    )  # fmt: skip
-    assert "test bpd" in out and len(_metrics(tmp_path / "multi")) == len(ours) + 1
+    # The 2-process checkpoint evaluates on one CPU device (the command line's eval, here in
+    # this process on 1 of its devices).
+    cli.in_process(f"--workdir={multi}", *SMOKE, "--mode=eval", "--config.parallel.num_devices=1")
+    evaluated = _metrics(multi)
+    assert len(evaluated) == len(ours) + 1 and evaluated[-1]["step"] == 3
+    assert np.isfinite(evaluated[-1]["test/bpd"])
 
 
 def _tiny_vdm():
