@@ -127,7 +127,8 @@ def test_fsdp_shards_the_large_arrays_and_matches_data_parallel():
     batches = [{"image": rng.integers(0, 17, (16, 8, 8, 1), dtype=np.uint8)} for _ in range(3)]
     state = steps.init_state(model, steps.make_optimizer(), jax.random.key(0), batches[0]["image"])
     dp = parallel.DataParallel("jit", parallel.make_mesh(8))
-    fsdp = parallel.DataParallel("jit", parallel.make_mesh(8, data=1, fsdp=8), fsdp_min_size=1024)
+    # The mesh of the next test (2 x 4): the two tests share their compiled programs.
+    fsdp = parallel.DataParallel("jit", parallel.make_mesh(8, data=2, fsdp=4), fsdp_min_size=1024)
     dp_state, dp_losses = _train_three_steps(dp, state, batches)
     fsdp_state, fsdp_losses = _train_three_steps(fsdp, state, batches)
     np.testing.assert_allclose(fsdp_losses, dp_losses, rtol=1e-5)
@@ -140,10 +141,10 @@ def test_fsdp_shards_the_large_arrays_and_matches_data_parallel():
 
     for sharded in (True, False):
         full = per_device_bytes(dp_state.params, sharded)
-        if sharded:  # the conv kernels: 8x less per device, and their Adam moments too
-            assert full > 0 and per_device_bytes(fsdp_state.params, True) * 8 == full
+        if sharded:  # the conv kernels: 4x less per device, and their Adam moments too
+            assert full > 0 and per_device_bytes(fsdp_state.params, True) * 4 == full
             mu = fsdp_state.opt_state
-            assert per_device_bytes(mu, True) * 8 == per_device_bytes(dp_state.opt_state, True)
+            assert per_device_bytes(mu, True) * 4 == per_device_bytes(dp_state.opt_state, True)
         else:  # biases, norms and small layers stay whole on every device
             assert per_device_bytes(fsdp_state.params, False) == full
 
