@@ -15,8 +15,6 @@ from vdm_jax.configs import cifar10, digits
 from vdm_jax.errors import UserError
 from vdm_jax.training import trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _smoke(**overrides):
     config = digits.get_config("smoke")
@@ -50,27 +48,26 @@ def test_train_and_evaluate_on_digits_writes_everything(digits_smoke_run):
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path):
-    whole = trainer.train_and_evaluate(
-        _smoke(**{"training.num_train_steps": 6}), str(tmp_path / "a")
-    )
-    trainer.train_and_evaluate(_smoke(**{"training.num_train_steps": 2}), str(tmp_path / "b"))
-    resumed = trainer.train_and_evaluate(
-        _smoke(**{"training.num_train_steps": 6}), str(tmp_path / "b")
-    )
-    assert int(resumed.step) == int(whole.step) == 6
+def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, digits_smoke_run):
+    """A run of 2 steps, then raised to 4 and resumed, ends where the uninterrupted 4-step
+    run (``digits_smoke_run``) ended."""
+    whole = digits_smoke_run[1]
+    trainer.train_and_evaluate(_smoke(**{"training.num_train_steps": 2}), str(tmp_path))
+    resumed = trainer.train_and_evaluate(_smoke(), str(tmp_path))
+    assert int(resumed.step) == int(whole.step) == 4
     jax.tree.map(np.testing.assert_array_equal, resumed.params, whole.params)
     jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, whole.opt_state)
 
 
 @pytest.mark.slow
-def test_pmap_mode_trains_too(tmp_path):
-    jit_state = trainer.train_and_evaluate(
-        _smoke(**{"training.num_train_steps": 2}), str(tmp_path / "j")
-    )
+def test_pmap_mode_trains_too(tmp_path, digits_smoke_run):
+    """2 steps in pmap mode against jit mode's state at step 2 (``digits_smoke_run``'s first
+    checkpoint: its learning rate does not depend on the number of steps)."""
+    jit_state = trainer.restore_state(_smoke(), str(digits_smoke_run[0]), 2).state
     pmap_state = trainer.train_and_evaluate(
         _smoke(**{"training.num_train_steps": 2, "parallel.mode": "pmap"}), str(tmp_path / "p")
     )
+    assert int(jit_state.step) == int(pmap_state.step) == 2
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5),
         jit_state.params,
@@ -129,56 +126,46 @@ def test_workdir_that_is_a_file(tmp_path):
         trainer.train_and_evaluate(_smoke(), str(path))
 
 
-def _cli(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=REPO)  # this checkout's vdm_jax, whatever is installed
-    env.pop("XLA_FLAGS", None)  # the command line sees the machine's real devices
-    return subprocess.run(
-        [sys.executable, "-m", "vdm_jax", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-
-
 @pytest.mark.slow
-def test_command_line_train_then_eval_and_sample_read_the_run_s_config(tmp_path):
-    """Run from a folder outside the checkout: train a bundled config by its name; eval with
-    no --config (the run's own); sample with the full digits config (forgetting ':smoke'),
-    whose sampling settings apply while the model comes from the run; a model field that
-    disagrees with the run is one error line naming it."""
-    run = tmp_path / "run"
-    trained = _cli(
-        "--config=digits:smoke", f"--workdir={run}", "--config.training.num_train_steps=2",
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    assert "test bpd" in trained.stderr
-    assert "Unable to initialize backend 'tpu'" not in trained.stderr
-    evaluated = _cli("--mode=eval", f"--workdir={run}", cwd=tmp_path)
+def test_command_line_eval_and_sample_read_the_run_s_config(digits_smoke_copy, cli, capsys):
+    """From a folder outside the checkout, on a trained run: eval with no --config (the run's
+    own); sample with the full digits config (forgetting ':smoke'), whose sampling settings
+    apply while the model comes from the run; a model field that disagrees with the run is one
+    error line naming it. (Training from the command line: test_reliability.py's kill test.)"""
+    run, outside = digits_smoke_copy, digits_smoke_copy.parent
+    records = len((run / "metrics.jsonl").read_text().splitlines())
+    evaluated = cli.run("--mode=eval", f"--workdir={run}", cwd=outside)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "over 297 examples" in evaluated.stderr
     assert re.search(r"per-pixel independent baseline 2\.42\d\d bpd", evaluated.stderr)
     assert "read only" not in evaluated.stderr and "read_only" not in evaluated.stderr
-    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["step"] == 2 and "test/independent_pixel_baseline_bpd" in record
-    sampled = _cli(
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[-1])
+    assert len(lines) == records + 1
+    assert record["step"] == 4 and "test/independent_pixel_baseline_bpd" in record
+    sampled = cli.run(
         "--config=digits", "--mode=sample", f"--workdir={run}",
         "--config.sampling.sampler=ddim", "--config.sampling.sampling_steps=5",
-        "--config.sampling.num_samples=4", cwd=tmp_path,
+        "--config.sampling.num_samples=4", cwd=outside,
     )  # fmt: skip
     assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert "Unable to initialize backend 'tpu'" not in sampled.stderr
     # The digits have a feature extractor: sampling reports the samples' Frechet distance.
     assert "digits Frechet distance (a small" in sampled.stderr, sampled.stderr[-3000:]
     assert "not comparable with FID" in sampled.stderr
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["step"] == 2 and last["frechet_digits"] > 0 and last["frechet_samples"] == 4
+    assert last["step"] == 4 and last["frechet_digits"] > 0 and last["frechet_samples"] == 4
     # Another sampler at the same step: a second file beside the training grid.
     assert sorted(os.listdir(run / "samples")) == [
-        "step00000002_ancestral10_argmax.png",
-        "step00000002_ddim5_argmax.png",
+        "step00000004_ancestral10_argmax.png",
+        "step00000004_ddim5_argmax.png",
     ]
     before = sorted(os.listdir(run))
-    bad = _cli("--mode=eval", f"--workdir={run}", "--config.model.n_embd=8", cwd=tmp_path)
-    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
-    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:  # the error exit itself: test_reliability.py
+        cli.in_process("--mode=eval", f"--workdir={run}", "--config.model.n_embd=8")
+    assert exited.value.code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert errors == [
         "error: --config.model.n_embd=8 disagrees with the trained run, which has "
         "model.n_embd=16: the run's checkpoint fixes it; drop the flag"
@@ -187,10 +174,13 @@ def test_command_line_train_then_eval_and_sample_read_the_run_s_config(tmp_path)
 
 
 @pytest.mark.slow
-def test_console_script_outside_the_checkout_takes_a_bundled_name_or_a_path(tmp_path):
+def test_console_script_outside_the_checkout_takes_a_bundled_name_or_a_path(
+    tmp_path, cli, capsys, monkeypatch
+):
     """From a folder outside the checkout, ``--config`` finds a bundled config by its name and
     a config file by its path; ``--mode=show_config`` prints each field's value, default and
-    meaning without training."""
+    meaning without training. The console script runs the path; the same ``main`` in this
+    process, the name."""
     script = os.path.join(os.path.dirname(sys.executable), "vdm-jax")
     if not os.path.exists(script):
         pytest.skip("the vdm-jax console script is not installed (pip install -e .)")
@@ -201,16 +191,15 @@ def test_console_script_outside_the_checkout_takes_a_bundled_name_or_a_path(tmp_
         "    config.model.n_embd = int(width)\n"
         "    return config\n"
     )
-    env = dict(os.environ, PYTHONPATH=REPO)  # this checkout's vdm_jax, whatever is installed
-    env.pop("XLA_FLAGS", None)
-    shown = {}
-    for config in ("digits:smoke", "my_config.py:24"):
-        proc = subprocess.run(
-            [script, f"--config={config}", "--mode=show_config", "--config.seed=7"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        shown[config] = proc.stdout
+    proc = subprocess.run(
+        [script, "--config=my_config.py:24", "--mode=show_config", "--config.seed=7"],
+        cwd=tmp_path, env=cli.env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    cli.in_process("--config=digits:smoke", "--mode=show_config", "--config.seed=7")
+    shown = {"my_config.py:24": proc.stdout, "digits:smoke": capsys.readouterr().out}
     for config, width in (("digits:smoke", 16), ("my_config.py:24", 24)):
         text = shown[config]
         assert re.search(
@@ -222,29 +211,17 @@ def test_console_script_outside_the_checkout_takes_a_bundled_name_or_a_path(tmp_
         )
 
 
-@pytest.mark.slow
-def test_a_bug_inside_jax_keeps_its_traceback(tmp_path):
+def test_a_bug_inside_jax_keeps_its_traceback(tmp_path, cli, capsys, monkeypatch):
     """A ValueError that is not a user error (here a shape bug inside the traced model) is not
-    turned into a one-line message."""
-    script = (
-        "import sys\n"
-        "from vdm_jax.models import vdm as model\n"
-        "import jax.numpy as jnp\n"
-        "def broken(self, z, *args, **kwargs):\n"
-        "    return jnp.broadcast_to(z, (3,))  # a shape error: jax raises ValueError\n"
-        "model.VDM.predict_noise = broken\n"
-        "from vdm_jax import cli\n"
-        "sys.argv = ['vdm_jax', *sys.argv[1:]]\n"
-        "cli.run()\n"
-    )
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", script, "--config=vdm_jax/configs/digits.py:smoke",
-         f"--workdir={tmp_path / 'w'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "Traceback (most recent call last)" in proc.stderr
-    assert "ValueError: Cannot broadcast" in proc.stderr, proc.stderr[-3000:]
-    assert not any(line.startswith("error: ") for line in proc.stderr.splitlines())
+    turned into a one-line message: it leaves the command line's ``main`` as it was raised,
+    and absl's ``app.run`` prints its traceback and exits 1."""
+    from vdm_jax.models import vdm as model
+
+    def broken(self, z, *args, **kwargs):
+        return jax.numpy.broadcast_to(z, (3,))  # a shape error: jax raises ValueError
+
+    monkeypatch.setattr(model.VDM, "predict_noise", broken)
+    with pytest.raises(ValueError, match="Cannot broadcast") as raised:
+        cli.in_process("--config=digits:smoke", f"--workdir={tmp_path / 'w'}")
+    assert not isinstance(raised.value, UserError)
+    assert not any(line.startswith("error: ") for line in capsys.readouterr().err.splitlines())

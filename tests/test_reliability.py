@@ -2,8 +2,9 @@
 
 Every case lives in a table or a test below; the module docstring of ``vdm_jax.training.trainer``
 states the guarantees. Runs use the digits smoke config on one device (tiny model, a few
-steps). Only the kill and command-line tests start subprocesses; they share a persistent
-compilation cache so that each start compiles in well under a second after the first.
+steps). Only the kill and command-line tests start subprocesses (conftest's ``cli``); they
+share the session's persistent compilation cache, so that each start compiles in well under a
+second after the first.
 """
 
 import errno
@@ -15,7 +16,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,11 +26,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vdm_jax import cli as command_line
 from vdm_jax.configs import digits
 from vdm_jax.training import checkpoint, run_files, run_setup, sources, steps, trainer
 from vdm_jax.training import schema as config_schema
-
-REPO = Path(__file__).resolve().parent.parent
 
 # After a failed tensorstore read or an injected write error, orbax's asyncio helpers report
 # "Event loop is closed" when garbage-collected; harmless.
@@ -94,34 +93,10 @@ def _assert_bitwise_equal(a, b) -> None:
 # ----------------------------------------------------------------------------- subprocesses
 
 
-@pytest.fixture(scope="module")
-def cli_env(tmp_path_factory):
-    """Environment for command-line subprocesses: the machine's one CPU device (no fake
-    devices) and a compilation cache shared by the subprocesses of this module."""
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    return env
-
-
 def _flags(workdir, **overrides) -> list[str]:
-    args = ["--config=vdm_jax/configs/digits.py:smoke", f"--workdir={workdir}"]
+    args = ["--config=digits:smoke", f"--workdir={workdir}"]
     settings = {"parallel.num_devices": 1, "training.eval_every": 0, **overrides}
     return args + [f"--config.{k}={v}" for k, v in settings.items()]
-
-
-def _start(args, env, log_path) -> subprocess.Popen:
-    log = open(log_path, "ab")
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "vdm_jax", *args],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    finally:
-        log.close()
 
 
 def _logged_steps(workdir) -> list[int]:
@@ -173,13 +148,19 @@ OBJECTIVE = {
 
 
 @pytest.mark.slow
-def test_sigkill_sigterm_and_restart_end_bitwise_equal_to_an_uninterrupted_run(tmp_path, cli_env):
-    """One run killed with SIGKILL during a checkpoint write, preempted with SIGTERM, killed
-    with SIGKILL between writes, each time restarted with the same command, ends with the same
-    bits as an uninterrupted run. The kill steps are random (the seed is printed; set
-    VDM_RELIABILITY_SEED to repeat a run). The runs train the weighted objective with adaptive
-    noise levels and v-prediction, so the state includes the noise-level histogram and the
-    log shows the trained loss beside the bound."""
+def test_sigkill_sigterm_and_restart_end_bitwise_equal_to_an_uninterrupted_run(
+    tmp_path, cli, caplog
+):
+    """One command-line run killed with SIGKILL during a checkpoint write, preempted with
+    SIGTERM, killed with SIGKILL between writes, each time restarted with the same command,
+    ends with the same bits as an uninterrupted run. The uninterrupted run and the last
+    restart, which is killed no more, run in this process (on one of its 8 fake devices); the
+    processes see 8 CPU devices too and use one, since XLA rounds a one-device program
+    differently in a process that has 1 CPU device and in one that has 8.
+    The kill steps are random (the seed is printed; set VDM_RELIABILITY_SEED to repeat a run).
+    The runs train the weighted objective with adaptive noise levels and v-prediction, so the
+    state includes the noise-level histogram and the log shows the trained loss beside the
+    bound."""
     seed = int(os.environ.get("VDM_RELIABILITY_SEED", time.time_ns() % 10**6))
     rng = random.Random(seed)
     settings = {
@@ -192,13 +173,15 @@ def test_sigkill_sigterm_and_restart_end_bitwise_equal_to_an_uninterrupted_run(t
     ref_dir, dir_ = tmp_path / "uninterrupted", tmp_path / "interrupted"
     args = _flags(dir_, **settings)
     log = tmp_path / "interrupted.log"
-    reference = _start(_flags(ref_dir, **settings), cli_env, tmp_path / "uninterrupted.log")
+    overrides = {k.replace(".", "__"): v for k, v in {**settings, **OBJECTIVE}.items()}
+    config = _config(**overrides)
+    trainer.train_and_evaluate(config, str(ref_dir))
     events = []
 
     def run_until(step, sig, when):
         """Start the run, wait for ``step``, then for a moment ``when`` a checkpoint is being
         written ('saving') or not ('idle', once one exists), and send ``sig``."""
-        proc = _start(args, cli_env, log)
+        proc = cli.start(*args, devices=8, log=log)
         _wait_for_step(dir_, step, proc)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and proc.poll() is None:
@@ -220,11 +203,13 @@ def test_sigkill_sigterm_and_restart_end_bitwise_equal_to_an_uninterrupted_run(t
     assert len(saved) == 1 and saved[0] in _steps(dir_), (text[-3000:], events)
     step = max(_logged_steps(dir_)) + rng.randint(2, 4)
     assert run_until(step, signal.SIGKILL, "idle") == -signal.SIGKILL
-    last = _start(args, cli_env, log)
-    assert _finish(last) == 0, log.read_text()[-3000:]
-    assert _finish(reference) == 0, (tmp_path / "uninterrupted.log").read_text()[-3000:]
+    # The command line's main, as cli.in_process runs it, with its INFO log kept: parsing the
+    # flags sets absl's log level.
+    argv = command_line.parse_flags(["vdm_jax", *args])
+    with caplog.at_level(logging.INFO, logger="absl"):
+        command_line.main(argv)
 
-    text = log.read_text()
+    text = log.read_text() + caplog.text
     # Each start either resumed (from step n) or started afresh (0): when the first kill came
     # before any save had completed, the first restart starts over, as it should.
     starts = [
@@ -236,13 +221,13 @@ def test_sigkill_sigterm_and_restart_end_bitwise_equal_to_an_uninterrupted_run(t
     assert len(starts) == 4 and starts[0] == 0 and starts[2] == saved[0], (starts, saved)
     assert starts == sorted(starts) and starts[3] > 0
     assert "Traceback" not in text
+    assert "Unable to initialize backend 'tpu'" not in text  # the note is filtered out
+    assert re.search(r"step 24: test bpd [0-9.]+", text), text[-3000:]  # evaluated at the end
     # Every step logs the trained objective beside the bound of the same pass (w < 1).
     assert re.search(r"step 24/24  loss [0-9.]+  bpd [0-9.]+ \(prior", text), text[-3000:]
     logged = [json.loads(line) for line in (ref_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in logged if "loss" in r]
     assert len(logged) == 24 and all(r["loss"] < r["bpd"] for r in logged)
-    overrides = {k.replace(".", "__"): v for k, v in OBJECTIVE.items()}
-    config = _config(training__num_train_steps=24, training__checkpoint_every=2, **overrides)
     whole, pieced = _restore(config, ref_dir), _restore(config, dir_)
     assert whole.step == pieced.step == 24
     assert not np.allclose(whole.state.noise_histogram, 1.0)  # adapted, not the initial one
@@ -809,7 +794,7 @@ def _cli_case_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "bad value": (_flags(w, **{"model.gamma_min": 7.0}),
                       r"model\.gamma_min must be below model\.gamma_max"),
-        "unknown variant": (["--config=vdm_jax/configs/digits.py:tiny", f"--workdir={w}"],
+        "unknown variant": (["--config=digits:tiny", f"--workdir={w}"],
                             r"unknown config variant 'tiny'; known: \['smoke'\]"),
         "missing config file": ([f"--config={tmp}/nowhere.py", f"--workdir={w}"],
                                 r"--config=.*nowhere\.py: no config file .*nowhere\.py"),
@@ -840,20 +825,30 @@ def _cli_case_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
     }  # fmt: skip
 
 
+# Run as processes: an error while the flags parse, before jax starts, and one that the
+# training layer raises; the other cases run the same ``main`` in the test's process.
+IN_A_PROCESS = ("misspelt field", "corrupt image")
+
+
 @pytest.mark.slow
-def test_command_line_user_errors_print_one_line_and_exit_1(tmp_path, cli_env):
+def test_command_line_user_errors_print_one_line_and_exit_1(tmp_path, cli, capsys):
     cases = _cli_case_files(tmp_path)
     before = _snapshot(tmp_path)
-    procs = {}
-    for name, (args, _) in cases.items():
-        procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "vdm_jax", *args], cwd=REPO, env=cli_env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=240)
+    procs = {name: cli.start(*cases[name][0]) for name in IN_A_PROCESS}
+    for name, (args, message) in cases.items():
+        if name in procs:
+            continue
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            cli.in_process(*args)
+        err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
-        assert proc.returncode == 1, (name, err[-2000:])
-        assert len(errors) == 1 and re.search(cases[name][1], err), (name, err[-2000:])
-        assert "Traceback" not in err, (name, err[-3000:])
+        assert exited.value.code == 1, (name, err[-2000:])
+        assert len(errors) == 1 and re.search(message, err), (name, err[-2000:])
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=240)  # stdout and stderr together
+        errors = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert proc.returncode == 1, (name, out[-2000:])
+        assert len(errors) == 1 and re.search(cases[name][1], out), (name, out[-2000:])
+        assert "Traceback" not in out, (name, out[-3000:])
     assert _snapshot(tmp_path) == before  # no workdir created, nothing written

@@ -76,11 +76,17 @@ def _trajectory(mode, batches, steps_per_dispatch=1, num_devices=8):
     return np.array(losses), jax.device_get(dp.get_state(device_state))
 
 
+@pytest.fixture(scope="module")
+def jit_trajectory():
+    """``(losses, state)`` of 4 single steps in jit mode on the 8 fake devices: the reference
+    of the tests below, computed once per test process."""
+    return _trajectory("jit", _batches(4))
+
+
 @pytest.mark.slow
-def test_jit_and_pmap_give_the_same_trajectory_on_8_devices():
-    batches = _batches(4)
-    jit_losses, jit_state = _trajectory("jit", batches)
-    pmap_losses, pmap_state = _trajectory("pmap", batches)
+def test_jit_and_pmap_give_the_same_trajectory_on_8_devices(jit_trajectory):
+    jit_losses, jit_state = jit_trajectory
+    pmap_losses, pmap_state = _trajectory("pmap", _batches(4))
     np.testing.assert_allclose(jit_losses, pmap_losses, rtol=1e-5)
     assert int(jit_state.step) == int(pmap_state.step) == 4
     # Adam divides by sqrt(v): near-zero gradients amplify float32 rounding, so compare the
@@ -95,10 +101,9 @@ def test_jit_and_pmap_give_the_same_trajectory_on_8_devices():
 
 
 @pytest.mark.slow
-def test_several_steps_per_dispatch_equal_single_steps():
-    batches = _batches(4)
-    single, single_state = _trajectory("jit", batches)
-    scanned, scanned_state = _trajectory("jit", batches, steps_per_dispatch=2)
+def test_several_steps_per_dispatch_equal_single_steps(jit_trajectory):
+    single, single_state = jit_trajectory
+    scanned, scanned_state = _trajectory("jit", _batches(4), steps_per_dispatch=2)
     np.testing.assert_allclose(single, scanned, rtol=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5),
@@ -108,10 +113,11 @@ def test_several_steps_per_dispatch_equal_single_steps():
 
 
 @pytest.mark.slow
-def test_one_and_eight_devices_see_the_same_random_numbers_per_shard():
+def test_one_and_eight_devices_see_the_same_random_numbers_per_shard(jit_trajectory):
     # With the same number of shards the step is the same computation whatever the device
-    # count: 1 device running 8 shards equals 8 devices running one each.
-    batches = _batches(2)
+    # count: 1 device running 8 shards equals 8 devices running one each (the first step of
+    # the 8-device trajectory, whose first batch this is).
+    batches = _batches(1)
     model = _model()
     optimizer = steps.make_optimizer(learning_rate=1e-3)
     state = steps.init_state(
@@ -120,8 +126,7 @@ def test_one_and_eight_devices_see_the_same_random_numbers_per_shard():
     step_fn = steps.make_train_step(model, optimizer, 0.9)
     one_device = jax.jit(lambda s, b, k: step_fn(s, b, k, num_shards=8))
     _, m1 = one_device(state, {"image": jnp.asarray(batches[0]["image"])}, jax.random.key(1))
-    losses, _ = _trajectory("jit", batches[:1])
-    np.testing.assert_allclose(float(m1["bpd"]), losses[0], rtol=1e-5)
+    np.testing.assert_allclose(float(m1["bpd"]), jit_trajectory[0][0], rtol=1e-5)
 
 
 @pytest.mark.slow
