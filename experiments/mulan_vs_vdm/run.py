@@ -8,8 +8,8 @@
 The protocol (see README.md), for each data set of ``--datasets`` (``digits``; ``folder``:
 the 32x32 RGB images of ``--images``, a folder ``root/{train,test}/<class>/*.png``, of which
 ``--num_train`` training and ``--num_test`` test images, each drawn without replacement with
-seed 0, are linked into ``WORKDIR/data``) and each model of ``config.py`` (``linear``,
-``monotonic``, ``mulan``), one after another in this process:
+seed 0, are linked into ``WORKDIR/data``) and each model of ``--models`` (of ``config.py``:
+``linear``, ``monotonic``, ``mulan``; all three by default), one after another in this process:
 
 1. Train ``config.py``'s config for ``--steps`` steps (``trainer.train_and_evaluate``, the
    command line's training) in ``WORKDIR/<data set>/<model>``. The run evaluates its EMA
@@ -321,7 +321,8 @@ def run_dataset(dataset: str, args) -> dict:
     import vdm_jax
 
     data = os.path.join(args.workdir, "data") if dataset == "folder" else None
-    configs = {m: study_config(dataset, m, args.steps, args.smoke, data) for m in MODELS}
+    models = args.models.split(",")
+    configs = {m: study_config(dataset, m, args.steps, args.smoke, data) for m in models}
     results = {"models": {}}
     for model, config in configs.items():
         workdir = os.path.join(args.workdir, dataset, model)
@@ -341,7 +342,7 @@ def run_dataset(dataset: str, args) -> dict:
         )
     results["speed"] = time_steps(configs, args.rounds, args.timed_steps)
     print(f"{dataset} speed: {json.dumps(results['speed'])}", flush=True)
-    runs = {m: vdm_jax.load_run(os.path.join(args.workdir, dataset, m)) for m in MODELS}
+    runs = {m: vdm_jax.load_run(os.path.join(args.workdir, dataset, m)) for m in models}
     results["mulan_schedule"] = schedule_figures(runs, args.plot_images, args.plots, dataset)
     c = configs["linear"]
     results["settings"] = {
@@ -359,6 +360,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--workdir", required=True, help="a new folder for the runs")
     p.add_argument("--datasets", default=",".join(DATASETS), help="digits, folder or both")
+    p.add_argument("--models", default=",".join(MODELS), help="linear first, mulan among them")
     p.add_argument("--images", default=None, help="folder: root/{train,test}/<class>/*.png")
     p.add_argument("--num_train", type=int, default=10_000, help="folder: training images")
     p.add_argument("--num_test", type=int, default=300, help="folder: test images")
@@ -374,6 +376,9 @@ def main(argv=None) -> dict:
     datasets = args.datasets.split(",")
     if set(datasets) - set(DATASETS):
         p.error(f"--datasets: choose from {DATASETS}, got {args.datasets!r}")
+    models = args.models.split(",")
+    if set(models) - set(MODELS) or models[0] != "linear" or "mulan" not in models:
+        p.error(f"--models: linear first, then mulan and/or monotonic; got {args.models!r}")
     if "folder" in datasets and not args.images:
         p.error("the folder data set needs --images (experiments/equal_steps/make_images.py)")
     args.plots = args.plots or args.workdir
