@@ -58,7 +58,7 @@ def test_subset_draws_both_splits_with_seed_0(tmp_path):
         run.write_subset(str(images), str(tmp_path / "c"), num_train=13, num_test=1)
 
 
-@pytest.mark.slow  # three tiny trainings, their bounds, timings and plots in this process
+@pytest.mark.slow  # two tiny trainings, bounds, timings, plots: 70 CPU-seconds (2 min loaded)
 def test_protocol_writes_every_figure_and_the_plots(tmp_path):
     from experiments.mulan_vs_vdm import run
 

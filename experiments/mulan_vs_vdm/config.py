@@ -32,7 +32,7 @@ from vdm_jax.configs import base, cifar10, cifar10_mulan, digits, digits_mulan
 from vdm_jax.errors import UserError
 
 #: Training steps of each model by data set (the study's, sized for a shared 2-core CPU).
-STEPS = {"digits": 1500, "folder": 300}
+STEPS = {"digits": 900, "folder": 300}
 #: Where run.py writes its subset of an image folder by default.
 DATA = "/tmp/vdm_mulan_vs_vdm/data"
 DATASETS = ("digits", "folder")
