@@ -61,6 +61,8 @@ CONFIGS = [
     ),
     ("likelihood_estimators", "digits,smoke", {"training.num_train_steps": "4"}),
     ("likelihood_estimators", "authors", {"data.name": "'folder'", "eval.batch_size": "16"}),
+    ("mulan_vs_vdm", "digits,mulan", {"model.family": "'mulan'", "model.n_embd": "32"}),
+    ("mulan_vs_vdm", "folder,monotonic", {"data.name": "'folder'", "model.n_layer": "2"}),
 ]
 
 
@@ -107,6 +109,7 @@ def test_every_study_has_a_config_a_readme_and_a_line_in_the_index():
         ("paper_cifar10", "smoke"),
         ("likelihood_estimators", "authors,smoke"),
         ("equal_steps", "tiny"),
+        ("mulan_vs_vdm", "digits,cosine"),
     ],
 )
 def test_an_unknown_variant_is_a_user_error_naming_it(study, arg):

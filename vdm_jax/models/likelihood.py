@@ -99,7 +99,8 @@ class Estimate(NamedTuple):
         values (ddof = 1), float32 ``[B]``, bits/dim; NaN when K = 1 (nothing to measure).
       nfe: network evaluations spent on each example, int32 ``[B]``.
       terms: the bound's terms averaged over the K draws, each float32 ``[B]``, nats:
-        'prior', 'reconstruction', 'diffusion' for the VLB estimators; 'reconstruction',
+        'prior', 'reconstruction', 'diffusion' for the VLB estimators (and 'latent', the
+        latent's KL, for a :class:`~vdm_jax.models.mulan.MuLAN`); 'reconstruction',
         'log_p_latent', 'log_q_latent' for the ODE ones (for ``ode_iw`` these are plain
         averages, not importance-weighted).
     """
@@ -198,6 +199,10 @@ def _bound_draws(model, variables, batch, key, indices, num_draws, num_steps) ->
     size = draws.shape[0]
     named = {"prior": terms.prior, "reconstruction": terms.reconstruction,
              "diffusion": terms.diffusion}  # fmt: skip
+    latent = getattr(terms, "latent", None)  # MuLAN's KL of its latent c is part of its bound
+    if latent is not None:
+        draws = draws + latent
+        named["latent"] = latent
     num_dims = math.prod(jnp.shape(batch["image"])[1:])
     return _combine(draws, num_dims, jnp.full((size,), num_draws), named)
 
