@@ -66,7 +66,7 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
       UserError: a field out of range (e.g. ``eval.num_draws`` < 1, an unknown
         ``eval.estimator``); ``vlb`` with K > 1 or ``eval.num_examples``; an estimator that
         needs continuous time (``dense_vlb``, ``ode``, ``ode_iw``) on a discrete-time model
-        (``model.timesteps`` > 0); ``discrete`` without T.
+        (``model.timesteps`` > 0); ``discrete`` without T, or for MuLAN.
     """
     check_config(config)
     cfg, steps = config.eval, config.model.timesteps
@@ -89,6 +89,12 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
             f"discrete-time (model.timesteps={steps}); use eval.estimator='discrete' (its "
             f"bound at T={steps}) or 'vlb'"
         )
+    if name == "discrete" and config.model.family == "mulan":
+        raise UserError(
+            "eval.estimator='discrete' has no MuLAN model to bound (model.family='mulan'): "
+            "MuLAN's per-pixel schedule gamma(t, c) is trained and evaluated in continuous "
+            "time only; use eval.estimator='dense_vlb' (its continuous bound, K levels per image)"
+        )
     if name == "discrete" and not (cfg.discrete_timesteps or steps):
         raise UserError(
             "eval.estimator='discrete' needs T for a continuous-time model: set "
@@ -98,13 +104,14 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
 
 def estimator_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The estimator's own settings from the config: T of ``discrete``
-    (``eval.discrete_timesteps``, else ``model.timesteps``); the ODE solve's tolerances of
-    ``ode`` and ``ode_iw`` (``eval.ode_rtol``, ``eval.ode_atol``); none for the others."""
+    (``eval.discrete_timesteps``, else ``model.timesteps``); the ODE solve's tolerances and
+    Hutchinson probes per draw of ``ode`` and ``ode_iw`` (``eval.ode_rtol``, ``eval.ode_atol``,
+    ``eval.num_probes``); none for the others."""
     cfg = config.eval
     if cfg.estimator == "discrete":
         return {"num_steps": cfg.discrete_timesteps or config.model.timesteps}
     if cfg.estimator in ("ode", "ode_iw"):
-        return {"rtol": cfg.ode_rtol, "atol": cfg.ode_atol}
+        return {"rtol": cfg.ode_rtol, "atol": cfg.ode_atol, "num_probes": cfg.num_probes}
     return {}
 
 
