@@ -287,6 +287,7 @@ def test_the_ode_log_density_meets_the_tolerance_by_itself():
     np.testing.assert_allclose(log_p, _exact_log_p_latent(z_0), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_more_hutchinson_probes_lower_the_trace_noise_as_the_closed_form_says():
     """Gaussian probes v held along the path: for this model's Jacobian, the same multiple of
     the identity in every dimension, the estimate of log p(z_0) is the exact one plus c (sum_i
@@ -476,6 +477,7 @@ def _pixel_flow_log_p(model, z_0):
     return out
 
 
+@pytest.mark.slow
 def test_the_ode_of_a_schedule_per_pixel_matches_its_closed_form_and_the_univariate_one():
     """log p_ODE(z_0 | c) with a different schedule in every pixel is the product of the
     pixels' affine flows; with every pixel's schedule the VDM's, it is the VDM's figure."""
