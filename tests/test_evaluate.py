@@ -109,22 +109,20 @@ def test_one_and_eight_devices_give_the_same_figure(digits_smoke_copy):
 @pytest.mark.slow
 def test_the_ode_bound_on_one_and_eight_devices_is_the_same(digits_smoke_copy):
     """8 images with K = 2 draws and 2 probes each, one batch: on 8 devices each solves one
-    image, on 1 device all 8. The ODE solves are the same to the bit (each is a batch of one,
-    whatever the device's batch); the decoder's terms round as the device's batch does."""
+    image, on 1 device all 8, each solve a batch of one: the same values to the bit (76 s
+    and 78 s on a loaded 2-core machine)."""
     workdir = digits_smoke_copy
     config = _config(eval__estimator="ode", eval__num_draws=2, eval__num_probes=2,
-                     eval__num_examples=8, eval__batch_size=8)  # fmt: skip
+                     eval__num_examples=8, eval__batch_size=8, eval__ode_rtol=1e-3,
+                     eval__ode_atol=1e-3)  # fmt: skip
     eight = evaluate.evaluate_likelihood(config, str(workdir))
     (eight_batch,) = _batches(_eval_folder(workdir)).values()
     config.parallel.num_devices, config.eval.recompute = 1, True
     one = evaluate.evaluate_likelihood(config, str(workdir))
     (one_batch,) = _batches(_eval_folder(workdir)).values()
-    np.testing.assert_array_equal(one_batch["term_log_p_latent"], eight_batch["term_log_p_latent"])
-    np.testing.assert_array_equal(one_batch["nfe"], eight_batch["nfe"])
-    np.testing.assert_allclose(one_batch["draws"], eight_batch["draws"], rtol=1e-6)
-    assert one.keys() == eight.keys()
-    for key in one:
-        assert one[key] == pytest.approx(eight[key], rel=1e-6), key
+    for key, value in one_batch.items():
+        np.testing.assert_array_equal(value, eight_batch[key], err_msg=key)
+    assert one == eight
     assert one["test/ode_num_draws"] == 2 and one["test/ode_nfe"] > 2
 
 

@@ -48,6 +48,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from jax.sharding import PartitionSpec
 
 from vdm_jax.errors import UserError
 from vdm_jax.models import likelihood
@@ -227,6 +228,13 @@ def _evaluate(setup: run_setup.RunSetup, ema_params: Any, step: int, stop_after:
             indices=batch["index"], **options,
         )  # fmt: skip
 
+    if name in ("ode", "ode_iw"):
+        # Each device solves its own rows one after the other (shard_map), as one device
+        # solves a batch: the same program per row, so the same steps to the bit. The
+        # partitioner is not left to split a loop (lax.map) over a sharded batch axis.
+        spec = dp.batch_sharding.spec
+        batch_fn = jax.shard_map(batch_fn, mesh=dp.mesh, in_specs=(PartitionSpec(), spec,
+                                 PartitionSpec()), out_specs=spec, check_vma=False)  # fmt: skip
     compiled = dp.compile_eval_step(batch_fn, params=params)
     rows = batch_size // setup.data_slots
 
