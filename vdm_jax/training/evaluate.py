@@ -16,7 +16,9 @@ How the pass is run:
   devices) is sharded over every device of every process, as training shards its batches
   (:meth:`~vdm_jax.training.parallel.DataParallel.compile_eval_step`); example i draws its
   random numbers from ``fold_in(key, i)``, so the figure is the one device's up to float
-  rounding (per-device batches of another size round differently).
+  rounding (per-device batches of another size round differently); with ``ode`` and
+  ``ode_iw`` each device solves its own rows one at a time, and the figure is the one
+  device's to the bit.
 - **Resume.** Each finished batch's per-example values (the estimate in nats and bits/dim,
   the K draws, the spread, the network evaluations, the terms; ``index`` and ``mask``) are
   written atomically to ``WORKDIR/eval/<split>_<estimator>_K<K>_step<step>_<hash>/
