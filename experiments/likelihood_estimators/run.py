@@ -155,7 +155,7 @@ def measure(model_name: str, path: str, args) -> dict:
     n = args.digits_examples if model_name == "digits" else args.authors_examples
     batch = first_examples(run, n)
     num_dims = math.prod(run.info.image_shape)
-    ode_options = {"rtol": args.ode_tol, "atol": args.ode_tol}
+    ode_options = {"rtol": args.ode_tol, "atol": args.ode_tol, "num_probes": args.num_probes}
     plan = [("vlb", 1, {})]
     plan += [("dense_vlb", k, {}) for k in args.draws]
     plan += [("discrete", k, {"num_steps": args.discrete_steps}) for k in args.draws]
@@ -222,6 +222,7 @@ def main(argv=None) -> dict:
                    help="K of ode and ode_iw, '' for none (1,4,16; smoke 2)")  # fmt: skip
     p.add_argument("--discrete-steps", type=int, default=1000, help="T of the discrete bound")
     p.add_argument("--ode-tol", type=float, default=1e-5, help="the ODE solve's rtol and atol")
+    p.add_argument("--num-probes", type=int, default=1, help="Hutchinson probes per ODE draw")
     p.add_argument(
         "--smoke", action="store_true", help="the digits smoke model, 2 images, K = 2, tol 1e-2"
     )

@@ -21,33 +21,30 @@ The estimators (look them up by name with :func:`get_estimator`; :data:`ESTIMATO
     and denoiser, e.g. T = 1000 for a model trained in continuous time, K stratified steps
     per image. K network evaluations.
 ``ode``
-    The probability-flow ODE bound with dequantization: E_q(z_0|x)[-log p(x|z_0) -
-    log p_ODE(z_0) + log q(z_0|x)], averaged over K draws of z_0 (and of the Hutchinson
-    probes) per image; see :func:`vdm_jax.models.ode.ode_log_likelihood`. The same
-    expectation for every K; adaptive cost (the solver's function evaluations, summed over
-    the K draws).
+    The probability-flow ODE bound with dequantization averaged over K draws of z_0 (and of
+    the Hutchinson probes) per image (:func:`ode`). Adaptive cost: the solver's function
+    evaluations, summed over the K draws.
 ``ode_iw``
-    The importance-weighted ODE bound -log (1/K) sum_k exp(-b_k) over the same K per-draw
-    bounds b_k (Burda et al. 2016; i-DODE, Zheng et al. 2023, evaluates with it): its
-    expectation does not increase with K and tends to -log p(x) as K grows (exactly so with an
-    exact divergence; Hutchinson's noise inside the exponential biases it slightly). The same
-    cost as ``ode``.
+    The importance-weighted bound -log (1/K) sum_k exp(-b_k) over the same K per-draw bounds
+    (:func:`ode_iw`), which tightens towards -log p(x) as K grows. The same cost as ``ode``.
+
+Each takes a :class:`~vdm_jax.models.mulan.MuLAN` too (the VLB estimators add its latent's
+KL term once per image; the ODE ones draw c ~ q(c|x) per draw); ``discrete`` does not.
 
 Why the results do not depend on how a data set is cut into batches, nor on the number of
 devices: example i draws everything it uses (noise levels, noise, z_0, probes) from
 ``fold_in(key, indices[i])``, its global index in the data set, and every example is
-evaluated on its own (``jax.vmap``); the ODE solves take their own adaptive steps per
-example. Give each example its index in the data set (padded examples any index). Batches of
-one size give the same values to the bit; a batch of another size may round differently
-(XLA vectorises by size), which the VLB estimators keep at float32 rounding and an adaptive
-ODE solve can amplify to about its tolerance, with other steps taken.
+evaluated on its own (``jax.vmap``); the ODE solves, one per draw, run one after the other
+(``jax.lax.map``), each a batch of one with its own adaptive steps. Give each example its
+index in the data set (padded examples any index). Batches of one size give the same values
+to the bit; in a batch of another size (or on other devices) the VLB estimators' arithmetic
+may round differently (XLA vectorises by size), the ODE solves take the same steps to the
+bit, and only their decoder and log q terms may round differently.
 
-Costs are counted in network evaluations (forward passes of the score network). An ODE
-function evaluation is also the network's linearisation and ``num_probes`` Jacobian-vector
-products, so it costs a few forward passes in time; ``nfe`` counts each once.
-
-Memory: the VLB estimators pass B K images through the network at once and the ODE ones run
-B K solves in lock-step; pick the batch for the K you ask.
+Costs are counted in network evaluations (forward passes of the score network); an ODE
+function evaluation (also a linearisation and ``num_probes`` Jacobian-vector products) counts
+once. The VLB estimators pass B K images through the network at once; the ODE ones run B K
+solves one after the other (memory of one solve, time the sum of theirs).
 """
 
 from __future__ import annotations
@@ -64,6 +61,7 @@ import numpy as np
 
 from vdm_jax.errors import UserError
 from vdm_jax.models.evaluation import MaskedMeans, bound_terms
+from vdm_jax.models.mulan import MuLAN
 from vdm_jax.models.ode import ode_log_likelihood
 
 Array = jax.Array
@@ -95,14 +93,12 @@ class Estimate(NamedTuple):
       bpd: the same in bits per dimension, float32 ``[B]``: nats / (H W C ln 2).
       draws: the K per-draw (per-noise-level) bounds it combines, float32 ``[B, K]``, nats;
         ``nats`` is their mean, or for ``ode_iw`` -logsumexp(-draws) + log K.
-      spread: the per-image spread of the draws, their sample standard deviation over the K
-        values (ddof = 1), float32 ``[B]``, bits/dim; NaN when K = 1 (nothing to measure).
+      spread: the sample standard deviation (ddof = 1) of an image's K draws, float32 ``[B]``,
+        bits/dim; NaN when K = 1.
       nfe: network evaluations spent on each example, int32 ``[B]``.
-      terms: the bound's terms averaged over the K draws, each float32 ``[B]``, nats:
-        'prior', 'reconstruction', 'diffusion' for the VLB estimators (and 'latent', the
-        latent's KL, for a :class:`~vdm_jax.models.mulan.MuLAN`); 'reconstruction',
-        'log_p_latent', 'log_q_latent' for the ODE ones (for ``ode_iw`` these are plain
-        averages, not importance-weighted).
+      terms: the bound's terms averaged over the K draws (plain averages for ``ode_iw``), each
+        float32 ``[B]``, nats: 'prior', 'reconstruction', 'diffusion' (VLB estimators) or
+        'reconstruction', 'log_p_latent', 'log_q_latent' (ODE ones); MuLAN's 'latent' too.
     """
 
     nats: Array
@@ -195,14 +191,14 @@ def _bound_draws(model, variables, batch, key, indices, num_draws, num_steps) ->
         return bound_terms(model, variables, copies, key_i, num_steps=num_steps)
 
     terms = jax.vmap(one)(fields, example_keys(key, indices))  # each [B, K]
-    draws = terms.prior + terms.reconstruction + terms.diffusion
-    size = draws.shape[0]
     named = {"prior": terms.prior, "reconstruction": terms.reconstruction,
              "diffusion": terms.diffusion}  # fmt: skip
-    latent = getattr(terms, "latent", None)  # MuLAN's KL of its latent c is part of its bound
-    if latent is not None:
-        draws = draws + latent
-        named["latent"] = latent
+    if hasattr(terms, "latent"):
+        # MuLAN: each of the K draws has its own c ~ q(c|x), but the latent's KL term is a
+        # function of x alone, so the mean over K adds it once per image.
+        named["latent"] = terms.latent
+    draws = sum(named.values())
+    size = draws.shape[0]
     num_dims = math.prod(jnp.shape(batch["image"])[1:])
     return _combine(draws, num_dims, jnp.full((size,), num_draws), named)
 
@@ -311,34 +307,55 @@ def discrete(
 # The probability-flow ODE
 
 
-def _ode_draws(model, params, batch, key, indices, num_draws, importance_weighted, settings):
+def _ode_draws(name, model, params, batch, key, indices, num_draws, settings) -> Estimate:
+    _check_num_draws(name, num_draws)
+    _check_continuous(name, model)
+    is_mulan = isinstance(model, MuLAN)
+    if is_mulan and name == "ode_iw" and model.latent_kind == "topk":
+        raise UserError(
+            "the 'ode_iw' estimator weighs each draw of the latent c by p(c) / q(c|x), which a "
+            "MuLAN topk latent (a relaxed k-hot) does not have; use 'ode' (with the authors' KL "
+            "term) or a gaussian latent"
+        )
     indices = _check_batch(batch, indices)
     images = jnp.asarray(batch["image"])
     size = images.shape[0]
     keys = jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(
         jnp.arange(num_draws)))(example_keys(key, indices))  # fmt: skip
-    # Draw k of example i is a batch of one: its z_0, probes and solver steps are its own.
+    # Draw k of example i is a batch of one, solved after the others (lax.map, not vmap): the
+    # same program whatever the batch or the devices, so its steps and value are the same to
+    # the bit (see vdm_jax.models.ode).
     flat_images = jnp.repeat(images, num_draws, axis=0)[:, None]
     flat_keys = keys.reshape(size * num_draws, *keys.shape[2:])
     labels = batch.get("label")
-    if labels is None:
-        out = jax.vmap(lambda x, k: ode_log_likelihood(model, params, x, k, **settings))(
-            flat_images, flat_keys
+    flat_labels = None if labels is None else jnp.repeat(jnp.asarray(labels), num_draws)[:, None]
+
+    def one(args):
+        x, k, y = args
+        if not is_mulan:
+            return ode_log_likelihood(model, params, x, k, labels=y, **settings), None
+        # gaussian: log q(c|x) - log p(c) of the draw (unbiased for the KL; importance
+        # weights need it); topk: the authors' KL term (no density to weigh a draw by).
+        key_c, k = jax.random.split(k)
+        method = (
+            model.draw_latent if model.latent_kind == "topk" else model.draw_latent_with_log_ratio
         )
-    else:
-        flat_labels = jnp.repeat(jnp.asarray(labels), num_draws, axis=0)[:, None]
-        out = jax.vmap(
-            lambda x, y, k: ode_log_likelihood(model, params, x, k, labels=y, **settings)
-        )(flat_images, flat_labels, flat_keys)
+        c, latent = model.apply(params, x, key_c, method=method)
+        return ode_log_likelihood(model, params, x, k, latents=c, **settings), latent
+
+    out, latent = jax.lax.map(one, (flat_images, flat_keys, flat_labels))
     per_draw = lambda v: v.reshape(size, num_draws)  # noqa: E731
     reconstruction, log_p, log_q = map(
         per_draw, (out.reconstruction, out.log_p_latent, out.log_q_latent)
     )
     draws = reconstruction - log_p + log_q
     terms = {"reconstruction": reconstruction, "log_p_latent": log_p, "log_q_latent": log_q}
+    if is_mulan:
+        terms["latent"] = per_draw(latent)
+        draws = draws + terms["latent"]
     nfe = jnp.sum(per_draw(out.nfe), axis=1)
     num_dims = math.prod(images.shape[1:])
-    return _combine(draws, num_dims, nfe, terms, importance_weighted=importance_weighted)
+    return _combine(draws, num_dims, nfe, terms, importance_weighted=name == "ode_iw")
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_draws", *_ODE_STATIC))
@@ -350,12 +367,7 @@ def ode(
     *,
     num_draws: int = 1,
     indices=None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    hutchinson: str = "rademacher",
-    num_probes: int = 1,
-    max_steps: int = 4096,
-    solver: str = "tsit5",
+    **solve,
 ) -> Estimate:
     """The probability-flow ODE bound with dequantization, averaged over K draws of z_0.
 
@@ -364,18 +376,23 @@ def ode(
     (Chen et al. 2018; Song et al. 2021, appendix D.2) with Hutchinson's trace; the estimate
     is mean_k b_k, unbiased for the variational bound E_q[b] >= -log p(x) of the model
     p(x) = int p(x|z_0) p_ODE(z_0) dz_0. K lowers its variance, not its expectation (see
-    :func:`ode_iw`).
+    :func:`ode_iw`). For MuLAN each draw also draws c_k ~ q(c|x) and b_k adds log q(c_k|x) -
+    log p(c_k) (gaussian latent; term 'latent'), with every term given c_k (p_ODE(z_0|c) the
+    ODE of the per-pixel schedule gamma(t, c)): a bound on -log p(x) of p(x) = int p(c) p(x|c)
+    dc. A topk latent adds the authors' KL term instead: their estimate, not a proven bound.
 
     Args:
-      model: a continuous-time VDM-like module (see :mod:`vdm_jax.models.sampling`); static.
+      model: a continuous-time VDM-like module (see :mod:`vdm_jax.models.sampling`) or a
+        :class:`~vdm_jax.models.mulan.MuLAN`; static.
       params: its variables dict.
       batch: 'image' integer ``[B, H, W, C]`` in 0..V-1; optionally 'label' int ``[B]``.
       key: PRNG key; draw k of example i uses ``fold_in(fold_in(key, indices[i]), k)``, so the
         first K' draws at K > K' are the draws at K'.
       num_draws: K >= 1, draws of z_0 (and probes) per image; static.
       indices: int ``[B]``, each example's global index in the data set (default 0..B-1).
-      rtol, atol, hutchinson, num_probes, max_steps, solver: the ODE solve's settings, as in
-        :func:`vdm_jax.models.ode.ode_log_prob_latent`; static.
+      **solve: the ODE solve's settings ``rtol``, ``atol``, ``hutchinson``, ``num_probes``
+        (Hutchinson probes per draw), ``max_steps``, ``solver``, with the meanings and
+        defaults of :func:`vdm_jax.models.ode.ode_log_prob_latent`; static.
 
     Returns:
       :class:`Estimate`: ``draws`` ``[B, K]`` the b_k in nats, ``nfe`` the solver's function
@@ -384,11 +401,7 @@ def ode(
     Raises:
       UserError: K < 1, a discrete-time model, or a bad batch.
     """
-    _check_num_draws("ode", num_draws)
-    _check_continuous("ode", model)
-    settings = dict(rtol=rtol, atol=atol, hutchinson=hutchinson, num_probes=num_probes,
-                    max_steps=max_steps, solver=solver)  # fmt: skip
-    return _ode_draws(model, params, batch, key, indices, num_draws, False, settings)
+    return _ode_draws("ode", model, params, batch, key, indices, num_draws, solve)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_draws", *_ODE_STATIC))
@@ -400,12 +413,7 @@ def ode_iw(
     *,
     num_draws: int = 1,
     indices=None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    hutchinson: str = "rademacher",
-    num_probes: int = 1,
-    max_steps: int = 4096,
-    solver: str = "tsit5",
+    **solve,
 ) -> Estimate:
     """The importance-weighted ODE bound -log (1/K) sum_k exp(-b_k) over K draws of z_0.
 
@@ -419,8 +427,7 @@ def ode_iw(
     a model whose Jacobian is diagonal, remove that.
 
     Args:
-      model, params, batch, key, num_draws, indices: as in :func:`ode`.
-      rtol, atol, hutchinson, num_probes, max_steps, solver: as in :func:`ode`.
+      model, params, batch, key, num_draws, indices, **solve: as in :func:`ode`.
 
     Returns:
       :class:`Estimate`: ``nats`` the importance-weighted bound, ``draws`` ``[B, K]`` the b_k
@@ -428,13 +435,10 @@ def ode_iw(
       :func:`ode`.
 
     Raises:
-      UserError: K < 1, a discrete-time model, or a bad batch.
+      UserError: K < 1, a discrete-time model, a bad batch, or a MuLAN topk latent (no
+        density q(c|x) to weigh draws of c by).
     """
-    _check_num_draws("ode_iw", num_draws)
-    _check_continuous("ode_iw", model)
-    settings = dict(rtol=rtol, atol=atol, hutchinson=hutchinson, num_probes=num_probes,
-                    max_steps=max_steps, solver=solver)  # fmt: skip
-    return _ode_draws(model, params, batch, key, indices, num_draws, True, settings)
+    return _ode_draws("ode_iw", model, params, batch, key, indices, num_draws, solve)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,9 +495,8 @@ def estimate(
     indices=None,
     **options,
 ) -> Estimate:
-    """Run the estimator called ``name`` on a batch: one entry point for every estimator.
-
-    Checks the name, K and the model's time before anything compiles.
+    """Run the estimator called ``name`` on a batch: one entry point for every estimator; it
+    checks the name, K and the model's time before anything compiles.
 
     Args:
       name: one of :data:`ESTIMATORS` ('vlb', 'dense_vlb', 'discrete', 'ode', 'ode_iw').
@@ -513,14 +516,13 @@ def estimate(
     _check_num_draws(name, num_draws)
     if entry.continuous_time:
         _check_continuous(name, model)
-    if not entry.takes_num_draws:
-        if num_draws != 1:
-            raise UserError(
-                f"the {name!r} estimator draws one noise level per image, got K={num_draws}; "
-                "use 'dense_vlb' for K > 1"
-            )
-        return entry.fn(model, variables, batch, key, indices=indices, **options)
-    return entry.fn(model, variables, batch, key, num_draws=num_draws, indices=indices, **options)
+    if not entry.takes_num_draws and num_draws != 1:
+        raise UserError(
+            f"the {name!r} estimator draws one noise level per image, got K={num_draws}; "
+            "use 'dense_vlb' for K > 1"
+        )
+    draws = {"num_draws": num_draws} if entry.takes_num_draws else {}
+    return entry.fn(model, variables, batch, key, indices=indices, **draws, **options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,13 +559,8 @@ class LikelihoodResult:
         """Flat metrics ``{prefix}{estimator}_bpd``, ``..._bpd_stderr``, ``..._spread_bpd``,
         ``..._nfe``, ``..._num_examples`` and ``{prefix}{estimator}_{term}_bpd``."""
         head = f"{prefix}{self.estimator}_"
-        out = {
-            head + "bpd": self.bpd,
-            head + "bpd_stderr": self.bpd_stderr,
-            head + "spread_bpd": self.spread_bpd,
-            head + "nfe": self.nfe,
-            head + "num_examples": self.num_examples,
-        }
+        fields = ("bpd", "bpd_stderr", "spread_bpd", "nfe", "num_examples")
+        out = {head + name: getattr(self, name) for name in fields}
         out.update({f"{head}{k}_bpd": v for k, v in self.terms_bpd.items()})
         return out
 

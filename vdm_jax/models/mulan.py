@@ -294,6 +294,22 @@ class MuLAN(nn.Module):
         c = mulan_maths.relaxed_topk(out + noise, self.latent_k)
         return c, mulan_maths.categorical_uniform_kl(out)
 
+    def draw_latent_with_log_ratio(self, images: Array, key: Array) -> tuple[Array, Array]:
+        """A draw of c ~ q(c|x) for a gaussian latent and log q(c|x) - log p(c) of that draw.
+
+        Its mean over q is the KL of :meth:`draw_latent`; per draw it is what importance
+        weights p(c) / q(c|x) need. A topk latent (a relaxed k-hot) has no such density.
+
+        Returns:
+          (c ``[B, D]`` float32, log q(c|x) - log p(c) ``[B]`` nats).
+        """
+        if self.latent_kind != "gaussian":
+            raise UserError(f"a {self.latent_kind} latent has no density q(c|x) to weigh draws by")
+        mean, var = self.encode(images)
+        noise = jax.random.normal(key, mean.shape)
+        c = mean + jnp.sqrt(var) * noise
+        return c, 0.5 * jnp.sum(jnp.square(c) - jnp.square(noise) - jnp.log(var), axis=-1)
+
     def mean_latent(self, images: Array) -> Array:
         """c without the draw's noise: the gaussian mean, or the k-hot of the top-k logits."""
         out = self.encode(images)

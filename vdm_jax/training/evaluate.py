@@ -16,7 +16,9 @@ How the pass is run:
   devices) is sharded over every device of every process, as training shards its batches
   (:meth:`~vdm_jax.training.parallel.DataParallel.compile_eval_step`); example i draws its
   random numbers from ``fold_in(key, i)``, so the figure is the one device's up to float
-  rounding (per-device batches of another size round differently).
+  rounding (per-device batches of another size round differently); with ``ode`` and
+  ``ode_iw`` each device solves its own rows one at a time, and the figure is the one
+  device's to the bit.
 - **Resume.** Each finished batch's per-example values (the estimate in nats and bits/dim,
   the K draws, the spread, the network evaluations, the terms; ``index`` and ``mask``) are
   written atomically to ``WORKDIR/eval/<split>_<estimator>_K<K>_step<step>_<hash>/
@@ -48,6 +50,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from jax.sharding import PartitionSpec
 
 from vdm_jax.errors import UserError
 from vdm_jax.models import likelihood
@@ -66,7 +69,7 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
       UserError: a field out of range (e.g. ``eval.num_draws`` < 1, an unknown
         ``eval.estimator``); ``vlb`` with K > 1 or ``eval.num_examples``; an estimator that
         needs continuous time (``dense_vlb``, ``ode``, ``ode_iw``) on a discrete-time model
-        (``model.timesteps`` > 0); ``discrete`` without T.
+        (``model.timesteps`` > 0); ``discrete`` without T, or for MuLAN.
     """
     check_config(config)
     cfg, steps = config.eval, config.model.timesteps
@@ -89,6 +92,12 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
             f"discrete-time (model.timesteps={steps}); use eval.estimator='discrete' (its "
             f"bound at T={steps}) or 'vlb'"
         )
+    if name == "discrete" and config.model.family == "mulan":
+        raise UserError(
+            "eval.estimator='discrete' has no MuLAN model to bound (model.family='mulan'): "
+            "MuLAN's per-pixel schedule gamma(t, c) is trained and evaluated in continuous "
+            "time only; use eval.estimator='dense_vlb' (its continuous bound, K levels per image)"
+        )
     if name == "discrete" and not (cfg.discrete_timesteps or steps):
         raise UserError(
             "eval.estimator='discrete' needs T for a continuous-time model: set "
@@ -98,13 +107,14 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
 
 def estimator_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The estimator's own settings from the config: T of ``discrete``
-    (``eval.discrete_timesteps``, else ``model.timesteps``); the ODE solve's tolerances of
-    ``ode`` and ``ode_iw`` (``eval.ode_rtol``, ``eval.ode_atol``); none for the others."""
+    (``eval.discrete_timesteps``, else ``model.timesteps``); the ODE solve's tolerances and
+    Hutchinson probes per draw of ``ode`` and ``ode_iw`` (``eval.ode_rtol``, ``eval.ode_atol``,
+    ``eval.num_probes``); none for the others."""
     cfg = config.eval
     if cfg.estimator == "discrete":
         return {"num_steps": cfg.discrete_timesteps or config.model.timesteps}
     if cfg.estimator in ("ode", "ode_iw"):
-        return {"rtol": cfg.ode_rtol, "atol": cfg.ode_atol}
+        return {"rtol": cfg.ode_rtol, "atol": cfg.ode_atol, "num_probes": cfg.num_probes}
     return {}
 
 
@@ -220,6 +230,13 @@ def _evaluate(setup: run_setup.RunSetup, ema_params: Any, step: int, stop_after:
             indices=batch["index"], **options,
         )  # fmt: skip
 
+    if name in ("ode", "ode_iw"):
+        # Each device solves its own rows one after the other (shard_map), as one device
+        # solves a batch: the same program per row, so the same steps to the bit. The
+        # partitioner is not left to split a loop (lax.map) over a sharded batch axis.
+        spec = dp.batch_sharding.spec
+        batch_fn = jax.shard_map(batch_fn, mesh=dp.mesh, in_specs=(PartitionSpec(), spec,
+                                 PartitionSpec()), out_specs=spec, check_vma=False)  # fmt: skip
     compiled = dp.compile_eval_step(batch_fn, params=params)
     rows = batch_size // setup.data_slots
 

@@ -273,6 +273,9 @@ FIELDS: tuple[Field, ...] = (
        _NON_NEGATIVE_INT),
     _f("eval.ode_rtol", 1e-5, "ode, ode_iw: the ODE solve's relative tolerance", _POSITIVE_REAL),
     _f("eval.ode_atol", 1e-5, "ode, ode_iw: the ODE solve's absolute tolerance", _POSITIVE_REAL),
+    _f("eval.num_probes", 1, "ode, ode_iw: Hutchinson probes per draw (each one more "
+       "Jacobian-vector product per function evaluation); more lower the trace's noise",
+       _POSITIVE),
     _f("eval.recompute", False, "estimators but vlb: compute again instead of reading the "
        "results of an earlier pass with the same settings (removes them)"),
     _f("sampling.num_samples", 64, "images in a grid of samples", _POSITIVE),
