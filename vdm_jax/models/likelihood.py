@@ -427,7 +427,8 @@ def ode_iw(
     a model whose Jacobian is diagonal, remove that.
 
     Args:
-      model, params, batch, key, num_draws, indices, **solve: as in :func:`ode`.
+      model, params, batch, key, num_draws, indices, solve: as in :func:`ode` (``solve``: its
+        keyword arguments for the solver).
 
     Returns:
       :class:`Estimate`: ``nats`` the importance-weighted bound, ``draws`` ``[B, K]`` the b_k

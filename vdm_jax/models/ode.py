@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import diffrax
 import flax.linen as nn
@@ -165,8 +165,11 @@ def _example_flow(model: nn.Module, params, labels_i, latent_i):
     of the image's shape, and the drift below is elementwise.
     """
     if latent_i is None:
-        eps = lambda z, g: protocol.eps_hat(model, params, z[None], g, _one(labels_i))[0]  # noqa: E731
-        return functools.partial(_flow_terms, model, params), eps
+
+        def eps_vdm(z, g):
+            return protocol.eps_hat(model, params, z[None], g, _one(labels_i))[0]
+
+        return functools.partial(_flow_terms, model, params), eps_vdm
     c = latent_i[None]
 
     def terms(t):
@@ -476,7 +479,7 @@ def ode_log_likelihood(
     if latents is None:
         log_probs = protocol.decode_log_probs(model, params, z_0)
     else:
-        log_probs = model.apply(params, z_0, latents, method=model.decode_log_probs)
+        log_probs = cast(Array, model.apply(params, z_0, latents, method=model.decode_log_probs))
     picked = jnp.take_along_axis(log_probs, images.astype(jnp.int32)[..., None], axis=-1)
     reconstruction = -protocol.sum_per_example(picked[..., 0])
     log_p, nfe = ode_log_prob_latent(
