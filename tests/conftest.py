@@ -18,9 +18,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+#: XLA flags of every test process and command-line subprocess: XLA's older CPU code emitters,
+#: which compile the tests' tiny programs in about two thirds of the time of its fusion
+#: emitters (the same functions, rounded as that emitter rounds).
+COMPILE_LIGHT = "--xla_cpu_use_fusion_emitters=false"
+
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+    _flags += " --xla_force_host_platform_device_count=8"
+if "xla_cpu_use_fusion_emitters" not in _flags:
+    _flags += " " + COMPILE_LIGHT
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _own_cache = None
@@ -62,16 +70,21 @@ class CommandLine:
     :meth:`in_process` runs the same ``main`` in the test's process, without paying for a
     Python start and a cold in-memory cache."""
 
-    def env(self, devices: int = 1, **extra: str) -> dict[str, str]:
-        """The environment of a command-line subprocess; ``extra`` variables added."""
+    def env(self, devices: int = 1, compile_light: bool = True, **extra: str) -> dict[str, str]:
+        """The environment of a command-line subprocess; ``extra`` variables added.
+        ``compile_light=False``: XLA's default code emitters, for a test of a result to the
+        bit that depends on how XLA rounds (see ``COMPILE_LIGHT``)."""
         env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        if compile_light:
+            env["XLA_FLAGS"] += " " + COMPILE_LIGHT
         env.update(extra)
         return env
 
-    def start(self, *args: str, devices: int = 1, cwd=REPO, log=None, **extra: str):
+    def start(self, *args: str, devices: int = 1, cwd=REPO, log=None, **extra):
         """``python -m vdm_jax ARGS`` started (a :class:`subprocess.Popen`); its output into
-        the file ``log`` (appended), else a pipe (stdout and stderr together, text)."""
+        the file ``log`` (appended), else a pipe (stdout and stderr together, text).
+        ``extra``: keywords of :meth:`env`."""
         command = [sys.executable, "-m", "vdm_jax", *args]
         env = self.env(devices, **extra)
         if log is None:
@@ -82,9 +95,10 @@ class CommandLine:
         with open(log, "ab") as out:
             return subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
-    def run(self, *args: str, devices: int = 1, cwd=REPO, timeout: float = 600, **extra: str):
+    def run(self, *args: str, devices: int = 1, cwd=REPO, timeout: float = 600, **extra):
         """``python -m vdm_jax ARGS`` run to its end: a :class:`subprocess.CompletedProcess`
-        with ``stdout`` and ``stderr`` as text (the test checks ``returncode``)."""
+        with ``stdout`` and ``stderr`` as text (the test checks ``returncode``). ``extra``:
+        keywords of :meth:`env`."""
         return subprocess.run(
             [sys.executable, "-m", "vdm_jax", *args], cwd=cwd, env=self.env(devices, **extra),
             capture_output=True, text=True, timeout=timeout,
