@@ -1,4 +1,5 @@
-"""Many devices and processes: fsdp layouts, and 2 processes on 127.0.0.1 against 1 process.
+"""Many devices and processes: fsdp layouts, and 2 processes on 127.0.0.1 (training, then an
+evaluation pass) against 1 process.
 
 The multi-process test starts the command line as separate processes (CPU devices, gloo
 collectives over loopback), as a user would start it on each host.
@@ -94,12 +95,37 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, cli):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-6, err_msg=jax.tree_util.keystr(path))
     # The data position is the same for both, so the 2-process run resumes on 1 process.
     assert a.data_state == b.data_state
-    # The 2-process checkpoint evaluates on one CPU device (the command line's eval, here in
-    # this process on 1 of its devices).
-    cli.in_process(f"--workdir={multi}", *SMOKE, "--mode=eval", "--config.parallel.num_devices=1")
+    # The command line's evaluation over both processes (dense_vlb, K = 2, on 20 examples in
+    # batches of 8, the last one padded), then the same pass of the 2-process checkpoint on 1
+    # CPU device (here in this process, on 1 of its devices): the same figures to rounding.
+    dense = ["--mode=eval", "--config.eval.estimator=dense_vlb", "--config.eval.num_draws=2",
+             "--config.eval.num_examples=20", "--config.eval.batch_size=8"]  # fmt: skip
+    address = f"--coordinator_address=127.0.0.1:{_free_port()}"
+    for proc in [
+        cli.start(f"--workdir={multi}", *SMOKE, *dense, address, "--num_processes=2",
+                  f"--process_id={i}", devices=2)
+        for i in range(2)
+    ]:  # fmt: skip
+        _finish(proc)
+    two_processes, per_example_two = _metrics(multi)[-1], _eval_arrays(multi)
+    cli.in_process(f"--workdir={multi}", *SMOKE, *dense, "--config.parallel.num_devices=1",
+                   "--config.eval.recompute=True")  # fmt: skip
     evaluated = _metrics(multi)
-    assert len(evaluated) == len(ours) + 1 and evaluated[-1]["step"] == 3
-    assert np.isfinite(evaluated[-1]["test/bpd"])
+    one_device, per_example_one = evaluated[-1], _eval_arrays(multi)
+    assert len(evaluated) == len(ours) + 2 and one_device["step"] == two_processes["step"] == 3
+    assert one_device["test/dense_vlb_num_examples"] == 20
+    assert one_device.keys() == two_processes.keys()
+    for key, value in one_device.items():
+        assert value == pytest.approx(two_processes[key], rel=1e-5, abs=1e-6), key
+    assert per_example_one.keys() == per_example_two.keys() and len(per_example_one) == 3
+    for name, arrays in per_example_one.items():
+        np.testing.assert_allclose(arrays["bpd"], per_example_two[name]["bpd"], rtol=1e-5)
+
+
+def _eval_arrays(workdir):
+    """The per-example arrays of the one evaluation pass in ``workdir/eval``, per batch file."""
+    (folder,) = (workdir / "eval").iterdir()
+    return {p.name: dict(np.load(p)) for p in sorted(folder.glob("batch_*"))}
 
 
 def _tiny_vdm():
