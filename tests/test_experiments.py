@@ -207,17 +207,19 @@ def test_equal_steps_trains_our_side_and_reports_its_bound(tmp_path):
 
 
 @pytest.mark.slow
-def test_objectives_smoke_reports_each_variant(tmp_path):
+def test_objectives_smoke_reports_a_variant(tmp_path):
+    # One variant, a weighted objective: the study's loop is the same for each, and the
+    # ELBO's training is the trainer's default, tested throughout.
     from experiments.objectives import run as objectives
 
     result = objectives.main(
-        ["--smoke", "--workdir", str(tmp_path / "runs"), "--variants", "elbo,sigmoid"]
+        ["--smoke", "--workdir", str(tmp_path / "runs"), "--variants", "sigmoid"]
     )
     assert result["steps"] == 2 and result["test_split_frechet"] > 0
-    for name in ("elbo", "sigmoid"):
-        figures = result["variants"][name]
-        assert figures["test_bpd"] > 0 and figures["test_bpd_stderr"] > 0, figures
-        assert figures["frechet"] > 0, figures
+    assert list(result["variants"]) == ["sigmoid"]
+    figures = result["variants"]["sigmoid"]
+    assert figures["test_bpd"] > 0 and figures["test_bpd_stderr"] > 0, figures
+    assert figures["frechet"] > 0, figures
 
 
 @pytest.mark.slow
