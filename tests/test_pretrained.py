@@ -315,8 +315,9 @@ def _check_imported_run(name: str, root: Path, work: Path, stdout: str) -> None:
 
 @pytest.mark.slow
 def test_command_line_import_eval_sample_and_train(tmp_path, cli):
-    """As a user runs it (a process per command, the machine's own device): import, eval given
-    the same --config, sample given only --workdir (the run's own config), train on."""
+    """As a user runs it: import and train on as processes (the machine's own device); between
+    them eval given the same --config and sample given only --workdir (the run's own config),
+    the command line's main in this process."""
     root = _fixture("scalar")
     expected = np.load(root / "expected.npz")
     images = _image_folder(tmp_path / "images", expected["images"])
@@ -326,8 +327,7 @@ def test_command_line_import_eval_sample_and_train(tmp_path, cli):
     assert imported.returncode == 0, imported.stderr[-3000:]
     _check_imported_run("scalar", root, work, imported.stdout)
 
-    evaluated = cli.run("--mode=eval", *config)
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    cli.in_process("--mode=eval", *config)
     record = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 20 and record["test/num_examples"] == 16
     # Their flag is 0 for every image, as in our evaluation. One draw per image here, their 64
@@ -338,8 +338,7 @@ def test_command_line_import_eval_sample_and_train(tmp_path, cli):
     gap = abs(record["test/bpd"] - theirs)
     assert gap < 4 * np.hypot(record["test/bpd_stderr"], their_se), (record, theirs)
 
-    sampled = cli.run("--mode=sample", f"--workdir={work}")
-    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    cli.in_process("--mode=sample", f"--workdir={work}")
     assert len(os.listdir(work / "samples")) == 1
 
     trained = cli.run(*config, "--config.training.num_train_steps=22")
