@@ -12,18 +12,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING_SYSTEM_ONLY = ("grain", "orbax", "tensorflow_datasets", "ml_collections", "tensorboardX")
 
 
-def _env():
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # the command as a user runs it: no fake devices
-    return env
-
-
 @pytest.mark.slow
-def test_smoke_run_writes_every_field(tmp_path):
+def test_smoke_run_writes_every_field(tmp_path, cli):
     out = tmp_path / "smoke.json"
     proc = subprocess.run(
         [sys.executable, "benchmarks/run.py", "--smoke", "--json", str(out)],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=cli.env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| train images/s (jit, batch 8) |" in proc.stdout
@@ -44,22 +38,24 @@ def test_smoke_run_writes_every_field(tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmarks_import_no_training_system_packages():
+def test_benchmarks_import_no_training_system_packages(cli):
     code = (
         "import sys; from benchmarks import common; "
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {TRAINING_SYSTEM_ONLY!r}))"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+        [sys.executable, "-c", code], cwd=ROOT, env=cli.env(), capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]"
 
 
-def _run(args, timeout=600, **env):
+def _run(cli, args, timeout=600, **env):
+    """``python ARGS`` as the command line's subprocesses run (``cli.env()``: one CPU device,
+    as a user has); its stdout."""
     proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env={**_env(), **env}, capture_output=True, text=True,
+        [sys.executable, *args], cwd=ROOT, env=cli.env(**env), capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,11 +63,11 @@ def _run(args, timeout=600, **env):
 
 
 @pytest.mark.slow
-def test_gpu_script_smoke_prints_one_json_line_per_figure(tmp_path):
+def test_gpu_script_smoke_prints_one_json_line_per_figure(tmp_path, cli):
     # One dtype and one sampler beside ancestral: each figure's code path, few compilations.
     out = tmp_path / "gpu.jsonl"
     flags = ["--smoke", "--out", str(out), "--dtypes", "float32", "--few_step", "no_such:2"]
-    stdout = _run(["benchmarks/gpu.py", *flags], VDM_ORIGINAL="")
+    stdout = _run(cli, ["benchmarks/gpu.py", *flags], VDM_ORIGINAL="")
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [json.loads(x) for x in stdout.splitlines() if x.startswith("{")] == lines
     by_figure = {}
@@ -92,8 +88,8 @@ def test_gpu_script_smoke_prints_one_json_line_per_figure(tmp_path):
 
 
 @pytest.mark.slow
-def test_side_by_side_without_the_original_code_says_so():
-    stdout = _run(["benchmarks/side_by_side.py", "--original", "/nonexistent"], timeout=120)
+def test_side_by_side_without_the_original_code_says_so(cli):
+    stdout = _run(cli, ["benchmarks/side_by_side.py", "--original", "/nonexistent"], timeout=120)
     assert "skipped: no model_vdm.py at '/nonexistent'" in stdout
     assert "https://github.com/google-research/vdm" in stdout
 
@@ -103,9 +99,9 @@ def test_side_by_side_without_the_original_code_says_so():
     not os.environ.get("VDM_ORIGINAL"),
     reason="set VDM_ORIGINAL to a checkout of google-research/vdm to compare with it",
 )
-def test_side_by_side_smoke_against_the_original_code(tmp_path):
+def test_side_by_side_smoke_against_the_original_code(tmp_path, cli):
     out = tmp_path / "side.json"
-    stdout = _run(["benchmarks/side_by_side.py", "--smoke", "--json", str(out)],
+    stdout = _run(cli, ["benchmarks/side_by_side.py", "--smoke", "--json", str(out)],
                   VDM_ORIGINAL=os.environ["VDM_ORIGINAL"])  # fmt: skip
     result = json.loads(out.read_text())
     for key in ("train_speed_jit", "train_speed_pmap", "eval_speed", "sampling_speed",
@@ -115,9 +111,9 @@ def test_side_by_side_smoke_against_the_original_code(tmp_path):
 
 
 @pytest.mark.slow
-def test_profile_smoke_gives_shares_of_the_traced_operations(tmp_path):
+def test_profile_smoke_gives_shares_of_the_traced_operations(tmp_path, cli):
     out = tmp_path / "profile.json"
-    stdout = _run(["benchmarks/profile_step.py", "--smoke", "--programs", "eval", "--json",
+    stdout = _run(cli, ["benchmarks/profile_step.py", "--smoke", "--programs", "eval", "--json",
                    str(out)], VDM_ORIGINAL="")  # fmt: skip
     assert "### eval" in stdout and "| kind: convolutions |" in stdout
     (ours,) = json.loads(out.read_text())["results"]["eval"].values()
