@@ -3,16 +3,13 @@ the command line that reads it (show_config on a run, the help text)."""
 
 import ast
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import ml_collections
 import pytest
 
-from vdm_jax import cli
+from vdm_jax import cli as command_line
 from vdm_jax.configs import base, digits
 from vdm_jax.errors import UserError
 from vdm_jax.training import schema
@@ -111,42 +108,33 @@ def test_field_lookup_names_the_closest_field():
 
 
 def test_plain_text_help_has_no_sphinx_markup():
-    text = cli._plain_text(cli.__doc__)
-    assert SPHINX.search(cli.__doc__) and not SPHINX.search(text)
+    text = command_line._plain_text(command_line.__doc__)
+    assert SPHINX.search(command_line.__doc__) and not SPHINX.search(text)
     assert "vdm_jax.training.schema.for_trained_run" in text
     assert not re.search(r"::$", text, re.M)
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("XLA_FLAGS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "vdm_jax", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-
-
 @pytest.mark.slow
-def test_helpshort_prints_plain_text(tmp_path):
-    proc = _cli("--helpshort", cwd=tmp_path)  # absl exits with 1 after the help
+def test_helpshort_prints_plain_text(tmp_path, cli):
+    proc = cli.run("--helpshort", cwd=tmp_path)  # absl exits with 1 after the help
     assert "--config.SECTION.FIELD=VALUE" in proc.stdout and "--workdir" in proc.stdout
     assert not SPHINX.search(proc.stdout), proc.stdout
 
 
 @pytest.mark.slow
-def test_show_config_on_a_run_applies_the_run_s_rules(tmp_path):
+def test_show_config_on_a_run_applies_the_run_s_rules(tmp_path, cli):
     """show_config given a run's workdir shows what eval would use: the run's values of the
     fields its checkpoint fixes, and one error line for an override that disagrees."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps(digits.get_config("smoke").to_dict()))
-    bad = _cli("--mode=show_config", f"--workdir={run}", "--config.model.n_embd=8", cwd=tmp_path)
+    bad = cli.run("--mode=show_config", f"--workdir={run}", "--config.model.n_embd=8", cwd=tmp_path)
     assert bad.returncode == 1 and not bad.stdout
     assert bad.stderr.strip().splitlines() == [
         "error: --config.model.n_embd=8 disagrees with the trained run, which has "
         "model.n_embd=16: the run's checkpoint fixes it; drop the flag"
     ]
-    shown = _cli(
+    shown = cli.run(
         "--mode=show_config", "--config=digits", f"--workdir={run}", "--config.eval.batch_size=5",
         cwd=tmp_path,
     )  # fmt: skip
