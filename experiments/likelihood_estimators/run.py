@@ -147,7 +147,7 @@ def figures(name, num_draws, est, num_dims, cost, *, scale: float = 1.0) -> dict
 
 def first_draws(est, name: str, k: int, num_dims: int):
     """The Estimate of ``name`` ('ode' or 'ode_iw') from the first ``k`` draws of an ODE
-    pass's Estimate (draw k of an image is the same whatever K); the network evaluations
+    pass's Estimate (an image's j-th draw is the same whatever K); the network evaluations
     scaled by k/K, the terms (which the pass averaged over all K) left out unless k = K."""
     import numpy as np
     from jax.scipy.special import logsumexp
