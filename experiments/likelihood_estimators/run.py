@@ -10,13 +10,16 @@ onto a folder of its 16 evaluation images (``WORKDIR/authors``). On the first
 ``--digits-examples`` / ``--authors-examples`` images of each test split, each estimator of
 :mod:`vdm_jax.models.likelihood` runs as one batch: ``vlb`` (K = 1), ``dense_vlb`` and
 ``discrete`` (T = 1000) with K noise levels per image, ``ode`` and ``ode_iw`` with K draws of
-z_0. ``ode`` and ``ode_iw`` at one K are two combinations of the same K per-draw bounds (the
-mean, and -log mean exp(-b)): one pass (:func:`~vdm_jax.models.likelihood.ode_iw`) gives both,
-at one cost. Each row: the figure in bits/dim, its standard error (over the images), the mean
-per-image spread of the K draws, the network evaluations per image, the seconds per image of
-the compiled pass (compilation timed apart) and the machine's load average around it. Also
-``ode_iw`` at K' = 1, 2, 4, ..., K from the first K' draws of the largest ODE pass (draw k of an
-image does not depend on K). Prints the tables and writes them to ``--json``.
+z_0 (``--num-probes`` Hutchinson probes per draw). ``ode`` and ``ode_iw`` at one K are two
+combinations of the same K per-draw bounds (the mean, and -log mean exp(-b)): one pass
+(:func:`~vdm_jax.models.likelihood.ode_iw`) gives both, at one cost. Each row: the figure in
+bits/dim, its standard error (over the images), the mean per-image spread of the K draws, the
+network evaluations per image, the wall-clock and the CPU (user + system of this process)
+seconds per image of the compiled pass (compilation timed apart) and the machine's load
+average around it. Also ``ode`` and ``ode_iw`` at K' = 1, 2, 4, ..., K from the first K'
+draws of the largest ODE pass (draw k of an image does not depend on K, nor on the batch),
+their costs K'/K of that pass's (scaled, not timed). Prints the tables and writes them to
+``--json``.
 """
 
 from __future__ import annotations
@@ -90,9 +93,17 @@ def first_examples(run, n: int) -> dict:
     return batch
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far: unlike wall-clock seconds, they do
+    not count the time the process waits (other jobs' turns, a SIGSTOP)."""
+    times = os.times()
+    return times.user + times.system
+
+
 def timed_pass(name: str, run, batch: dict, num_draws: int, options: dict):
-    """One compiled pass of the estimator over the batch: (Estimate on the host, compile
-    seconds, run seconds, load averages before and after)."""
+    """One compiled pass of the estimator over the batch: (Estimate on the host, cost), the
+    cost a dict of the compile seconds, the run's wall-clock and CPU seconds and the load
+    averages before and after."""
     import jax
 
     from vdm_jax.models import likelihood
@@ -105,46 +116,55 @@ def timed_pass(name: str, run, batch: dict, num_draws: int, options: dict):
     start = time.perf_counter()
     compiled = entry.fn.lower(run.model, *args, **kwargs).compile()  # the model is static
     compile_s = time.perf_counter() - start
-    load = os.getloadavg()[0]
-    start = time.perf_counter()
+    load, start, start_cpu = os.getloadavg()[0], time.perf_counter(), cpu_seconds()
     out = jax.block_until_ready(compiled(*args, indices=batch["index"]))
-    run_s = time.perf_counter() - start
-    return jax.device_get(out), compile_s, run_s, (load, os.getloadavg()[0])
+    cost = {"compile_seconds": compile_s, "seconds": time.perf_counter() - start,
+            "cpu_seconds": cpu_seconds() - start_cpu, "load_before": load,
+            "load_after": os.getloadavg()[0]}  # fmt: skip
+    return jax.device_get(out), cost
 
 
-def figures(name, num_draws, est, num_dims, cost) -> dict:
-    """A row of the table from an Estimate over the batch (every example real) and the
-    pass's (compile seconds, run seconds, load averages)."""
+def figures(name, num_draws, est, num_dims, cost, *, scale: float = 1.0) -> dict:
+    """A row of the table from an Estimate over the batch (every example real) and its pass's
+    cost (see :func:`timed_pass`); ``scale`` multiplies the pass's seconds, for a row read
+    from part of a pass's draws."""
     from vdm_jax.models import likelihood
 
     acc = likelihood.Accumulator(name, num_draws)
     acc.add(est)
     res = acc.result(num_dims)
-    row = {
+    n = res.num_examples
+    return {
         "estimator": name, "K": num_draws, "bpd": res.bpd, "bpd_stderr": res.bpd_stderr,
         "spread_bpd": None if math.isnan(res.spread_bpd) else res.spread_bpd,
-        "nfe_per_image": res.nfe, "num_examples": res.num_examples, "terms_bpd": res.terms_bpd,
+        "nfe_per_image": res.nfe, "num_examples": n, "terms_bpd": res.terms_bpd,
+        "seconds_per_image": scale * cost["seconds"] / n,
+        "cpu_seconds_per_image": scale * cost["cpu_seconds"] / n,
+        "compile_seconds": cost["compile_seconds"],
+        "load_before": cost["load_before"], "load_after": cost["load_after"],
     }  # fmt: skip
-    compile_s, run_s, load = cost
-    row.update(seconds_per_image=run_s / res.num_examples, compile_seconds=compile_s,
-               load_before=load[0], load_after=load[1])  # fmt: skip
-    return row
 
 
-def iw_by_draws(est, num_dims: int) -> list[dict]:
-    """``ode_iw`` at K' = 1, 2, 4, ... from the first K' draws of a pass with K draws."""
+def first_draws(est, name: str, k: int, num_dims: int):
+    """The Estimate of ``name`` ('ode' or 'ode_iw') from the first ``k`` draws of an ODE
+    pass's Estimate (an image's j-th draw is the same whatever K); the network evaluations
+    scaled by k/K, the terms (which the pass averaged over all K) left out unless k = K."""
     import numpy as np
     from jax.scipy.special import logsumexp
 
-    draws = np.asarray(est.draws)
-    out, k = [], 1
-    while k <= draws.shape[1]:
-        nats = math.log(k) - np.asarray(logsumexp(-draws[:, :k], axis=1))
-        bpd = nats / (num_dims * math.log(2.0))
-        out.append({"K": k, "bpd": float(bpd.mean()),
-                    "bpd_stderr": float(bpd.std(ddof=1) / math.sqrt(len(bpd)))})  # fmt: skip
-        k *= 2
-    return out
+    draws = np.asarray(est.draws)[:, :k]
+    if name == "ode_iw":
+        nats = math.log(k) - np.asarray(logsumexp(-draws, axis=1))
+    else:
+        nats = draws.mean(axis=1)
+    to_bpd = 1.0 / (num_dims * math.log(2.0))
+    spread = draws.std(axis=1, ddof=1) * to_bpd if k > 1 else np.full(len(draws), np.nan)
+    num_draws = est.draws.shape[1]
+    nfe = np.asarray(est.nfe) * k / num_draws
+    terms = est.terms if k == num_draws else {}
+    return est._replace(
+        nats=nats, bpd=nats * to_bpd, draws=draws, spread=spread, nfe=nfe, terms=terms
+    )
 
 
 def measure(model_name: str, path: str, args) -> dict:
@@ -162,52 +182,73 @@ def measure(model_name: str, path: str, args) -> dict:
     plan += [("ode_iw", k, ode_options) for k in args.ode_draws]
     rows, largest = [], None
     for name, k, options in plan:
-        est, compile_s, run_s, load = timed_pass(name, run, batch, k, options)
-        cost = (compile_s, run_s, load)
+        est, cost = timed_pass(name, run, batch, k, options)
         if name == "ode_iw":
             # The same draws' plain mean is the `ode` estimator at this K, at the same cost.
-            mean = est.draws.mean(axis=1)
-            plain = est._replace(nats=mean, bpd=mean / (num_dims * math.log(2.0)))
-            rows.append(figures("ode", k, plain, num_dims, cost))
-            largest = est if largest is None or k > largest.draws.shape[1] else largest
+            rows.append(figures("ode", k, first_draws(est, "ode", k, num_dims), num_dims, cost))
+            if largest is None or k > largest[0].draws.shape[1]:
+                largest = est, cost
         rows.append(figures(name, k, est, num_dims, cost))
         r = rows[-1]
+        if name == "ode_iw":  # to compare draws across passes (the same to the bit)
+            r["draws_nats"] = est.draws.tolist()
         print(
             f"{model_name}: {name} K={k}: {r['bpd']:.4f} +- {r['bpd_stderr']:.4f} bits/dim, "
-            f"{r['nfe_per_image']:.1f} network evaluations and {r['seconds_per_image']:.4f} s "
-            f"per image (compile {compile_s:.1f} s, load {load[0]:.1f}-{load[1]:.1f})",
+            f"{r['nfe_per_image']:.1f} network evaluations, {r['seconds_per_image']:.4f} s "
+            f"({r['cpu_seconds_per_image']:.4f} CPU s) per image (compile "
+            f"{cost['compile_seconds']:.1f} s, load {cost['load_before']:.1f}-"
+            f"{cost['load_after']:.1f})",
             flush=True,
         )
+    derived = []
+    if largest is not None:
+        est, cost = largest
+        num_draws, k = est.draws.shape[1], 1
+        while k <= num_draws:
+            for name in ("ode", "ode_iw"):
+                part = first_draws(est, name, k, num_dims)
+                row = figures(name, k, part, num_dims, cost, scale=k / num_draws)
+                derived.append({**row, "first_of": num_draws})
+            k *= 2
     return {
         "workdir": path, "step": run.step, "image_shape": list(run.info.image_shape),
-        "num_examples": n, "rows": rows,
-        "ode_iw_by_draws": [] if largest is None else iw_by_draws(largest, num_dims),
+        "num_examples": n, "num_probes": args.num_probes, "rows": rows, "first_draws": derived,
     }  # fmt: skip
 
 
 def table(result: dict) -> str:
-    """The measured rows as a markdown table, one per model."""
+    """The measured rows as a markdown table, one per model, and the rows read from the
+    first K' draws of its largest ODE pass."""
     lines = []
     for model_name, m in result["models"].items():
-        lines += [
+        lines.append(
             f"\n{model_name} (step {m['step']}, {m['num_examples']} test images "
-            f"{'x'.join(map(str, m['image_shape']))}):\n",
-            "| estimator | K | bits/dim | standard error | per-image spread | network "
-            "evaluations / image | seconds / image | compile s | load |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-        ]
-        for r in m["rows"]:
-            spread = "-" if r["spread_bpd"] is None else f"{r['spread_bpd']:.4f}"
-            lines.append(
-                f"| {r['estimator']} | {r['K']} | {r['bpd']:.4f} | {r['bpd_stderr']:.4f} | "
-                f"{spread} | {r['nfe_per_image']:.1f} | {r['seconds_per_image']:.4f} | "
-                f"{r['compile_seconds']:.1f} | {r['load_before']:.1f}-{r['load_after']:.1f} |"
-            )
-        if m["ode_iw_by_draws"]:
-            lines += ["", "| ode_iw from the first K' draws: K' | bits/dim | standard error |",
-                      "| ---: | ---: | ---: |"]  # fmt: skip
-            lines += [f"| {r['K']} | {r['bpd']:.4f} | {r['bpd_stderr']:.4f} |"
-                      for r in m["ode_iw_by_draws"]]  # fmt: skip
+            f"{'x'.join(map(str, m['image_shape']))}, {m['num_probes']} probe(s) per ODE draw):"
+        )
+        derived = m["first_draws"]
+        intro = "" if not derived else (
+            f"From the first K' draws of the K = {derived[0]['first_of']} pass (its seconds "
+            f"scaled by K'/{derived[0]['first_of']}, not timed):"
+        )  # fmt: skip
+        for title, rows in (("", m["rows"]), (intro, derived)):
+            if not rows:
+                continue
+            lines += [
+                *(["", title] if title else []),
+                "",
+                "| estimator | K | bits/dim | standard error | per-image spread | "
+                "network evaluations / image | seconds / image | CPU seconds / image | "
+                "compile s | load |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            ]
+            for r in rows:
+                spread = "-" if r["spread_bpd"] is None else f"{r['spread_bpd']:.4f}"
+                lines.append(
+                    f"| {r['estimator']} | {r['K']} | {r['bpd']:.4f} | {r['bpd_stderr']:.4f} | "
+                    f"{spread} | {r['nfe_per_image']:.1f} | {r['seconds_per_image']:.4f} | "
+                    f"{r['cpu_seconds_per_image']:.4f} | {r['compile_seconds']:.1f} | "
+                    f"{r['load_before']:.1f}-{r['load_after']:.1f} |"
+                )
     return "\n".join(lines)
 
 
