@@ -8,19 +8,14 @@ The passes run in this process on the shared ``digits:smoke`` run; "interrupted"
 
 import json
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from vdm_jax import cli
+from vdm_jax import cli as command_line
 from vdm_jax.configs import digits
 from vdm_jax.training import evaluate, evaluate_samples, trainer
-
-REPO = str(Path(__file__).resolve().parent.parent)
 
 
 def _config(**fields):
@@ -186,7 +181,7 @@ def _run_folder(tmp_path, **model):
 def _cli_error(capsys, *args):
     """The one ``error:`` line of ``python -m vdm_jax ARGS``, run in this process."""
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(cli.parse_flags(["vdm_jax", *args]))
+        command_line.main(command_line.parse_flags(["vdm_jax", *args]))
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -237,26 +232,25 @@ def test_discrete_is_refused_for_mulan_with_the_reason():
 
 
 @pytest.mark.slow
-def test_a_killed_sampling_process_resumes_to_the_same_images(digits_smoke_copy):
-    """SIGKILL of ``python -m vdm_jax --mode=sample`` once a batch is on disk, the same
-    command again, then the same images sampled in this process on 8 devices."""
+def test_a_killed_sampling_process_resumes_to_the_same_images(digits_smoke_copy, cli):
+    """SIGKILL of ``python -m vdm_jax --mode=sample`` (one CPU device, as a user's machine
+    has) once a batch is on disk, the same command again, then the same images sampled in this
+    process on 8 devices."""
     workdir = digits_smoke_copy
-    args = [sys.executable, "-m", "vdm_jax", "--mode=sample", f"--workdir={workdir}",
-            "--config.sampling.num_images=6", "--config.sampling.device_batch_size=1",
+    args = ["--mode=sample", f"--workdir={workdir}", "--config.sampling.num_images=6",
+            "--config.sampling.device_batch_size=1",
             "--config.sampling.sampling_steps=400"]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=REPO)
-    env.pop("XLA_FLAGS", None)  # one device, as a user's machine has
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = cli.start(*args)
     deadline = time.time() + 240
     parts = []
     while not parts and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
         parts = [p for p in (workdir / "samples").glob("*.parts/batch_*.npz")]
     proc.kill()
-    proc.wait()
-    assert parts, proc.stderr.read().decode()[-3000:]
+    output, _ = proc.communicate()
+    assert parts, output[-3000:]
     assert not list((workdir / "samples").glob("*.npz")), "finished before the kill"
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    done = cli.run(*args, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming: " in done.stderr
     (path,) = (workdir / "samples").glob("*.npz")
