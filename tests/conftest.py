@@ -1,5 +1,5 @@
-"""Test set-up: 8 fake CPU devices, a persistent compilation cache, a temporary feature cache,
-a shared smoke run.
+"""Test set-up: 8 fake CPU devices, compile-light XLA settings, a persistent compilation cache,
+a temporary feature cache, a shared smoke run.
 
 XLA reads ``XLA_FLAGS`` once, when jax first initialises a backend, so this must run before any
 test module imports jax.
@@ -20,7 +20,9 @@ from pathlib import Path
 
 #: XLA flags of every test process and command-line subprocess: XLA's older CPU code emitters,
 #: which compile the tests' tiny programs in about two thirds of the time of its fusion
-#: emitters (the same functions, rounded as that emitter rounds).
+#: emitters (the same functions, rounded as that emitter rounds). A result to the bit that
+#: depends on how XLA rounds is tested with the default emitters, in a subprocess
+#: (``cli.env(compile_light=False)``): XLA reads its flags once per process.
 COMPILE_LIGHT = "--xla_cpu_use_fusion_emitters=false"
 
 _flags = os.environ.get("XLA_FLAGS", "")
