@@ -375,7 +375,9 @@ def main(argv=None) -> dict:
     p.add_argument("--timed_steps", type=int, default=5, help="steps per model per round")
     p.add_argument("--plot_images", type=int, default=4, help="test images in the plots")
     p.add_argument("--plots", default=None, help="folder of the PNGs (default: --workdir)")
-    p.add_argument("--smoke", action="store_true", help="the smoke models, a few steps each")
+    p.add_argument(
+        "--smoke", action="store_true", help="the smoke models, a few steps each, on one device"
+    )
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
     datasets = args.datasets.split(",")
