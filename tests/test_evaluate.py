@@ -263,20 +263,3 @@ def test_a_killed_sampling_process_resumes_to_the_same_images(digits_smoke_copy,
     assert evaluate_samples.sample_images(config, str(workdir)) == str(path)
     with np.load(path) as data:
         np.testing.assert_array_equal(data["arr_0"], images)
-
-
-@pytest.mark.slow
-def test_mulan_eval_with_dense_vlb(tmp_path):
-    """A tiny trained MuLAN run (digits_mulan:smoke): ``--mode=eval`` with dense_vlb (K = 2) on
-    its first 2 test images; the latent term is among the figures. (The ODE estimators on a
-    MuLAN are checked in tests/test_likelihood.py, below the command line's pass.)"""
-    from vdm_jax.configs import digits_mulan
-
-    workdir = str(tmp_path / "mulan")
-    trainer.train_and_evaluate(digits_mulan.get_config("smoke"), workdir)
-    config = digits_mulan.get_config("smoke")
-    config.eval.estimator, config.eval.num_draws, config.eval.num_examples = "dense_vlb", 2, 2
-    metrics = evaluate.evaluate_likelihood(config, workdir)
-    assert metrics["test/dense_vlb_num_examples"] == 2
-    assert np.isfinite(metrics["test/dense_vlb_bpd"]) and metrics["test/dense_vlb_bpd"] > 0
-    assert metrics["test/dense_vlb_latent_bpd"] > 0

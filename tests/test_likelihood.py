@@ -521,14 +521,15 @@ def test_mulan_dense_vlb_and_ode_add_the_latent_term():
     their own c; ode_iw at K combines the same draws."""
     model = _tiny_mulan("gaussian")
     images = jax.random.randint(jax.random.key(0), (2, 4, 4, 1), 0, 16)
-    variables = model.init({"params": jax.random.key(1), "diffusion": jax.random.key(1)},
-                           images, train=False)  # fmt: skip
+    keys = {"params": jax.random.key(1), "diffusion": jax.random.key(1)}
+    variables = jax.jit(lambda keys: model.init(keys, images, train=False))(keys)
     batch, key = {"image": images}, jax.random.key(2)
     dense = likelihood.dense_vlb(model, variables, batch, key, num_draws=4)
     terms = {k: np.asarray(v) for k, v in dense.terms.items()}
     assert set(terms) == {"latent", "prior", "reconstruction", "diffusion"}
     np.testing.assert_allclose(dense.nats, sum(terms.values()), rtol=1e-5)
-    kl = model.apply(variables, images, jax.random.key(0), method=model.draw_latent)[1]
+    draw = jax.jit(lambda v, k: model.apply(v, images, k, method=model.draw_latent))
+    kl = draw(variables, jax.random.key(0))[1]
     np.testing.assert_allclose(terms["latent"], kl, rtol=1e-5)
     est = likelihood.ode(model, variables, batch, key, num_draws=2, rtol=1e-3, atol=1e-3)
     iw = likelihood.ode_iw(model, variables, batch, key, num_draws=2, rtol=1e-3, atol=1e-3)

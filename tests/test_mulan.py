@@ -365,7 +365,7 @@ def test_tiny_model_bound_gradients_and_samplers(kind):
         np.testing.assert_array_equal(drawn.sum(axis=1), 2)
 
 
-@pytest.mark.slow  # about a minute on a loaded 2-core machine: three compilations
+@pytest.mark.slow
 def test_likelihood_estimators_count_the_latent_kl():
     """vlb and dense_vlb of a MuLAN are its whole bound, the latent's KL included: the same
     per-example figure as the model's own bound with the example's key."""
@@ -374,11 +374,12 @@ def test_likelihood_estimators_count_the_latent_kl():
     model = _tiny_model("gaussian")
     images = jax.random.randint(jax.random.key(0), (3, 4, 4, 1), 0, 16).astype(jnp.uint8)
     keys = {"params": jax.random.key(1), "diffusion": jax.random.key(2)}
-    variables = model.init(keys, images, train=False)
+    variables = jax.jit(lambda keys: model.init(keys, images, train=False))(keys)
     key, indices = jax.random.key(7), jnp.arange(3)
     estimate = likelihood.vlb(model, variables, {"image": images}, key, indices=indices)
+    bound = jax.jit(functools.partial(evaluation.bound_terms, model))
     own = [
-        evaluation.bound_terms(model, variables, {"image": images[i : i + 1]}, k)
+        bound(variables, {"image": images[i : i + 1]}, k)
         for i, k in enumerate(likelihood.example_keys(key, indices))
     ]
     np.testing.assert_allclose(estimate.bpd, [float(t.bpd[0]) for t in own], rtol=1e-5)

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import pathlib
+import shutil
 
 import flax.serialization
 import flax.traverse_util
@@ -100,18 +101,25 @@ def test_configs_build_mulan_and_refuse_fields_without_meaning(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_steps_restart_two_more_equal_four_bitwise_then_eval_and_sample(tmp_path):
-    """4 steps at once ('whole'), and 2 steps then 2 more from the checkpoint ('pieced'); then
-    --mode=eval and --mode=sample on the whole run."""
-    root = tmp_path
-    whole = trainer.train_and_evaluate(_config(), str(root / "whole"))
-    trainer.train_and_evaluate(_config(training__num_train_steps=2), str(root / "pieced"))
-    pieced = trainer.train_and_evaluate(_config(), str(root / "pieced"))
-    assert int(whole.step) == int(pieced.step) == 4
-    _assert_bitwise_equal(whole, pieced)
-    assert sorted(int(p.name) for p in (root / "whole" / "checkpoints").iterdir()) == [2, 4]
+def test_a_restart_from_step_2_ends_bitwise_equal_then_eval_dense_vlb_and_sample(tmp_path):
+    """4 steps at once ('whole', checkpoints at 2 and 4); its copy without the step-4
+    checkpoint (a run stopped after step 2) started again to step 4 ('resumed'). Then, on the
+    resumed run, --mode=eval (vlb, and dense_vlb at K = 2 on 2 images) and --mode=sample.
+    (The resume of a run trained to 2 steps, raised to 4, is tested on VDM in
+    tests/test_experiment.py: the trainer's path, whatever the model.)"""
+    whole_dir, resumed_dir = tmp_path / "whole", tmp_path / "resumed"
+    whole = trainer.train_and_evaluate(_config(), str(whole_dir))
+    assert sorted(int(p.name) for p in (whole_dir / "checkpoints").iterdir()) == [2, 4]
+    shutil.copytree(whole_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "4")
+    resumed = trainer.train_and_evaluate(_config(), str(resumed_dir))
+    assert int(whole.step) == int(resumed.step) == 4
+    _assert_bitwise_equal(whole, resumed)
+    # The second start trained steps 3 and 4 only: one more training record, at step 4.
+    logged = [r["step"] for r in _records(resumed_dir) if "latent_bpd" in r]
+    assert logged == [2, 4, 4]
     # The metrics: VDM's keys and the latent's term, the bound their sum.
-    records = _records(root / "whole")
+    records = _records(whole_dir)
     logged = [r for r in records if "latent_bpd" in r]
     assert [r["step"] for r in logged] == [2, 4]
     for r in logged:
@@ -123,16 +131,20 @@ def test_two_steps_restart_two_more_equal_four_bitwise_then_eval_and_sample(tmp_
     assert final["step"] == 4 and final["test/num_examples"] == 297
     terms = sum(final[f"test/{k}_bpd"] for k in ("latent", "prior", "reconstruction", "diffusion"))
     assert final["test/bpd"] == pytest.approx(terms, rel=1e-6)
-    assert len(list((root / "whole" / "samples").iterdir())) == 1
+    assert len(list((whole_dir / "samples").iterdir())) == 1
 
-    work = root / "whole"
-    results = trainer.evaluate(_config(), str(work))
+    results = trainer.evaluate(_config(), str(resumed_dir))
     # One exact pass with the run's evaluation key: the training run's final figures again.
     for key in ("test/bpd", "test/latent_bpd", "test/diffusion_bpd", "test/num_examples"):
         assert results[key] == pytest.approx(final[key], rel=1e-6)
+    config = _config(eval__estimator="dense_vlb", eval__num_draws=2, eval__num_examples=2)
+    dense = trainer.evaluate(config, str(resumed_dir))
+    assert dense["test/dense_vlb_num_examples"] == 2
+    assert np.isfinite(dense["test/dense_vlb_bpd"]) and dense["test/dense_vlb_bpd"] > 0
+    assert dense["test/dense_vlb_latent_bpd"] > 0
     for sampler, latent in (("ancestral", "prior"), ("ddim", "deterministic")):
         config = _config(sampling__sampler=sampler, sampling__latent=latent)
-        path = trainer.sample(config, str(work))
+        path = trainer.sample(config, str(resumed_dir))
         image = np.asarray(Image.open(path))
         assert f"_{sampler}2_argmax" in path and image.size > 0
 
@@ -142,9 +154,8 @@ def test_jit_and_pmap_give_the_same_mulan_trajectory():
     config = _config()
     model = builders.model_from_config(config, 17, (8, 8, 1))
     optimizer = steps.make_optimizer(learning_rate=1e-3)
-    state = steps.init_state(
-        model, optimizer, jax.random.key(0), jnp.zeros((1, 8, 8, 1), jnp.uint8)
-    )
+    example = jnp.zeros((1, 8, 8, 1), jnp.uint8)
+    state = jax.jit(lambda key: steps.init_state(model, optimizer, key, example))(jax.random.key(0))
     rng = np.random.default_rng(0)
     batches = [{"image": rng.integers(0, 17, (4, 8, 8, 1)).astype(np.uint8)} for _ in range(2)]
     out = {}

@@ -19,7 +19,7 @@
   an encoder of 1 block x 32 channels; the score network predicts v, as the authors').
 - STEPS: training steps (default :data:`STEPS`); the test bound is evaluated, and a
   checkpoint kept, at a third, two thirds and the end.
-- ``smoke``: the smoke model, a few steps.
+- ``smoke``: the smoke model, a few steps, on one device.
 
 All three models of a data set share the U-Net (blocks, channels, attention, dropout), the
 batch, the optimiser and the steps. The learning rate is constant after its warm-up (no
@@ -87,6 +87,7 @@ def get_config(arg: str = "digits,mulan"):
         config = _folder(mulan)
     if smoke:
         config = base.smoke(config)
+        config.parallel.num_devices = 1  # it runs the protocol's code, not a device layout
     if not mulan:
         for field, value in _VDM[model].items():
             config.model[field] = value

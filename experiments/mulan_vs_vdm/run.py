@@ -178,7 +178,9 @@ def time_steps(configs: dict, rounds: int, timed_steps: int, seed: int = 0) -> d
         model = builders.model_from_config(config, source.info.vocab_size, shape)
         optimizer, lr_fn = builders.build_optimizer(config)
         key = jax.random.key(seed)
-        state = steps.init_state(model, optimizer, key, batches[0]["image"][:1])
+        # Jitted whole: op by op, the initialisation compiles hundreds of small programs.
+        init = jax.jit(steps.init_state, static_argnums=(0, 1))
+        state = init(model, optimizer, key, batches[0]["image"][:1])
         step = jax.jit(
             steps.make_train_step(model, optimizer, config.optimizer.ema_decay, lr_fn),
             donate_argnums=0,
@@ -214,6 +216,7 @@ def schedule_figures(runs: dict, num_images: int, out_dir: str, dataset: str) ->
     encoder's mean) beside the VDM runs' schedules; returns gamma(0.5)'s spread over pixels.
 
     ``runs``: model name -> loaded run (:func:`vdm_jax.load_run`), 'mulan' among them."""
+    import jax
     import jax.numpy as jnp
     import matplotlib
 
@@ -223,19 +226,21 @@ def schedule_figures(runs: dict, num_images: int, out_dir: str, dataset: str) ->
 
     mulan = runs["mulan"]
     model, variables = mulan.model, mulan.variables
+    # Jitted: op by op, the encoder and the schedule compile hundreds of small programs.
+    mean_latent = jax.jit(lambda v, x: model.apply(v, x, method=model.mean_latent))
+    gamma = jax.jit(lambda v, t, c: model.apply(v, t, c, method=model.gamma))
     test = np.concatenate([b["image"][b["mask"]] for b in mulan.eval_batches()])
     # gamma(0.5) of every test image: how much it varies over an image's pixels, and how much
     # each pixel's varies over images (the latent's adaptation to the image).
-    c_test = model.apply(variables, jnp.asarray(test), method=model.mean_latent)
-    everywhere = model.apply(variables, jnp.full((len(test),), 0.5), c_test, method=model.gamma)
+    c_test = mean_latent(variables, jnp.asarray(test))
+    everywhere = gamma(variables, jnp.full((len(test),), 0.5), c_test)
     everywhere = np.asarray(everywhere).reshape(len(test), -1)
     images = test[np.linspace(0, len(test) - 1, num_images).astype(int)]  # across the classes
-    c = model.apply(variables, jnp.asarray(images), method=model.mean_latent)
+    c = mean_latent(variables, jnp.asarray(images))
     ts = np.linspace(0.0, 1.0, 101)
     gammas = np.stack(
-        [np.asarray(model.apply(variables, jnp.full((num_images,), t), c, method=model.gamma))
-         for t in ts]
-    )  # fmt: skip  # [T, B, H, W, C]
+        [np.asarray(gamma(variables, jnp.full((num_images,), t), c)) for t in ts]
+    )  # [T, B, H, W, C]
     flat = gammas.reshape(len(ts), num_images, -1)
     half = flat[50]  # t = 0.5, [B, pixels]
     vdm = {
@@ -370,7 +375,9 @@ def main(argv=None) -> dict:
     p.add_argument("--timed_steps", type=int, default=5, help="steps per model per round")
     p.add_argument("--plot_images", type=int, default=4, help="test images in the plots")
     p.add_argument("--plots", default=None, help="folder of the PNGs (default: --workdir)")
-    p.add_argument("--smoke", action="store_true", help="the smoke models, a few steps each")
+    p.add_argument(
+        "--smoke", action="store_true", help="the smoke models, a few steps each, on one device"
+    )
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
     datasets = args.datasets.split(",")
