@@ -108,7 +108,7 @@ def test_field_lookup_names_the_closest_field():
 
 
 def test_plain_text_help_has_no_sphinx_markup():
-    text = command_line._plain_text(command_line.__doc__)
+    text = command_line.plain_text(command_line.__doc__)
     assert SPHINX.search(command_line.__doc__) and not SPHINX.search(text)
     assert "vdm_jax.training.schema.for_trained_run" in text
     assert not re.search(r"::$", text, re.M)

@@ -50,7 +50,7 @@ from ml_collections import config_flags
 from vdm_jax import configs
 from vdm_jax.errors import UserError
 
-__all__ = ["main", "parse_flags", "run"]
+__all__ = ["main", "parse_flags", "plain_text", "run"]
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
@@ -378,10 +378,10 @@ class _QuietLibraries(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or not noisy
 
 
-def _plain_text(doc: str) -> str:
-    """A docstring as the command line's help prints it: Sphinx roles (such as
-    :func:`name`) and inline literals (in double backquotes) as their plain text, and a
-    literal block's double colon as one."""
+def plain_text(doc: str) -> str:
+    """``doc`` (a reStructuredText docstring) as the command line's help prints it: each
+    Sphinx cross-reference and each inline literal replaced by its plain text, and a literal
+    block's double colon by one colon."""
     doc = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
     doc = re.sub(r"``([^`]+)``", r"\1", doc)
     return re.sub(r"::$", ":", doc, flags=re.M)
@@ -392,7 +392,7 @@ def run():
     # --help and --helpshort print the running program's docstring: this module's, as text.
     main_module = sys.modules.get("__main__")
     if main_module is not None:
-        main_module.__doc__ = _plain_text(__doc__)
+        main_module.__doc__ = plain_text(__doc__)
     # --helpshort lists the flags of the program that runs (sys.argv[0]): these.
     for flag in flags.FLAGS.flags_by_module_dict().get(__name__, []):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
