@@ -14,9 +14,9 @@ from vdm_jax.training import parallel, steps
 VOCAB = 17
 
 
-def _model(dropout=0.1):
+def _model(dropout=0.1, schedule="monotonic"):
     net = vdm.ScoreUNet(n_layer=1, n_embd=16, dropout_rate=dropout)
-    return VDM(score_net=net, schedule=make_schedule("monotonic", n_features=8), vocab_size=VOCAB)
+    return VDM(score_net=net, schedule=make_schedule(schedule, n_features=8), vocab_size=VOCAB)
 
 
 def _batches(n, size=16):
@@ -55,11 +55,7 @@ def _trajectory(mode, batches, steps_per_dispatch=1, num_devices=8):
     # themselves: Adam turns the sign of a near-zero gradient (float rounding) into a whole
     # learning-rate step, and the monotonic schedule's network rounds t's rows differently in
     # a batch of 2 (a device's shard under pmap) and of 16 (jit), which a few steps amplify.
-    model = VDM(
-        score_net=vdm.ScoreUNet(n_layer=1, n_embd=16, dropout_rate=0.1),
-        schedule=make_schedule("learned_linear"),
-        vocab_size=VOCAB,
-    )
+    model = _model(schedule="learned_linear")
     optimizer = optax.sgd(0.01)
     state = steps.init_state(
         model, optimizer, jax.random.key(0), jnp.zeros((1, 8, 8, 1), jnp.uint8)
