@@ -35,7 +35,6 @@ import functools
 import math
 from typing import NamedTuple, cast
 
-import diffrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,7 +55,7 @@ __all__ = [
 ]
 
 _HUTCHINSON = ("rademacher", "gaussian")
-_SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
+_SOLVERS = {"tsit5": "Tsit5", "dopri5": "Dopri5"}  # diffrax's classes
 # Tsit5 and Dopri5 have 7 stages, the first equal to the last of the previous step (FSAL): one
 # evaluation to start, then 6 per step attempted (accepted or rejected).
 _NFE_PER_STEP = 6
@@ -127,10 +126,12 @@ def _per_example(fn, *xs):
 
 def _solve_per_example(vector_field, y0, args, *, t0, t1, rtol, atol, max_steps, solver):
     """diffeqsolve of one example's state ``y0`` (a pytree); returns (y(t1), NFE int32 scalar)."""
+    import diffrax  # imported when first needed: half a second at every start otherwise
+
     controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=_error_norm)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field),
-        _SOLVERS[solver](),
+        getattr(diffrax, _SOLVERS[solver])(),
         t0=t0,
         t1=t1,
         dt0=_INITIAL_DT * (t1 - t0),
