@@ -145,14 +145,29 @@ def optimized():
 
 
 @pytest.fixture(scope="session")
+def init_state():
+    """:func:`vdm_jax.training.steps.init_state` under jit (model and optimizer static): op by
+    op, initialising a model compiles hundreds of single operations."""
+    from vdm_jax.training import steps
+
+    return jax.jit(steps.init_state, static_argnums=(0, 1), static_argnames="noise_bins")
+
+
+@pytest.fixture(scope="session")
 def digits_smoke_run(tmp_path_factory):
-    """``(workdir, final state)`` of one ``digits:smoke`` run (4 steps, checkpoints at 2 and 4),
-    trained once per test process. Tests only read it."""
+    """``(workdir, final state)`` of one ``digits:smoke`` run on one device (4 steps,
+    checkpoints at 2 and 4), trained once per test process. Tests only read it.
+
+    One device: on 8 it takes half as long again (the sharded programs compile and run on 2
+    cores), and training over several devices is tested where the devices are the point
+    (``test_train.py``, ``test_multihost.py``)."""
     from vdm_jax.configs import digits
     from vdm_jax.training import trainer
 
     workdir = tmp_path_factory.mktemp("digits_smoke")
-    return workdir, trainer.train_and_evaluate(digits.get_config("smoke"), str(workdir))
+    config = digits.get_config("smoke")
+    config.parallel.num_devices = 1
+    return workdir, trainer.train_and_evaluate(config, str(workdir))
 
 
 @pytest.fixture

@@ -115,7 +115,8 @@ def test_the_ode_bound_on_one_and_eight_devices_is_the_same(digits_smoke_copy, c
             "--config.eval.num_examples=8", "--config.eval.batch_size=8",
             "--config.eval.ode_rtol=0.1", "--config.eval.ode_atol=0.1"]  # fmt: skip
     figures, batches = [], []
-    for extra in ([], ["--config.parallel.num_devices=1", "--config.eval.recompute=True"]):
+    for extra in (["--config.parallel.num_devices=8"],
+                  ["--config.parallel.num_devices=1", "--config.eval.recompute=True"]):  # fmt: skip
         done = cli.run(*args, *extra, devices=8, compile_light=False)
         assert done.returncode == 0, done.stderr[-3000:]
         figures.append(json.loads(_metric_lines(workdir)[-1]))

@@ -293,6 +293,8 @@ def _command_line_config(name: str, images: Path, work: Path) -> list[str]:
         "--config.sampling.num_samples=4",
         "--config.sampling.sampling_steps=2",
         "--config.model.attention=chunked",  # the same function, faster on CPUs
+        # As the processes have: in this process too, not its 8 fake devices.
+        "--config.parallel.num_devices=1",
         f"--workdir={work}",
     ]
 
@@ -392,7 +394,7 @@ def test_import_refuses_bad_input(tmp_path):
     assert not importer.is_imported(held)
 
 
-def _conditioned_model():
+def _conditioned_model(init_state):
     """A small VDM whose network takes the conditioning input, a train state with its
     parameters moved away from the initialisation (whose zero output layers ignore the
     conditioning), and 4 images."""
@@ -400,7 +402,7 @@ def _conditioned_model():
     model = VDM(score_net=net, vocab_size=17)
     optimizer = optax.adam(1e-3)
     images = jnp.asarray(np.random.default_rng(0).integers(0, 17, (4, 8, 8, 1)), jnp.uint8)
-    state = steps.init_state(model, optimizer, jax.random.key(0), images[:1])
+    state = init_state(model, optimizer, jax.random.key(0), images[:1])
     leaves, tree = jax.tree.flatten(state.params)
     keys = jax.random.split(jax.random.key(2), len(leaves))
     moved = [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
@@ -408,10 +410,10 @@ def _conditioned_model():
 
 
 @pytest.mark.slow
-def test_train_step_feeds_the_batch_conditioning_to_the_network():
+def test_train_step_feeds_the_batch_conditioning_to_the_network(init_state):
     """The batch's float "conditioning" reaches a network with a conditioning input, through
     the sharded path too."""
-    model, optimizer, state, images = _conditioned_model()
+    model, optimizer, state, images = _conditioned_model(init_state)
     step = jax.jit(
         lambda batch: steps.train_step(
             state, batch, jax.random.key(1), model=model, optimizer=optimizer, ema_decay=0.9,
@@ -424,10 +426,10 @@ def test_train_step_feeds_the_batch_conditioning_to_the_network():
 
 
 @pytest.mark.slow
-def test_bound_terms_feed_the_batch_conditioning_to_the_network():
+def test_bound_terms_feed_the_batch_conditioning_to_the_network(init_state):
     """The evaluation bound (and the training system's eval step, which is it) passes the
     batch's flag to the network; no flag is flag 0."""
-    model, _, state, images = _conditioned_model()
+    model, _, state, images = _conditioned_model(init_state)
     key = jax.random.key(1)
     bound = jax.jit(
         lambda batch: evaluation.bound_terms(model, {"params": state.params}, batch, key)

@@ -20,7 +20,7 @@ DATA = "/tmp/vdm_equal_steps/data"
 def get_config(arg: str = ""):
     """The study's config; ``arg`` is ``STEPS[,smoke]``: the number of training steps (default
     300), and ``smoke`` for the protocol at the smoke model's size (1 block x 16 channels,
-    batch 8, evaluated in batches of 8), to check the script in seconds."""
+    batch 8, evaluated in batches of 8, one device), to check the script in seconds."""
     options = [a for a in arg.split(",") if a]
     unknown = [a for a in options if a != "smoke" and not a.isdigit()]
     if unknown:
@@ -54,6 +54,7 @@ def get_config(arg: str = ""):
     config.sampling.sampling_steps = 50
     if "smoke" in options:
         base.smoke(config)
+        config.parallel.num_devices = 1  # it runs the protocol's code, not a device layout
         config.training.batch_size = config.eval.batch_size = 8
         config.training.num_train_steps = config.training.checkpoint_every = steps
         config.training.eval_every = 0

@@ -8,11 +8,11 @@
 
 ``get_config("digits")``: the bundled digits config as it is (the README's main job: 5000
 steps, the whole 297-image test split in one evaluation batch); ``digits,smoke``: the digits
-smoke model (4 steps). ``get_config("authors")``: the config an original-code checkpoint
-(``tests/fixtures/authors_vdm/scalar``) is imported with, the bundled CIFAR-10 smoke config
-(the checkpoint fixes the model's fields) on a folder of 32x32 images (``data.data_dir``,
-which ``run.py`` writes from the fixture's 16 evaluation images); one evaluation batch holds
-those 16.
+smoke model (4 steps) on one device. ``get_config("authors")``: the config an original-code
+checkpoint (``tests/fixtures/authors_vdm/scalar``) is imported with, the bundled CIFAR-10
+smoke config (the checkpoint fixes the model's fields) on a folder of 32x32 images
+(``data.data_dir``, which ``run.py`` writes from the fixture's 16 evaluation images); one
+evaluation batch holds those 16.
 """
 
 from vdm_jax.configs import cifar10, digits
@@ -28,8 +28,12 @@ def get_config(arg: str = "digits"):
     """One model's config of the study (see the module docstring)."""
     if arg not in VARIANTS:
         raise UserError(f"unknown model {arg!r} of the estimators study: choose from {VARIANTS}")
-    if arg.startswith("digits"):
-        return digits.get_config("smoke" if arg.endswith("smoke") else "")
+    if arg == "digits,smoke":
+        config = digits.get_config("smoke")
+        config.parallel.num_devices = 1  # it runs the protocol's code, not a device layout
+        return config
+    if arg == "digits":
+        return digits.get_config()
     config = cifar10.get_config("smoke")
     config.data.name = "folder"
     config.data.data_dir = IMAGES

@@ -6,7 +6,8 @@
 schedule, eps-prediction), ``sigmoid`` (the sigmoid weighting of Kingma & Gao 2023 with bias
 b = 2, adaptive noise levels, eps-prediction) or ``sigmoid_v`` (the same with v-prediction);
 STEPS training steps (2000, the study's; the warm-up and the cosine decay follow); ``smoke``:
-the digits smoke model. Built on the bundled digits config (vdm_jax/configs/digits.py).
+the digits smoke model, on one device. Built on the bundled digits config
+(vdm_jax/configs/digits.py).
 """
 
 from vdm_jax.configs import digits
@@ -38,6 +39,8 @@ def get_config(arg: str = "elbo"):
     numbers = [int(option) for option in options if option.isdigit()]
     steps = numbers[0] if numbers else (2 if smoke else STEPS)
     config = digits.get_config("smoke" if smoke else "")
+    if smoke:
+        config.parallel.num_devices = 1  # it runs the protocol's code, not a device layout
     config.training.num_train_steps = steps
     config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, steps // 10)
     config.optimizer.decay_steps = max(steps - config.optimizer.warmup_steps, 1)

@@ -7,7 +7,7 @@
 endpoints trained by the bound and its shape by the variance-minimising gradient of appendix
 I.2, ``model.variance_gradient``) or ``linear`` (the learned linear schedule: only the
 endpoints learn); STEPS training steps (1500, the study's; warm-up and cosine decay follow);
-``smoke``: the digits smoke model. Built on the bundled digits config.
+``smoke``: the digits smoke model, on one device. Built on the bundled digits config.
 """
 
 from vdm_jax.configs import digits
@@ -29,6 +29,8 @@ def get_config(arg: str = "monotonic"):
     numbers = [int(option) for option in options if option.isdigit()]
     steps = numbers[0] if numbers else (2 if smoke else STEPS)
     config = digits.get_config("smoke" if smoke else "")
+    if smoke:
+        config.parallel.num_devices = 1  # it runs the protocol's code, not a device layout
     config.training.num_train_steps = steps
     config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, steps // 10)
     config.optimizer.decay_steps = max(steps - config.optimizer.warmup_steps, 1)
