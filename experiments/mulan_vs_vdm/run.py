@@ -154,16 +154,17 @@ def dense_bound(workdir: str, step: int, num_draws: int, seed: int = 0) -> dict:
     }
 
 
-def time_steps(configs: dict, rounds: int, timed_steps: int, seed: int = 0) -> dict:
-    """Each config's train step timed back to back: ``rounds`` rounds, each timing
-    ``timed_steps`` steps of every model in turn (after one compiling step each), on batches
-    of its training split. Returns per model the median steps/s over rounds and the median of
-    its per-round ratio to the first model's."""
+def time_steps(configs: dict, workdirs: dict, rounds: int, timed_steps: int, seed: int = 0) -> dict:
+    """Each config's train step timed back to back from its trained run's last state (in
+    ``workdirs``, by model): ``rounds`` rounds, each timing ``timed_steps`` steps of every
+    model in turn (after one compiling step each), on batches of its training split. Returns
+    per model the median steps/s over rounds and the median of its per-round ratio to the
+    first model's."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from vdm_jax.training import builders, sources, steps
+    from vdm_jax.training import builders, sources, steps, trainer
 
     runners = {}
     for name, config in configs.items():
@@ -178,9 +179,7 @@ def time_steps(configs: dict, rounds: int, timed_steps: int, seed: int = 0) -> d
         model = builders.model_from_config(config, source.info.vocab_size, shape)
         optimizer, lr_fn = builders.build_optimizer(config)
         key = jax.random.key(seed)
-        # Jitted whole: op by op, the initialisation compiles hundreds of small programs.
-        init = jax.jit(steps.init_state, static_argnums=(0, 1))
-        state = init(model, optimizer, key, batches[0]["image"][:1])
+        state = jax.device_put(trainer.restore_state(config, workdirs[name]).state)
         step = jax.jit(
             steps.make_train_step(model, optimizer, config.optimizer.ema_decay, lr_fn),
             donate_argnums=0,
@@ -328,9 +327,10 @@ def run_dataset(dataset: str, args) -> dict:
     data = os.path.join(args.workdir, "data") if dataset == "folder" else None
     models = args.models.split(",")
     configs = {m: study_config(dataset, m, args.steps, args.smoke, data) for m in models}
+    workdirs = {m: os.path.join(args.workdir, dataset, m) for m in models}
     results = {"models": {}}
     for model, config in configs.items():
-        workdir = os.path.join(args.workdir, dataset, model)
+        workdir = workdirs[model]
         figures = train(config, workdir)
         steps_evaluated = [e["step"] for e in figures["vlb"]]
         figures["dense_vlb"] = [dense_bound(workdir, s, args.num_draws) for s in steps_evaluated]
@@ -345,9 +345,9 @@ def run_dataset(dataset: str, args) -> dict:
             f"{figures['train_seconds']:.0f} s",
             flush=True,
         )
-    results["speed"] = time_steps(configs, args.rounds, args.timed_steps)
+    results["speed"] = time_steps(configs, workdirs, args.rounds, args.timed_steps)
     print(f"{dataset} speed: {json.dumps(results['speed'])}", flush=True)
-    runs = {m: vdm_jax.load_run(os.path.join(args.workdir, dataset, m)) for m in models}
+    runs = {m: vdm_jax.load_run(workdirs[m]) for m in models}
     results["mulan_schedule"] = schedule_figures(runs, args.plot_images, args.plots, dataset)
     c = configs["linear"]
     results["settings"] = {
