@@ -225,7 +225,8 @@ def _adam_mu(opt_state):
 def test_import_eval_sample_and_train_on(tmp_path, name, cli, capsys, caplog):
     """The import (topk by the command line's --mode=import, in process: the command line's
     import as a subprocess is tested on the original code's checkpoints, test_pretrained.py),
-    then eval and sample, then 2 more training steps."""
+    then eval; for the gaussian latent also 2 more training steps. (Sampling a MuLAN run:
+    the restart test above; the samplers and gradients of both latents: test_mulan.py.)"""
     root = _fixture(name)
     expected = np.load(root / "expected.npz")
     made = json.loads((root / "made_with.json").read_text())
@@ -296,8 +297,8 @@ def test_import_eval_sample_and_train_on(tmp_path, name, cli, capsys, caplog):
     their_se = np.sqrt(np.sum(expected["vlb_terms_std"] ** 2, 0) / 64).mean() * to_bpd
     gap = abs(results["test/bpd"] - theirs_bpd)
     assert gap < 4 * np.hypot(results["test/bpd_stderr"], their_se), (results, theirs_bpd)
-
-    assert pathlib.Path(trainer.sample(run_config, str(work))).is_file()
+    if made["latent_type"] == "topk":
+        return  # training on goes through the trainer as for the gaussian latent
 
     # Training on, 2 more steps.
     more = schema.for_trained_run(_import_config(images, training__num_train_steps=22), saved)

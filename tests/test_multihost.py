@@ -147,11 +147,11 @@ def _train_three_steps(dp, state, batches):
 
 
 @pytest.mark.slow
-def test_fsdp_shards_the_large_arrays_and_matches_data_parallel():
+def test_fsdp_shards_the_large_arrays_and_matches_data_parallel(init_state):
     model = _tiny_vdm()
     rng = np.random.default_rng(0)
     batches = [{"image": rng.integers(0, 17, (16, 8, 8, 1), dtype=np.uint8)} for _ in range(3)]
-    state = steps.init_state(model, steps.make_optimizer(), jax.random.key(0), batches[0]["image"])
+    state = init_state(model, steps.make_optimizer(), jax.random.key(0), batches[0]["image"])
     dp = parallel.DataParallel("jit", parallel.make_mesh(8))
     # The mesh of the next test (2 x 4): the two tests share their compiled programs.
     fsdp = parallel.DataParallel("jit", parallel.make_mesh(8, data=2, fsdp=4), fsdp_min_size=1024)
@@ -176,11 +176,11 @@ def test_fsdp_shards_the_large_arrays_and_matches_data_parallel():
 
 
 @pytest.mark.slow
-def test_checkpoint_moves_between_data_parallel_and_fsdp(tmp_path):
+def test_checkpoint_moves_between_data_parallel_and_fsdp(tmp_path, init_state):
     model = _tiny_vdm()
     rng = np.random.default_rng(1)
     batches = [{"image": rng.integers(0, 17, (16, 8, 8, 1), dtype=np.uint8)} for _ in range(2)]
-    state = steps.init_state(model, steps.make_optimizer(), jax.random.key(0), batches[0]["image"])
+    state = init_state(model, steps.make_optimizer(), jax.random.key(0), batches[0]["image"])
     dp = parallel.DataParallel("jit", parallel.make_mesh(8))
     trained, _ = _train_three_steps(dp, state, batches[:1])
     with checkpoint.Checkpointer(tmp_path / "ckpt", save_interval_steps=1, max_to_keep=1) as ckpt:

@@ -28,19 +28,24 @@ def _data():
     return [{"image": jnp.asarray(images[i : i + 16])} for i in range(0, 64, 16)]
 
 
-@pytest.mark.slow
 def test_bfloat16_terms_and_gradients_are_float32():
+    # Dtypes are fixed when the functions are traced: shapes only, nothing compiled.
     model = _model(jnp.bfloat16)
     batch = _data()[0]
-    state = steps.init_state(model, steps.make_optimizer(), jax.random.key(0), batch["image"])
-    terms = steps.eval_terms(state.params, batch, jax.random.key(1), model=model)
+    optimizer = steps.make_optimizer()
+    state = jax.eval_shape(
+        lambda: steps.init_state(model, optimizer, jax.random.key(0), batch["image"])
+    )
+    terms = jax.eval_shape(
+        lambda p: steps.eval_terms(p, batch, jax.random.key(1), model=model), state.params
+    )
     assert {t.dtype for t in terms} == {jnp.dtype(jnp.float32)}
-    new, metrics = jax.jit(
+    new, metrics = jax.eval_shape(
         lambda s: steps.train_step(
-            s, batch, jax.random.key(2), model=model, optimizer=steps.make_optimizer(),
-            ema_decay=0.0,
-        )
-    )(state)  # fmt: skip
+            s, batch, jax.random.key(2), model=model, optimizer=optimizer, ema_decay=0.0
+        ),
+        state,
+    )
     assert {x.dtype for x in jax.tree.leaves((new.params, new.opt_state))} <= {
         jnp.dtype(jnp.float32),
         jnp.dtype(jnp.int32),
@@ -48,10 +53,10 @@ def test_bfloat16_terms_and_gradients_are_float32():
     assert {v.dtype for v in metrics.values()} == {jnp.dtype(jnp.float32)}
 
 
-def _train_and_evaluate(dtype):
+def _train_and_evaluate(dtype, init_state):
     model, batches = _model(dtype), _data()
     optimizer = steps.make_optimizer(learning_rate=3e-3, weight_decay=0.0)
-    state = steps.init_state(model, optimizer, jax.random.key(0), batches[0]["image"])
+    state = init_state(model, optimizer, jax.random.key(0), batches[0]["image"])
     step = jax.jit(
         lambda s, b: steps.train_step(
             s, b, jax.random.key(1), model=model, optimizer=optimizer, ema_decay=0.0
@@ -73,11 +78,11 @@ def _train_and_evaluate(dtype):
 
 
 @pytest.mark.slow
-def test_120_bfloat16_steps_reach_the_float32_bound():
+def test_120_bfloat16_steps_reach_the_float32_bound(init_state):
     # The same initial parameters, data and random numbers, trained 120 steps in each precision
     # and evaluated by each precision's own network (the bound itself is float32 in both).
-    before32, after32 = _train_and_evaluate(jnp.float32)
-    before16, after16 = _train_and_evaluate(jnp.bfloat16)
+    before32, after32 = _train_and_evaluate(jnp.float32, init_state)
+    before16, after16 = _train_and_evaluate(jnp.bfloat16, init_state)
     print(f"float32 {before32:.3f} -> {after32:.3f} bpd, bfloat16 {before16:.3f} -> {after16:.3f}")
     assert after32 < before32 - 1.0 and after16 < before16 - 1.0  # both learned
     # Tolerance: 1% of the float32 bound. bfloat16 rounds activations to 8 significant bits

@@ -121,23 +121,24 @@ def test_helpshort_prints_plain_text(tmp_path, cli):
     assert not SPHINX.search(proc.stdout), proc.stdout
 
 
-@pytest.mark.slow
-def test_show_config_on_a_run_applies_the_run_s_rules(tmp_path, cli):
+def test_show_config_on_a_run_applies_the_run_s_rules(tmp_path, cli, capsys):
     """show_config given a run's workdir shows what eval would use: the run's values of the
     fields its checkpoint fixes, and one error line for an override that disagrees."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps(digits.get_config("smoke").to_dict()))
-    bad = cli.run("--mode=show_config", f"--workdir={run}", "--config.model.n_embd=8", cwd=tmp_path)
-    assert bad.returncode == 1 and not bad.stdout
-    assert bad.stderr.strip().splitlines() == [
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        cli.in_process("--mode=show_config", f"--workdir={run}", "--config.model.n_embd=8")
+    bad = capsys.readouterr()
+    assert exited.value.code == 1 and not bad.out
+    assert bad.err.strip().splitlines() == [
         "error: --config.model.n_embd=8 disagrees with the trained run, which has "
         "model.n_embd=16: the run's checkpoint fixes it; drop the flag"
     ]
-    shown = cli.run(
-        "--mode=show_config", "--config=digits", f"--workdir={run}", "--config.eval.batch_size=5",
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert shown.returncode == 0, shown.stderr[-3000:]
-    assert re.search(r"^model\.n_embd = 16 +\[default 128\]", shown.stdout, re.M)
-    assert re.search(r"^eval\.batch_size = 5 +\[default 256\]", shown.stdout, re.M)
+    cli.in_process(
+        "--mode=show_config", "--config=digits", f"--workdir={run}", "--config.eval.batch_size=5"
+    )
+    shown = capsys.readouterr().out
+    assert re.search(r"^model\.n_embd = 16 +\[default 128\]", shown, re.M)
+    assert re.search(r"^eval\.batch_size = 5 +\[default 256\]", shown, re.M)
