@@ -222,7 +222,7 @@ def _adam_mu(opt_state):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gaussian_velocity", "topk_velocity"])
-def test_import_eval_sample_and_train_on(tmp_path, name, cli, capsys, caplog):
+def test_import_eval_and_train_on(tmp_path, name, cli, capsys, caplog):
     """The import (topk by the command line's --mode=import, in process: the command line's
     import as a subprocess is tested on the original code's checkpoints, test_pretrained.py),
     then eval; for the gaussian latent also 2 more training steps. (Sampling a MuLAN run:
