@@ -4,6 +4,8 @@ folders, tfds mock) and iterators."""
 import io
 import json
 import os
+import subprocess
+import sys
 
 import grain
 import numpy as np
@@ -13,6 +15,8 @@ from PIL import Image
 
 from vdm_jax.errors import UserError
 from vdm_jax.training import pipeline, sources
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---------------------------------------------------------------------------------------------
 # Helpers.
@@ -76,6 +80,31 @@ def test_digits_split_is_deterministic_partition():
     assert key(ours) == key(theirs)
     # The split is a permutation, not the file order.
     assert not np.array_equal(a.labels[:20], digits.target[:20])
+
+
+def test_digits_file_gives_load_digits_arrays_in_order():
+    from sklearn.datasets import load_digits
+
+    from vdm_jax.training import digits_file
+
+    digits = load_digits()
+    assert digits_file.digits_csv_path() is not None  # else every run pays the import
+    for path in ("", None):  # the file, and load_digits where the file is not found
+        images, labels = digits_file.read_digits(path)
+        assert images.dtype == np.uint8 and labels.dtype == np.int32
+        np.testing.assert_array_equal(images, digits.images)
+        np.testing.assert_array_equal(labels, digits.target)
+
+
+@pytest.mark.slow
+def test_a_fresh_interpreter_reads_the_digits_without_importing_scikit_learn(tmp_path):
+    code = (
+        "import sys; from vdm_jax.training import sources; sources.digits_source('test'); "
+        "print('sklearn' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO))  # fmt: skip
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
 
 
 def test_digits_bad_split():

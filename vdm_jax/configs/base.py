@@ -27,6 +27,9 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.model.encoder_n_layer = 1  # MuLAN's encoder (model.family='mulan')
     config.model.encoder_n_embd = 16
     config.model.dropout_rate = 0.0
+    # One piece: splitting a batch of 16 saves no time, and each piece is one more copy of the
+    # network to trace and compile.
+    config.model.batch_pieces = 1
     config.training.batch_size = 16
     config.training.num_train_steps = 4
     config.training.log_every = 2

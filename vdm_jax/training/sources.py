@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from vdm_jax.errors import UserError
+from vdm_jax.training import digits_file
 
 # Re-exported (documented in vdm_jax.training.source_names).
 from vdm_jax.training.source_names import KNOWN_DATASETS as KNOWN_DATASETS
@@ -231,11 +232,7 @@ def array_source(
 
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits  # imported when first needed (slow import)
-
-    digits = load_digits()
-    images = digits.images.astype(np.uint8)  # values 0..16, exact in float64
-    labels = digits.target.astype(np.int32)
+    images, labels = digits_file.read_digits()
     order = np.random.default_rng(_DIGITS_SPLIT_SEED).permutation(images.shape[0])
     images, labels = images[order], labels[order]
     images.setflags(write=False)
