@@ -155,38 +155,37 @@ def dense_bound(workdir: str, step: int, num_draws: int, seed: int = 0) -> dict:
 
 
 def time_steps(configs: dict, workdirs: dict, rounds: int, timed_steps: int, seed: int = 0) -> dict:
-    """Each config's train step timed back to back from its trained run's last state (in
-    ``workdirs``, by model): ``rounds`` rounds, each timing ``timed_steps`` steps of every
-    model in turn (after one compiling step each), on batches of its training split. Returns
-    per model the median steps/s over rounds and the median of its per-round ratio to the
-    first model's."""
+    """Each config's train step, as the trainer compiles and dispatches it
+    (:func:`vdm_jax.training.run_setup.compile_train_step`: guarded, on the run's devices),
+    timed back to back from its trained run's last state (in ``workdirs``, by model):
+    ``rounds`` rounds, each timing ``timed_steps`` steps of every model in turn (after one
+    untimed step each), on batches of its training split. Returns per model the median
+    steps/s over rounds and the median of its per-round ratio to the first model's."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from vdm_jax.training import builders, sources, steps, trainer
+    from vdm_jax.training import run_setup, sources
+    from vdm_jax.training.guard import GuardState
 
     runners = {}
     for name, config in configs.items():
+        setup = run_setup.setup_run(config, workdirs[name], "restore")
+        try:
+            state = run_setup.restore(setup, need=True).state
+        finally:
+            setup.close()
         source = sources.make_source(config.data.name, "train", data_dir=config.data.data_dir)
         rng = np.random.default_rng(seed)
-        size = config.training.batch_size
         batches = [
-            {"image": jnp.asarray(np.stack([source[int(i)]["image"] for i in idx]))}
-            for idx in rng.choice(len(source), (timed_steps, size))
+            setup.dp.put_batch({"image": np.stack([source[int(i)]["image"] for i in idx])})
+            for idx in rng.choice(len(source), (timed_steps, config.training.batch_size))
         ]
-        shape = tuple(batches[0]["image"].shape[1:])
-        model = builders.model_from_config(config, source.info.vocab_size, shape)
-        optimizer, lr_fn = builders.build_optimizer(config)
+        _, step = run_setup.compile_train_step(setup)
         key = jax.random.key(seed)
-        state = jax.device_put(trainer.restore_state(config, workdirs[name]).state)
-        step = jax.jit(
-            steps.make_train_step(model, optimizer, config.optimizer.ema_decay, lr_fn),
-            donate_argnums=0,
-        )
-        state, metrics = step(state, batches[0], key)  # compiles
+        carry = setup.dp.put_state((state, GuardState.initial()))
+        carry, metrics = step(carry, batches[0], key)  # the trainer's program: a cache hit
         jax.block_until_ready(metrics)
-        runners[name] = [step, state, batches, key]
+        runners[name] = [step, carry, batches, key]
     rates = {name: [] for name in configs}
     for _ in range(rounds):
         for name, runner in runners.items():

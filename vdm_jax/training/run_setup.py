@@ -33,6 +33,7 @@ from vdm_jax.models.mulan import MuLAN
 from vdm_jax.models.vdm import VDM
 from vdm_jax.training import checkpoint, parallel, pipeline, run_files, sources, steps
 from vdm_jax.training.builders import build_optimizer, model_from_config, noise_bins
+from vdm_jax.training.guard import DivergenceGuard, GuardState
 from vdm_jax.training.schema import base_config, check_config, resume_keys
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "SAMPLE_STREAM",
     "Evaluator",
     "RunSetup",
+    "compile_train_step",
     "init_state",
     "restore",
     "setup_run",
@@ -211,6 +213,32 @@ def init_state(setup: RunSetup) -> steps.TrainState:
         noise_bins(setup.config),
     )  # fmt: skip
     return jax.jit(init, out_shardings=setup.dp.state_sharding(setup.abstract_state))()
+
+
+def compile_train_step(setup: RunSetup) -> tuple[DivergenceGuard, Any]:
+    """The run's train step as the trainer dispatches it: :func:`steps.train_step` with the
+    run's model, optimizer and objective, watched by a :class:`DivergenceGuard`
+    (``training.skip_nonfinite_updates``), compiled for the run's devices with
+    ``training.steps_per_dispatch`` steps per call.
+
+    Returns:
+      ``(guard, step)``: ``step(carry, batch, key) -> (carry, metrics)`` with ``carry =
+      (TrainState, GuardState)`` laid out by ``setup.dp.put_state`` (donated), ``batch`` by
+      ``setup.dp.put_batch`` and the run's key; ``guard.check`` reads a host copy of the
+      carry's :class:`GuardState`.
+    """
+    config = setup.config
+    guard = DivergenceGuard(config.training.skip_nonfinite_updates)
+    train_step = steps.make_train_step(
+        setup.model, setup.optimizer, config.optimizer.ema_decay, setup.lr_fn,
+        noise_floor=config.objective.noise_floor, noise_decay=config.objective.noise_ema_decay,
+    )  # fmt: skip
+    step = setup.dp.compile_train_step(
+        guard.wrap(train_step),
+        config.training.steps_per_dispatch,
+        state=(setup.abstract_state, GuardState.initial()),
+    )
+    return guard, step
 
 
 @overload

@@ -59,7 +59,7 @@ from vdm_jax.training import (
     steps,
 )
 from vdm_jax.training.evaluate import check_eval_config, evaluate_likelihood
-from vdm_jax.training.guard import DivergenceGuard, GuardState, TrainingDivergedError
+from vdm_jax.training.guard import GuardState, TrainingDivergedError
 from vdm_jax.training.preemption import PreemptionWatcher
 from vdm_jax.training.run_setup import RunSetup
 
@@ -189,14 +189,7 @@ def _loop(
         "model: %d parameters; data %s %s, vocab %d; %d devices (%s)", n_params,
         config.data.name, setup.info.image_shape, setup.info.vocab_size, dp.num_shards, dp.mode,
     )  # fmt: skip
-    guard = DivergenceGuard(cfg.skip_nonfinite_updates)
-    train_step = steps.make_train_step(
-        setup.model, setup.optimizer, config.optimizer.ema_decay, setup.lr_fn,
-        noise_floor=config.objective.noise_floor, noise_decay=config.objective.noise_ema_decay,
-    )  # fmt: skip
-    step_fn = dp.compile_train_step(
-        guard.wrap(train_step), cfg.steps_per_dispatch, state=(setup.abstract_state, loop.carry[1])
-    )
+    guard, step_fn = run_setup.compile_train_step(setup)
     loop.carry = dp.put_state(loop.carry)
     k, total = cfg.steps_per_dispatch, cfg.num_train_steps
 
