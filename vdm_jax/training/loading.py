@@ -22,14 +22,13 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from vdm_jax.errors import UserError
 from vdm_jax.models.mulan import MuLAN
 from vdm_jax.models.vdm import VDM
-from vdm_jax.training import checkpoint, pipeline, run_files, sources
+from vdm_jax.training import checkpoint, pipeline, run_files, sources, steps
 from vdm_jax.training.builders import model_from_config
 from vdm_jax.training.run_setup import EVAL_STREAM
 from vdm_jax.training.schema import check_config, with_defaults
@@ -121,12 +120,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, params: str = 
             vocab_size=int(saved["vocab_size"]), num_classes=int(saved["num_classes"]),
         )  # fmt: skip
     model = model_from_config(config, info.vocab_size, info.image_shape)
-    example = jnp.zeros((1, *info.image_shape), jnp.uint8)
-    labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes > 0 else None
-    key = jax.random.key(0)  # only shapes are taken
-    shapes = jax.eval_shape(
-        lambda: model.init({"params": key, "diffusion": key}, example, labels, train=False)
-    )["params"]
+    shapes = steps.param_shapes(model, info.image_shape, config.model.num_classes > 0)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     name = "ema_params" if params == "ema" else "params"
     on_device = functools.partial(jax.ShapeDtypeStruct, sharding=device)

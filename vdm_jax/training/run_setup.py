@@ -135,7 +135,7 @@ def _init_fn(
     labels: bool,
     bins: int,
 ):
-    """A function of no arguments making a fresh train state (for jit and eval_shape)."""
+    """A function of no arguments making a fresh train state (for jit)."""
     example = jnp.zeros((1, *info.image_shape), jnp.uint8)
     example_labels = jnp.zeros((1,), jnp.int32) if labels else None
     init_key = jax.random.fold_in(key, INIT_STREAM)
@@ -187,9 +187,15 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> Run
     dp.check_batch_size(config.training.batch_size)
     data_slot, data_slots = dp.process_batch_slot()
     key = jax.random.key(config.seed)
-    # Tracing the initialisation runs the model's own checks, still before any file.
-    init = _init_fn(model, optimizer, key, info, config.model.num_classes > 0, noise_bins(config))
-    abstract_state = jax.eval_shape(init)
+    # Tracing the initialisation runs the model's own checks, still before any file (once per
+    # model definition in a process: param_shapes keeps its result).
+    params = steps.param_shapes(model, info.image_shape, config.model.num_classes > 0)
+    abstract_state = jax.eval_shape(
+        functools.partial(
+            steps.state_from_params, optimizer=optimizer, noise_bins=noise_bins(config)
+        ),
+        params,
+    )
     if mode != "restore":
         path = run_files.prepare(path)
     checkpointer = checkpoint.Checkpointer(
@@ -216,10 +222,10 @@ def init_state(setup: RunSetup) -> steps.TrainState:
 
 
 def compile_train_step(setup: RunSetup) -> tuple[DivergenceGuard, Any]:
-    """The run's train step as the trainer dispatches it: :func:`steps.train_step` with the
-    run's model, optimizer and objective, watched by a :class:`DivergenceGuard`
-    (``training.skip_nonfinite_updates``), compiled for the run's devices with
-    ``training.steps_per_dispatch`` steps per call.
+    """The run's train step as the trainer dispatches it:
+    :func:`~vdm_jax.training.steps.train_step` with the run's model, optimizer and objective,
+    watched by a :class:`DivergenceGuard` (``training.skip_nonfinite_updates``), compiled for
+    the run's devices with ``training.steps_per_dispatch`` steps per call.
 
     Returns:
       ``(guard, step)``: ``step(carry, batch, key) -> (carry, metrics)`` with ``carry =

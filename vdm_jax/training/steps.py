@@ -39,6 +39,8 @@ __all__ = [
     "make_eval_step",
     "make_optimizer",
     "make_train_step",
+    "param_shapes",
+    "state_from_params",
     "train_step",
     "weight_decay_mask",
 ]
@@ -159,7 +161,14 @@ def init_state(
     variables = model.init(
         {"params": k_params, "diffusion": k_diffusion}, example_images, example_labels, train=False
     )
-    params = variables["params"]
+    return state_from_params(variables["params"], optimizer, noise_bins)
+
+
+def state_from_params(
+    params: PyTree, optimizer: optax.GradientTransformation, noise_bins: int = 0
+) -> TrainState:
+    """The :class:`TrainState` at step 0 of ``params``: EMA equal to them, the optimizer's
+    initial state, a uniform noise-level histogram of ``noise_bins`` bins (none for 0)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -168,6 +177,36 @@ def init_state(
         opt_state=optimizer.init(params),
         noise_histogram=jnp.ones((noise_bins,), jnp.float32) if noise_bins else None,
     )
+
+
+def param_shapes(
+    model: nn.Module, image_shape: tuple[int, ...], with_labels: bool = False
+) -> PyTree:
+    """The shapes and dtypes of ``model``'s parameters (a tree of ``jax.ShapeDtypeStruct``)
+    for images of ``image_shape`` ``(H, W, C)``, with class labels or not.
+
+    Traced once per model definition in a process: equal models (the same fields, as two
+    builds of one config give) share the result, so that restoring a run again does not
+    trace its network again."""
+    image_shape = tuple(int(n) for n in image_shape)
+    try:
+        hash(model)
+    except TypeError:  # a field without a hash: nothing to share the result by
+        return _param_shapes(model, image_shape, with_labels)
+    return _cached_param_shapes(model, image_shape, with_labels)
+
+
+def _param_shapes(model: nn.Module, image_shape: tuple[int, ...], with_labels: bool) -> PyTree:
+    key = jax.random.key(0)  # only shapes are taken
+    example = jnp.zeros((1, *image_shape), jnp.uint8)
+    labels = jnp.zeros((1,), jnp.int32) if with_labels else None
+    init = functools.partial(model.init, train=False)
+    return jax.eval_shape(lambda: init({"params": key, "diffusion": key}, example, labels))[
+        "params"
+    ]
+
+
+_cached_param_shapes = functools.lru_cache(maxsize=32)(_param_shapes)
 
 
 def _shard_keys(key: Array, step: Array, first_shard: Array | int, num_shards: int) -> Array:
