@@ -224,14 +224,15 @@ def init_state(setup: RunSetup) -> steps.TrainState:
 def compile_train_step(setup: RunSetup) -> tuple[DivergenceGuard, Any]:
     """The run's train step as the trainer dispatches it:
     :func:`~vdm_jax.training.steps.train_step` with the run's model, optimizer and objective,
-    watched by a :class:`DivergenceGuard` (``training.skip_nonfinite_updates``), compiled for
-    the run's devices with ``training.steps_per_dispatch`` steps per call.
+    watched by a :class:`~vdm_jax.training.guard.DivergenceGuard`
+    (``training.skip_nonfinite_updates``), compiled for the run's devices with
+    ``training.steps_per_dispatch`` steps per call.
 
     Returns:
       ``(guard, step)``: ``step(carry, batch, key) -> (carry, metrics)`` with ``carry =
       (TrainState, GuardState)`` laid out by ``setup.dp.put_state`` (donated), ``batch`` by
       ``setup.dp.put_batch`` and the run's key; ``guard.check`` reads a host copy of the
-      carry's :class:`GuardState`.
+      carry's :class:`~vdm_jax.training.guard.GuardState`.
     """
     config = setup.config
     guard = DivergenceGuard(config.training.skip_nonfinite_updates)
