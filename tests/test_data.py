@@ -82,15 +82,17 @@ def test_digits_split_is_deterministic_partition():
     assert not np.array_equal(a.labels[:20], digits.target[:20])
 
 
-def test_digits_file_gives_load_digits_arrays_in_order():
+def test_digits_file_gives_load_digits_arrays_in_order(monkeypatch):
     from sklearn.datasets import load_digits
 
     from vdm_jax.training import digits_file
 
     digits = load_digits()
     assert digits_file.digits_csv_path() is not None  # else every run pays the import
-    for path in ("", None):  # the file, and load_digits where the file is not found
-        images, labels = digits_file.read_digits(path)
+    for found in (True, False):  # the file, and load_digits where the file is not found
+        if not found:
+            monkeypatch.setattr(digits_file, "digits_csv_path", lambda: None)
+        images, labels = digits_file.read_digits()
         assert images.dtype == np.uint8 and labels.dtype == np.int32
         np.testing.assert_array_equal(images, digits.images)
         np.testing.assert_array_equal(labels, digits.target)

@@ -29,19 +29,19 @@ def digits_csv_path() -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def read_digits(path: str | None = "") -> tuple[np.ndarray, np.ndarray]:
+def read_digits(path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The 1797 digits in the file's order (that of ``sklearn.datasets.load_digits``).
 
     Args:
-      path: the gzipped CSV (64 pixel values then the label per row); ``""`` (default)
-        for scikit-learn's (:func:`digits_csv_path`); None to call ``load_digits``.
+      path: the gzipped CSV (64 pixel values then the label per row); None for
+        scikit-learn's (:func:`digits_csv_path`), or ``load_digits`` where this scikit-learn
+        has no such file.
 
     Returns:
       ``(images, labels)``: uint8 [1797, 8, 8] with values 0..16 (exact: the file holds
       integers) and int32 [1797] with values 0..9.
     """
-    if path == "":
-        path = digits_csv_path()
+    path = path or digits_csv_path()
     if path is None:
         from sklearn.datasets import load_digits
 
