@@ -86,6 +86,16 @@ def build_model(
     )  # fmt: skip
 
 
+def init_state(model: VDM, shape: tuple[int, int, int], seed: int = 0) -> training_steps.TrainState:
+    """A new train state of ``model`` with the default optimizer, for uint8 images of ``shape``
+    (H, W, C), initialised under jit: op by op, initialising the network would compile each of
+    its operations as a program of its own."""
+    optimizer = training_steps.make_optimizer()
+    example = jnp.zeros((1, *shape), jnp.uint8)
+    init = jax.jit(lambda key: training_steps.init_state(model, optimizer, key, example))
+    return init(jax.random.key(seed))
+
+
 def synthetic_batches(
     count: int, batch: int, resolution: int, channels: int, seed: int = 0, steps: int = 0
 ) -> list[dict[str, np.ndarray]]:
@@ -375,10 +385,7 @@ def bench_train_steps(
     fields = fields or {}
     model = build_model(n_layer, n_embd, dtype, dropout_rate, formulation=formulation, **fields)
     host_batches = synthetic_batches(2, batch, resolution, channels, seed, steps=k if k > 1 else 0)
-    shape = (1, resolution, resolution, channels)
-    host_state = training_steps.init_state(
-        model, training_steps.make_optimizer(), jax.random.key(seed), jnp.zeros(shape, jnp.uint8)
-    )
+    host_state = init_state(model, (resolution, resolution, channels), seed)
     n_params = sum(x.size for x in jax.tree.leaves(host_state.params))
     key = jax.random.key(seed + 1)
     runs = {
@@ -451,11 +458,7 @@ def bench_eval(
     model = build_model(n_layer, n_embd, dtype, formulation=formulation)
     dp = parallel.DataParallel("jit", parallel.make_mesh(num_devices))
     dp.check_batch_size(batch)
-    shape = (1, resolution, resolution, channels)
-    params = dp.put_params(
-        training_steps.init_state(model, training_steps.make_optimizer(), jax.random.key(seed),
-                         jnp.zeros(shape, jnp.uint8)).params
-    )  # fmt: skip
+    params = dp.put_params(init_state(model, (resolution, resolution, channels), seed).params)
     host_batches = synthetic_batches(2, batch, resolution, channels, seed)
     key = jax.random.key(seed + 2)
     compiled, compile_s = compile_timed(
@@ -501,12 +504,7 @@ def bench_sampling(
         raise ValueError(f"vdm_jax.models.sampling has no sampler {sampler!r} ({sampler}_sample)")
     model = build_model(n_layer, n_embd, dtype, formulation=formulation)
     shape = (batch, resolution, resolution, channels)
-    params = training_steps.init_state(
-        model,
-        training_steps.make_optimizer(),
-        jax.random.key(seed),
-        jnp.zeros((1, *shape[1:]), jnp.uint8),
-    ).params
+    params = init_state(model, shape[1:], seed).params
     variables = {"params": params}
     key = jax.random.key(seed + 3)
     compiled, compile_s = compile_timed(

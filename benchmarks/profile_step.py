@@ -42,7 +42,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks import common
 from experiments import original
@@ -239,11 +238,7 @@ def our_programs(args, formulation: str) -> dict:
     plain = common.build_model(args.n_layer, args.n_embd, formulation="plain")
     shape = (args.resolution, args.resolution, 3)
     # On the host: the train step donates the device copy it is given, not these.
-    host_state = jax.device_get(
-        steps.init_state(
-            model, steps.make_optimizer(), jax.random.key(0), jnp.zeros((1, *shape), jnp.uint8)
-        )
-    )
+    host_state = jax.device_get(common.init_state(model, shape))
     batches = common.synthetic_batches(2, args.batch, args.resolution, 3)
     key = jax.random.key(1)
     dp = parallel.DataParallel("jit", parallel.make_mesh(None))

@@ -38,7 +38,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks import common
 from experiments import original
@@ -72,13 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _init_state(model, resolution: int) -> steps.TrainState:
-    return steps.init_state(
-        model, steps.make_optimizer(), jax.random.key(0),
-        jnp.zeros((1, resolution, resolution, 3), jnp.uint8),
-    )  # fmt: skip
-
-
 def _summary(times: list[float], unit: str, compiled, compile_s: float, batch: int) -> dict:
     """One program's figures: the median of ``times`` as ``unit``, images/s, compile seconds
     and the compiled program's memory."""
@@ -101,7 +93,7 @@ def _ratios(prefix: str, ours: dict, theirs: dict, suffix: str = "") -> dict[str
 def train_section(args, theirs, formulation):
     """Train steps of ours (each mode) and theirs, alternating; medians and ratios."""
     model = common.build_model(args.n_layer, args.n_embd, formulation=formulation)
-    host_state = _init_state(model, args.resolution)
+    host_state = common.init_state(model, (args.resolution, args.resolution, 3))
     batches = common.synthetic_batches(2, args.batch, args.resolution, 3)
     key = jax.random.key(1)
     modes = [m for m in args.modes.split(",") if m]
@@ -145,7 +137,7 @@ def eval_section(args, theirs, formulation):
     """The bound of a batch, ours (jit over the mesh) and theirs (jit), alternating."""
     model = common.build_model(args.n_layer, args.n_embd, formulation=formulation)
     dp = parallel.DataParallel("jit", parallel.make_mesh(None))
-    params = dp.put_params(_init_state(model, args.resolution).params)
+    params = dp.put_params(common.init_state(model, (args.resolution, args.resolution, 3)).params)
     batches = common.synthetic_batches(2, args.batch, args.resolution, 3, seed=1)
     key = jax.random.key(2)
     ours, ours_compile = common.compile_timed(
@@ -175,7 +167,7 @@ def sampling_section(args, theirs, formulation):
     """Ancestral sampling at the same T, ours and theirs, alternating."""
     shape = (args.sample_batch, args.resolution, args.resolution, 3)
     model = common.build_model(args.n_layer, args.n_embd, formulation=formulation)
-    variables = {"params": _init_state(model, args.resolution).params}
+    variables = {"params": common.init_state(model, (args.resolution, args.resolution, 3)).params}
     key = jax.random.key(3)
     ours, ours_compile = common.compile_timed(
         sampling.ancestral_sample, model, variables, key, shape=shape,

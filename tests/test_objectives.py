@@ -1,6 +1,5 @@
 """The VDM module's weighted objectives and adaptive noise levels (Kingma & Gao 2023)."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,16 +9,9 @@ from vdm_jax.maths import losses, weightings
 from vdm_jax.maths.schedules import FixedLinearSchedule
 from vdm_jax.models.vdm import VDM
 
+from tiny_networks import PixelNet
+
 VOCAB = 17
-
-
-class _TinyNet(nn.Module):
-    """A cheap eps network with the ScoreUNet signature."""
-
-    @nn.compact
-    def __call__(self, z, gamma_t, labels=None, *, train=False):
-        g = jnp.broadcast_to(jnp.reshape(gamma_t, (-1, 1, 1, 1)), (z.shape[0], 1, 1, 1))
-        return nn.Dense(z.shape[-1])(jnp.concatenate([z, jnp.broadcast_to(g, z.shape)], -1))
 
 
 IMAGES = jax.random.randint(jax.random.key(0), (16, 4, 4, 1), 0, VOCAB).astype(jnp.uint8)
@@ -40,7 +32,7 @@ def _terms(model, params, **kwargs):
 
 
 def _model(**kwargs):
-    return VDM(_TinyNet(), FixedLinearSchedule(), vocab_size=VOCAB, **kwargs)
+    return VDM(PixelNet(), FixedLinearSchedule(), vocab_size=VOCAB, **kwargs)
 
 
 PARAMS = _model().init({"params": jax.random.key(2), **RNGS}, IMAGES, train=False)

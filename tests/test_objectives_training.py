@@ -10,7 +10,6 @@ that ``--mode=sample`` reports the digits Frechet distance.
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,21 +19,14 @@ from vdm_jax.maths import weightings
 from vdm_jax.models.vdm import VDM, make_schedule
 from vdm_jax.training import parallel, sources, steps
 
+from tiny_networks import PixelNet
+
 VOCAB, BINS, NUM_STEPS, BATCH = 17, 16, 12, 16
 WEIGHTING = weightings.get_weighting("sigmoid", bias=2.0)
 
 
-class _PixelNet(nn.Module):
-    """A cheap score network: one dense layer per pixel over (z, gamma_t)."""
-
-    @nn.compact
-    def __call__(self, z, gamma_t, labels=None, *, train=False):
-        g = jnp.broadcast_to(jnp.reshape(gamma_t, (-1, 1, 1, 1)), z.shape)
-        return nn.Dense(z.shape[-1])(jnp.concatenate([z, g], axis=-1))
-
-
 MODEL = VDM(
-    _PixelNet(),
+    PixelNet(),
     make_schedule("learned_linear", gamma_min=-8.0, gamma_max=6.0),
     vocab_size=VOCAB,
     weighting=WEIGHTING,

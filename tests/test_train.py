@@ -11,6 +11,8 @@ import vdm_jax as vdm
 from vdm_jax.models.vdm import VDM, make_schedule
 from vdm_jax.training import parallel, steps
 
+from tiny_networks import PixelNet
+
 VOCAB = 17
 
 
@@ -136,9 +138,10 @@ class TrainStepTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_ema_step_and_metrics_agree_jitted_and_eager(self):
-        # Eager, every operation compiles on its own: the linear schedule has the fewest, and
-        # the initialisation is jitted in both variants (they are about the step).
-        model = _model(dropout=0.0, schedule="learned_linear")
+        # Eager, every operation compiles on its own: a one-layer network and the linear
+        # schedule have the fewest (the U-Net op by op: test_nets.py), and the initialisation
+        # is jitted in both variants (they are about the step).
+        model = VDM(PixelNet(), make_schedule("learned_linear"), vocab_size=VOCAB)
         optimizer = steps.make_optimizer(learning_rate=1e-2)
         init = jax.jit(steps.init_state, static_argnums=(0, 1))
         state = init(model, optimizer, jax.random.key(0), jnp.zeros((1, 8, 8, 1), jnp.uint8))
