@@ -84,7 +84,8 @@ def test_class_labels_reach_the_network():
 
 
 @pytest.mark.slow
-def test_a_few_hundred_steps_of_training_lower_the_bound():
+def test_a_hundred_steps_of_training_lower_the_bound():
+    # 100 steps lower the bound by about 2 bits/dim (10.73 to 8.72), twice the margin checked.
     model = _tiny(schedule=make_schedule("learned_linear"))
     x_int = _images(16)
     params = model.init({"params": jax.random.key(0), **_rngs(1)}, x_int, train=False)
@@ -112,7 +113,7 @@ def test_a_few_hundred_steps_of_training_lower_the_bound():
         return evaluate_bpd(model, p, batches, jax.random.key(7)).bpd
 
     before = eval_bpd(params)
-    for i in range(300):
+    for i in range(100):
         params, opt_state, _ = step(params, opt_state, i)
     after = eval_bpd(params)
     print(f"tiny VDM on a fixed batch of 16 digits-like images: {before:.3f} -> {after:.3f} bpd")
