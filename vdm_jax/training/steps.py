@@ -157,11 +157,19 @@ def init_state(
       noise_bins: K > 0 for adaptive noise levels: a histogram of K equal bins, starting
         uniform; 0 for the schedule's uniform t.
     """
+    params = _init_params(model, key, example_images, example_labels)
+    return state_from_params(params, optimizer, noise_bins)
+
+
+def _init_params(
+    model: nn.Module, key: Array, example_images: Array, example_labels: Array | None
+) -> PyTree:
+    """``model``'s new parameters from ``key`` (its 'params' and 'diffusion' streams)."""
     k_params, k_diffusion = jax.random.split(key)
     variables = model.init(
         {"params": k_params, "diffusion": k_diffusion}, example_images, example_labels, train=False
     )
-    return state_from_params(variables["params"], optimizer, noise_bins)
+    return variables["params"]
 
 
 def state_from_params(
@@ -197,13 +205,10 @@ def param_shapes(
 
 
 def _param_shapes(model: nn.Module, image_shape: tuple[int, ...], with_labels: bool) -> PyTree:
-    key = jax.random.key(0)  # only shapes are taken
     example = jnp.zeros((1, *image_shape), jnp.uint8)
     labels = jnp.zeros((1,), jnp.int32) if with_labels else None
-    init = functools.partial(model.init, train=False)
-    return jax.eval_shape(lambda: init({"params": key, "diffusion": key}, example, labels))[
-        "params"
-    ]
+    # Only shapes are taken: the key's value does not matter.
+    return jax.eval_shape(lambda: _init_params(model, jax.random.key(0), example, labels))
 
 
 _cached_param_shapes = functools.lru_cache(maxsize=32)(_param_shapes)
