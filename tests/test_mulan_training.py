@@ -153,7 +153,8 @@ def test_a_restart_from_step_2_ends_bitwise_equal_then_eval_dense_vlb_and_sample
 def test_jit_and_pmap_give_the_same_mulan_trajectory():
     config = _config()
     model = builders.model_from_config(config, 17, (8, 8, 1))
-    optimizer = steps.make_optimizer(learning_rate=1e-3)
+    learning_rate = 1e-3
+    optimizer = steps.make_optimizer(learning_rate=learning_rate)
     example = jnp.zeros((1, 8, 8, 1), jnp.uint8)
     state = jax.jit(lambda key: steps.init_state(model, optimizer, key, example))(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -162,15 +163,20 @@ def test_jit_and_pmap_give_the_same_mulan_trajectory():
     for mode in ("jit", "pmap"):
         dp = parallel.DataParallel(mode, parallel.make_mesh(2))
         step = dp.compile_train_step(steps.make_train_step(model, optimizer, 0.9))
-        carry, bpd = dp.put_state(state), []
+        carry, figures = dp.put_state(state), []
         for batch in batches:
             carry, metrics = step(carry, dp.put_batch(batch), jax.random.key(1))
-            bpd.append(np.asarray(metrics["latent_bpd"]).reshape(-1)[0])
-            bpd.append(np.asarray(metrics["bpd"]).reshape(-1)[0])
-        out[mode] = np.array(bpd), jax.device_get(dp.get_state(carry)).params
+            for name in ("latent_bpd", "bpd", "grad_norm"):
+                figures.append(np.asarray(metrics[name]).reshape(-1)[0])
+        out[mode] = np.array(figures), jax.device_get(dp.get_state(carry)).params
+    # The gradient's norm catches a gradient summed, not averaged, over the devices (Adam's
+    # update does not change with the gradient's scale).
     np.testing.assert_allclose(out["jit"][0], out["pmap"][0], rtol=1e-5)
+    # Adam divides each gradient by its running RMS, which magnifies the rounding (in a
+    # different order under pmap) of a gradient whose two steps nearly cancel, as the
+    # encoder's can: the parameters agree to 2% of one step, the learning rate.
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0.02 * learning_rate),
         out["jit"][1], out["pmap"][1],
     )  # fmt: skip
 
