@@ -35,11 +35,14 @@ def _model(**kwargs):
     return VDM(PixelNet(), FixedLinearSchedule(), vocab_size=VOCAB, **kwargs)
 
 
-PARAMS = _model().init({"params": jax.random.key(2), **RNGS}, IMAGES, train=False)
+@pytest.fixture(scope="module")
+def params():
+    """The model's initial variables (while the tests run, not while pytest collects them)."""
+    return _model().init({"params": jax.random.key(2), **RNGS}, IMAGES, train=False)
 
 
-def test_elbo_objective_is_the_bound_itself():
-    terms = _terms(_model(), PARAMS)
+def test_elbo_objective_is_the_bound_itself(params):
+    terms = _terms(_model(), params)
     np.testing.assert_array_equal(
         terms.objective, terms.prior + terms.reconstruction + terms.diffusion
     )
@@ -47,9 +50,9 @@ def test_elbo_objective_is_the_bound_itself():
     assert terms.noise_bins is None and terms.noise_values is None
 
 
-def test_weighted_objective_keeps_the_bound_of_the_same_pass():
+def test_weighted_objective_keeps_the_bound_of_the_same_pass(params):
     weighting = weightings.get_weighting("sigmoid", bias=2.0)
-    elbo, weighted = _terms(_model(), PARAMS), _terms(_model(weighting=weighting), PARAMS)
+    elbo, weighted = _terms(_model(), params), _terms(_model(weighting=weighting), params)
     np.testing.assert_array_equal(weighted.bpd, elbo.bpd)  # the same t, noise and bound
     ratio = (weighted.objective - weighted.prior - weighted.reconstruction) / elbo.diffusion
     assert np.all(np.asarray(ratio) < 1.0) and np.all(np.asarray(ratio) > 0.0)
@@ -57,11 +60,11 @@ def test_weighted_objective_keeps_the_bound_of_the_same_pass():
 
 
 @pytest.mark.slow
-def test_uniform_adaptive_density_is_the_linear_schedule_and_reports_its_statistics():
+def test_uniform_adaptive_density_is_the_linear_schedule_and_reports_its_statistics(params):
     weighting = weightings.get_weighting("v_mse")
     uniform = jnp.full((8,), 1.0 / 8)
-    plain = _terms(_model(weighting=weighting), PARAMS)
-    adaptive = _terms(_model(weighting=weighting), PARAMS, noise_level_probs=uniform)
+    plain = _terms(_model(weighting=weighting), params)
+    adaptive = _terms(_model(weighting=weighting), params, noise_level_probs=uniform)
     # A uniform histogram over [gamma_0, gamma_1] is the fixed linear schedule of the same t.
     np.testing.assert_allclose(adaptive.diffusion, plain.diffusion, rtol=2e-5)
     np.testing.assert_allclose(adaptive.objective, plain.objective, rtol=2e-5)
@@ -76,7 +79,7 @@ def test_uniform_adaptive_density_is_the_linear_schedule_and_reports_its_statist
             return (
                 _model()
                 .apply(
-                    PARAMS, IMAGES, train=False, rngs={"diffusion": key}, noise_level_probs=probs
+                    params, IMAGES, train=False, rngs={"diffusion": key}, noise_level_probs=probs
                 )
                 .diffusion
             )
@@ -90,11 +93,11 @@ def test_uniform_adaptive_density_is_the_linear_schedule_and_reports_its_statist
     assert not np.allclose(skewed[:16], reference[:16])
 
 
-def test_bad_objective_settings_raise():
+def test_bad_objective_settings_raise(params):
     discrete = _model(weighting=weightings.get_weighting("sigmoid"), num_steps=10)
     with pytest.raises(ValueError, match="continuous-time loss"):
-        discrete.apply(PARAMS, IMAGES, train=True, rngs=RNGS)
-    evaluated = _terms(discrete, PARAMS)  # evaluation in discrete time reports the bound
+        discrete.apply(params, IMAGES, train=True, rngs=RNGS)
+    evaluated = _terms(discrete, params)  # evaluation in discrete time reports the bound
     np.testing.assert_array_equal(losses.bits_per_dim(evaluated.objective, 16), evaluated.bpd)
     with pytest.raises(ValueError, match="adaptive noise levels need"):
-        _terms(_model(variance_gradient=True), PARAMS, noise_level_probs=jnp.ones(4) / 4)
+        _terms(_model(variance_gradient=True), params, noise_level_probs=jnp.ones(4) / 4)
