@@ -153,8 +153,10 @@ def test_a_restart_from_step_2_ends_bitwise_equal_then_eval_dense_vlb_and_sample
 def test_jit_and_pmap_give_the_same_mulan_trajectory():
     config = _config()
     model = builders.model_from_config(config, 17, (8, 8, 1))
-    learning_rate = 1e-3
-    optimizer = steps.make_optimizer(learning_rate=learning_rate)
+    # Plain SGD, so that the parameters show the gradients themselves: Adam divides each by
+    # its running RMS, which turns the rounding of a near-cancelling gradient (in a different
+    # order under pmap) into a large part of a step (as in tests/test_train.py).
+    optimizer = optax.sgd(0.01)
     example = jnp.zeros((1, 8, 8, 1), jnp.uint8)
     state = jax.jit(lambda key: steps.init_state(model, optimizer, key, example))(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -169,14 +171,9 @@ def test_jit_and_pmap_give_the_same_mulan_trajectory():
             for name in ("latent_bpd", "bpd", "grad_norm"):
                 figures.append(np.asarray(metrics[name]).reshape(-1)[0])
         out[mode] = np.array(figures), jax.device_get(dp.get_state(carry)).params
-    # The gradient's norm catches a gradient summed, not averaged, over the devices (Adam's
-    # update does not change with the gradient's scale).
     np.testing.assert_allclose(out["jit"][0], out["pmap"][0], rtol=1e-5)
-    # Adam divides each gradient by its running RMS, which magnifies the rounding (in a
-    # different order under pmap) of a gradient whose two steps nearly cancel, as the
-    # encoder's can: the parameters agree to 2% of one step, the learning rate.
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0.02 * learning_rate),
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
         out["jit"][1], out["pmap"][1],
     )  # fmt: skip
 
