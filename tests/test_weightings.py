@@ -66,7 +66,7 @@ def _monotonic_schedule():
     return lambda t: schedule.apply(params, t)
 
 
-#: Schedule makers: each returns gamma(t).
+#: Schedule makers: each returns the function t -> gamma(t).
 SCHEDULES = {
     "linear": lambda: functools.partial(
         schedules.fixed_linear, gamma_min=GAMMA_0, gamma_max=GAMMA_1
